@@ -1,0 +1,307 @@
+//! A loaded model with its tokenizer: batching of prompts (left padding,
+//! attention mask, position ids) and greedy generation with a KV cache.
+
+use std::{ops::Range, path::Path, time::Instant};
+
+use tch::{Device, Kind, Tensor};
+
+use crate::{
+    checkpoint::{Checkpoint, LoadError},
+    hooks::{HookError, Hooks},
+    llama::{Batch, Cache, Input, Model},
+    tokenizer::{Tokenizer, TokenizerError},
+};
+
+/// What can go wrong loading or running an engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("prompt {index} has {tokens} tokens; the model's context is {max} tokens")]
+    TooLong {
+        index: usize,
+        tokens: usize,
+        max: usize,
+    },
+    #[error("prompt {0} is empty")]
+    Empty(usize),
+    #[error("no prompt given")]
+    NoPrompt,
+    #[error("token id {id} is outside the vocabulary of {vocab}")]
+    TokenId { id: u32, vocab: usize },
+    #[error(transparent)]
+    Hook(#[from] HookError),
+}
+
+/// A model (or one stage of it) plus its tokenizer.
+#[derive(Debug)]
+pub struct Engine {
+    /// The model or stage.
+    pub model: Model,
+    /// The model's tokenizer.
+    pub tokenizer: Tokenizer,
+}
+
+/// Parses `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available).
+pub fn parse_device(s: &str) -> Result<Device, String> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => Ok(Device::cuda_if_available()),
+        "cuda" => Ok(Device::Cuda(0)),
+        s => s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse().ok())
+            .map(Device::Cuda)
+            .ok_or_else(|| format!("unknown device {s:?} (cpu, cuda, cuda:N, auto)")),
+    }
+}
+
+/// Parses `f32`, `f16`, `bf16`, or `auto` (f32 on CPU, bf16 on CUDA).
+pub fn parse_kind(s: &str, device: Device) -> Result<Kind, String> {
+    match s {
+        "f32" => Ok(Kind::Float),
+        "f16" => Ok(Kind::Half),
+        "bf16" => Ok(Kind::BFloat16),
+        "auto" if device.is_cuda() => Ok(Kind::BFloat16),
+        "auto" => Ok(Kind::Float),
+        s => Err(format!("unknown dtype {s:?} (f32, f16, bf16, auto)")),
+    }
+}
+
+/// Prompts as one left-padded batch.
+#[derive(Debug)]
+pub struct Padded {
+    /// Token ids `[b, t_max]`, left-padded.
+    pub ids: Tensor,
+    /// Positions and key mask for the first forward.
+    pub batch: Batch,
+    /// Each prompt's own token count.
+    pub lens: Vec<usize>,
+}
+
+impl Padded {
+    /// Pads `prompts` on the left into one batch.
+    pub fn new(prompts: &[Vec<u32>], device: Device) -> Self {
+        let t = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let b = prompts.len();
+        let mut ids = vec![0i64; b * t];
+        let mut mask = vec![false; b * t];
+        let mut pos = vec![0i64; b * t];
+        for (r, p) in prompts.iter().enumerate() {
+            let pad = t - p.len();
+            for (j, &id) in p.iter().enumerate() {
+                ids[r * t + pad + j] = i64::from(id);
+                mask[r * t + pad + j] = true;
+                pos[r * t + pad + j] = j as i64;
+            }
+        }
+        let shape = [b as i64, t as i64];
+        let padded = prompts.iter().any(|p| p.len() != t);
+        Padded {
+            ids: Tensor::from_slice(&ids).reshape(shape).to_device(device),
+            batch: Batch {
+                positions: Tensor::from_slice(&pos).reshape(shape).to_device(device),
+                key_mask: padded
+                    .then(|| Tensor::from_slice(&mask).reshape(shape).to_device(device)),
+            },
+            lens: prompts.iter().map(Vec::len).collect(),
+        }
+    }
+
+    /// The batch layout of the next decode step, one new token per row.
+    pub fn next_step(&self, step: usize) -> Batch {
+        let device = self.ids.device();
+        let last: Vec<i64> = self.lens.iter().map(|&l| (l - 1 + step) as i64).collect();
+        let b = self.lens.len() as i64;
+        let positions = Tensor::from_slice(&last).reshape([b, 1]).to_device(device);
+        let key_mask = self.batch.key_mask.as_ref().map(|m| {
+            Tensor::cat(
+                &[m, &Tensor::ones([b, step as i64], (Kind::Bool, device))],
+                1,
+            )
+        });
+        Batch {
+            positions,
+            key_mask,
+        }
+    }
+}
+
+impl Engine {
+    /// Loads the model at `path` (a `.gguf` file or a Hugging Face folder),
+    /// hosting decoder layers `layers` (all when `None`).
+    ///
+    /// # Errors
+    /// When the checkpoint or its tokenizer cannot be loaded.
+    pub fn load(
+        path: &Path,
+        layers: Option<Range<usize>>,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self, EngineError> {
+        let t0 = Instant::now();
+        let ckpt = Checkpoint::open(path)?;
+        let tokenizer = match ckpt.gguf() {
+            Some(g) => Tokenizer::from_gguf(g)?,
+            None => Tokenizer::from_file(&path.join("tokenizer.json"))?,
+        };
+        let n = ckpt.config.num_hidden_layers;
+        let layers = layers.unwrap_or(0..n);
+        tracing::info!(
+            path = %path.display(),
+            layers = ?layers,
+            of = n,
+            dtype = ?kind,
+            device = ?device,
+            "loading model"
+        );
+        let model = Model::load(&ckpt, layers, kind, device)?;
+        tracing::info!(elapsed_ms = t0.elapsed().as_millis() as u64, "model loaded");
+        Ok(Engine { model, tokenizer })
+    }
+
+    /// Tokenizes prompts and checks them against the model's context and vocabulary.
+    ///
+    /// # Errors
+    /// An empty or over-long prompt, or a token id outside the vocabulary.
+    pub fn check_prompts(
+        &self,
+        prompts: &[Vec<u32>],
+        new_tokens: usize,
+    ) -> Result<(), EngineError> {
+        if prompts.is_empty() {
+            return Err(EngineError::NoPrompt);
+        }
+        let cfg = self.model.config();
+        for (i, p) in prompts.iter().enumerate() {
+            if p.is_empty() {
+                return Err(EngineError::Empty(i));
+            }
+            if p.len() + new_tokens > cfg.max_position_embeddings {
+                return Err(EngineError::TooLong {
+                    index: i,
+                    tokens: p.len() + new_tokens,
+                    max: cfg.max_position_embeddings,
+                });
+            }
+            if let Some(&id) = p.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+                return Err(EngineError::TokenId {
+                    id,
+                    vocab: cfg.vocab_size,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Tokenizes one text prompt.
+    ///
+    /// # Errors
+    /// When tokenization fails.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, EngineError> {
+        Ok(self.tokenizer.encode(text)?)
+    }
+
+    /// One forward of a batch of prompts through the whole model: logits `[b, t_max, vocab]`
+    /// (left-padded rows).
+    ///
+    /// # Errors
+    /// Bad prompts, or a hook that fails.
+    pub fn logits(
+        &self,
+        prompts: &[Vec<u32>],
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor, EngineError> {
+        self.check_prompts(prompts, 0)?;
+        let padded = Padded::new(prompts, self.model.device());
+        let _guard = tch::no_grad_guard();
+        Ok(self.model.forward(
+            Input::Tokens(padded.ids.shallow_clone()),
+            &padded.batch,
+            None,
+            hooks,
+        )?)
+    }
+
+    /// Greedy generation of `max_new` tokens for each prompt. The hooks see
+    /// every step (told by [`Hooks::begin_step`]; step 0 is the prompt);
+    /// `on_step` gets the tokens chosen at each step. Returns the new tokens
+    /// of every prompt.
+    ///
+    /// # Errors
+    /// Bad prompts, or a hook that fails.
+    pub fn generate(
+        &self,
+        prompts: &[Vec<u32>],
+        max_new: usize,
+        hooks: &mut dyn Hooks,
+        on_step: &mut dyn FnMut(usize, &[u32]),
+    ) -> Result<Vec<Vec<u32>>, EngineError> {
+        self.check_prompts(prompts, max_new)?;
+        let _guard = tch::no_grad_guard();
+        let padded = Padded::new(prompts, self.model.device());
+        let mut cache: Cache = self.model.new_cache();
+        let mut out = vec![Vec::with_capacity(max_new); prompts.len()];
+        let mut input = padded.ids.shallow_clone();
+        for step in 0..max_new {
+            let next_batch;
+            let batch = if step == 0 {
+                &padded.batch
+            } else {
+                next_batch = padded.next_step(step);
+                &next_batch
+            };
+            hooks.begin_step(step);
+            let logits =
+                self.model
+                    .forward(Input::Tokens(input), batch, Some(&mut cache), hooks)?;
+            let next = logits.select(1, -1).argmax(-1, false);
+            let ids: Vec<i64> = Vec::<i64>::try_from(&next).expect("argmax gives i64 ids");
+            let ids: Vec<u32> = ids.iter().map(|&i| i as u32).collect();
+            for (o, &id) in out.iter_mut().zip(&ids) {
+                o.push(id);
+            }
+            on_step(step, &ids);
+            input = next.unsqueeze(1);
+        }
+        Ok(out)
+    }
+}
+
+/// The graph crate's description of a model: module tree, hook points, shapes.
+pub fn manifest(cfg: &crate::config::Config, kind: Kind) -> nnmesh_graph::Manifest {
+    nnmesh_graph::Manifest {
+        model: cfg.model_type.clone(),
+        num_layers: cfg.num_hidden_layers as u32,
+        hidden: cfg.hidden_size as u32,
+        heads: cfg.num_attention_heads as u32,
+        kv_heads: cfg.kv_heads() as u32,
+        head_dim: cfg.head_dim() as u32,
+        intermediate: cfg.intermediate_size as u32,
+        vocab: cfg.vocab_size as u32,
+        max_positions: cfg.max_position_embeddings as u32,
+        dtype: match kind {
+            Kind::Half => nnmesh_graph::DType::F16,
+            Kind::BFloat16 => nnmesh_graph::DType::Bf16,
+            _ => nnmesh_graph::DType::F32,
+        },
+    }
+}
+
+/// Number of parameters of the full model (the tied head counted once).
+pub fn parameter_count(cfg: &crate::config::Config) -> u64 {
+    let (h, i, v) = (
+        cfg.hidden_size as u64,
+        cfg.intermediate_size as u64,
+        cfg.vocab_size as u64,
+    );
+    let (q, kv) = (
+        (cfg.num_attention_heads * cfg.head_dim()) as u64,
+        (cfg.kv_heads() * cfg.head_dim()) as u64,
+    );
+    let layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
+    let head = if cfg.tie_word_embeddings { 0 } else { v * h };
+    v * h + cfg.num_hidden_layers as u64 * layer + h + head
+}

@@ -1,0 +1,64 @@
+//! Hook points: how a caller observes and replaces values during a forward.
+//!
+//! The model calls [`Hooks::wants`] at every hook point (a cheap lookup, a
+//! bitset in the interpreter) and [`Hooks::visit`] only where it answers yes,
+//! so an empty hook set costs nothing but a few branches per layer. Points that
+//! cost extra work to produce (the attention `pattern`) are only materialized
+//! when wanted.
+
+use nnmesh_graph::{Module, Point};
+use tch::Tensor;
+
+/// Why a forward stopped before its end.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// The hooks asked to end the forward early (nothing later is needed).
+    #[error("forward stopped early")]
+    Stop,
+    /// A hook failed; the message names the hook and the cause.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// A set of hooks on a forward pass.
+pub trait Hooks {
+    /// Called before each forward of a generation: `step` 0 is the prompt,
+    /// step `s` feeds the token chosen at step `s - 1`.
+    fn begin_step(&mut self, _step: usize) {}
+
+    /// Whether anything is hooked at `(module, point)`.
+    fn wants(&self, module: Module, point: Point) -> bool;
+
+    /// Observes, and may replace, the value at a hook point.
+    ///
+    /// # Errors
+    /// [`HookError::Stop`] ends the forward; [`HookError::Failed`] aborts it.
+    fn visit(&mut self, module: Module, point: Point, value: &mut Tensor) -> Result<(), HookError>;
+}
+
+/// No hooks: a plain forward.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoHooks;
+
+impl Hooks for NoHooks {
+    fn wants(&self, _: Module, _: Point) -> bool {
+        false
+    }
+    fn visit(&mut self, _: Module, _: Point, _: &mut Tensor) -> Result<(), HookError> {
+        Ok(())
+    }
+}
+
+/// Calls `visit` if the point is hooked.
+#[inline]
+pub(crate) fn at(
+    hooks: &mut dyn Hooks,
+    module: Module,
+    point: Point,
+    value: &mut Tensor,
+) -> Result<(), HookError> {
+    if hooks.wants(module, point) {
+        hooks.visit(module, point, value)?;
+    }
+    Ok(())
+}

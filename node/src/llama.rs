@@ -1,0 +1,691 @@
+//! Llama-family decoder (Llama 2/3, Mistral, SmolLM2, Qwen2 with q/k/v
+//! biases), as a pipeline stage with hook points.
+//!
+//! Follows "LLaMA: Open and Efficient Foundation Language Models" (Touvron et
+//! al., 2023) and the Hugging Face transformers implementation
+//! (`models/llama/modeling_llama.py`), whose numerics it matches: RMSNorm in
+//! f32, `rotate_half` RoPE (with Llama-3 frequency scaling), grouped-query
+//! attention, SwiGLU MLP. Candle's `models/llama.rs` is the layout model.
+//!
+//! A [`Model`] is built from a block range and reads only those weights: the
+//! stage whose range starts at layer 0 also holds `model.embed_tokens`, the
+//! one that ends at the last layer also holds `model.norm` and `lm_head`.
+
+use std::ops::Range;
+
+use nnmesh_graph::{Module, Point};
+use tch::{Device, Kind, Tensor};
+
+use crate::{
+    checkpoint::{Checkpoint, LoadError},
+    config::Config,
+    hooks::{HookError, Hooks, at},
+};
+
+/// What flows into a stage: token ids (first stage) or a hidden state.
+#[derive(Debug)]
+pub enum Input {
+    /// Token ids `[b, t]` (i64).
+    Tokens(Tensor),
+    /// Residual stream `[b, t, hidden]`.
+    Hidden(Tensor),
+}
+
+/// Per-forward batch layout: positions and which keys are real tokens.
+#[derive(Debug)]
+pub struct Batch {
+    /// Position id of every query token, `[b, t]` i64 (left padding makes them differ per row).
+    pub positions: Tensor,
+    /// `[b, past + t]` bool, true for real tokens; `None` when no row is padded.
+    pub key_mask: Option<Tensor>,
+}
+
+impl Batch {
+    /// A batch of unpadded rows starting at position `past`.
+    pub fn contiguous(b: i64, t: i64, past: i64, device: Device) -> Self {
+        let positions = Tensor::arange_start(past, past + t, (Kind::Int64, device))
+            .unsqueeze(0)
+            .expand([b, t], false)
+            .contiguous();
+        Batch {
+            positions,
+            key_mask: None,
+        }
+    }
+}
+
+/// The key/value cache of one stage: per hosted layer, keys and values after RoPE.
+#[derive(Debug, Default)]
+pub struct Cache {
+    kv: Vec<Option<(Tensor, Tensor)>>,
+}
+
+impl Cache {
+    /// Tokens already cached (the past length).
+    pub fn len(&self) -> i64 {
+        self.kv
+            .iter()
+            .flatten()
+            .next()
+            .map_or(0, |(k, _)| k.size()[2])
+    }
+
+    /// Whether nothing is cached yet.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps only the batch rows in `rows` (generation dropping finished rows, or cloning a session).
+    pub fn select_rows(&mut self, rows: &Tensor) {
+        for (k, v) in self.kv.iter_mut().flatten() {
+            *k = k.index_select(0, rows);
+            *v = v.index_select(0, rows);
+        }
+    }
+}
+
+/// A module call outside the forward pass that cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("module {module} is not hosted by this stage (layers {start}..{end})")]
+    NotHosted {
+        module: String,
+        start: usize,
+        end: usize,
+    },
+    #[error("module {module} cannot be applied: {detail}")]
+    Invalid { module: String, detail: String },
+}
+
+#[derive(Debug)]
+struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        let kind = xs.kind();
+        let xs32 = xs.to_kind(Kind::Float);
+        let var = xs32.pow_tensor_scalar(2).mean_dim(-1, true, Kind::Float);
+        let normed = xs32 * (var + self.eps).rsqrt();
+        &self.weight * normed.to_kind(kind)
+    }
+}
+
+#[derive(Debug)]
+struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn forward(&self, xs: &Tensor) -> Tensor {
+        xs.linear(&self.weight, self.bias.as_ref())
+    }
+}
+
+/// RoPE inverse frequencies, shared by all layers.
+#[derive(Debug)]
+struct Rope {
+    inv_freq: Tensor,
+}
+
+impl Rope {
+    fn new(cfg: &Config, ckpt: &Checkpoint, device: Device) -> Result<Self, LoadError> {
+        let dim = cfg.head_dim() as i64;
+        let exps = Tensor::arange_start_step(0, dim, 2, (Kind::Int64, Device::Cpu))
+            .to_kind(Kind::Float)
+            / dim as f64;
+        let mut inv_freq = Tensor::pow_scalar(cfg.rope_theta, &exps).reciprocal();
+        if let Some(s) = &cfg.rope_scaling {
+            let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+            let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+            let wavelen = inv_freq.reciprocal() * (2.0 * std::f64::consts::PI);
+            let scaled = inv_freq.where_scalarother(&wavelen.le(low_wavelen), 0.0)
+                + (&inv_freq / s.factor).where_scalarother(&wavelen.gt(low_wavelen), 0.0);
+            let smooth = ((wavelen.reciprocal() * s.original_max_position_embeddings)
+                - s.low_freq_factor)
+                / (s.high_freq_factor - s.low_freq_factor);
+            let smoothed = (smooth.ones_like() - &smooth) * &scaled / s.factor + &smooth * &scaled;
+            let medium = wavelen
+                .ge(high_wavelen)
+                .logical_and(&wavelen.le(low_wavelen));
+            inv_freq = smoothed.where_self(&medium, &scaled);
+        } else if ckpt.has("rope_freqs.weight") {
+            // GGUF stores Llama-3 scaling as per-frequency divisors.
+            let factors = ckpt.tensor("rope_freqs.weight", Kind::Float, Device::Cpu)?;
+            inv_freq /= factors;
+        }
+        Ok(Rope {
+            inv_freq: inv_freq.to_device(device),
+        })
+    }
+
+    /// cos and sin for `positions` `[b, t]`, shaped `[b, 1, t, head_dim]`.
+    fn cos_sin(&self, positions: &Tensor, kind: Kind) -> (Tensor, Tensor) {
+        let freqs = positions.to_kind(Kind::Float).unsqueeze(-1) * &self.inv_freq;
+        let emb = Tensor::cat(&[&freqs, &freqs], -1).unsqueeze(1);
+        (emb.cos().to_kind(kind), emb.sin().to_kind(kind))
+    }
+}
+
+fn rotate_half(xs: &Tensor) -> Tensor {
+    let half = xs.size()[3] / 2;
+    let x1 = xs.narrow(3, 0, half);
+    let x2 = xs.narrow(3, half, half);
+    Tensor::cat(&[&x2.neg(), &x1], 3)
+}
+
+fn apply_rope(xs: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+    xs * cos + rotate_half(xs) * sin
+}
+
+/// The attention mask for one forward: how keys may be attended.
+#[derive(Debug)]
+enum Mask {
+    /// Full causal attention over unpadded rows with no past.
+    Causal,
+    /// Every key is visible (one new token per row, no padding).
+    None,
+    /// Explicit `[b, 1, t, t_kv]` bool mask (true = attend).
+    Explicit(Tensor),
+}
+
+impl Mask {
+    fn new(batch: &Batch, t: i64, past: i64, device: Device) -> Mask {
+        match &batch.key_mask {
+            None if past == 0 && t > 1 => Mask::Causal,
+            None if t == 1 => Mask::None,
+            key_mask => {
+                let t_kv = past + t;
+                let keys = Tensor::arange(t_kv, (Kind::Int64, device));
+                let queries = Tensor::arange_start(past, past + t, (Kind::Int64, device));
+                let causal = keys.unsqueeze(0).le_tensor(&queries.unsqueeze(1)); // [t, t_kv]
+                let mut allowed = causal.unsqueeze(0);
+                if let Some(km) = key_mask {
+                    // A padded query still attends to itself, so no softmax row is empty (no NaN).
+                    let diag = keys.unsqueeze(0).eq_tensor(&queries.unsqueeze(1));
+                    allowed = allowed
+                        .logical_and(&km.unsqueeze(1))
+                        .logical_or(&diag.unsqueeze(0));
+                }
+                Mask::Explicit(allowed.unsqueeze(1))
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+}
+
+struct Ctx<'a> {
+    layer: u32,
+    cos: &'a Tensor,
+    sin: &'a Tensor,
+    mask: &'a Mask,
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        ctx: &Ctx,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor, HookError> {
+        let i = ctx.layer;
+        let (b, t, _) = xs.size3().expect("hidden state is [b, t, hidden]");
+        let proj = |lin: &Linear, m: Module, x: &Tensor, hooks: &mut dyn Hooks| {
+            let mut x = x.shallow_clone();
+            at(hooks, m, Point::Input, &mut x)?;
+            let mut y = lin.forward(&x);
+            at(hooks, m, Point::Output, &mut y)?;
+            Ok::<_, HookError>(y)
+        };
+        let q = proj(&self.q_proj, Module::QProj(i), xs, hooks)?;
+        let k = proj(&self.k_proj, Module::KProj(i), xs, hooks)?;
+        let v = proj(&self.v_proj, Module::VProj(i), xs, hooks)?;
+        let q = q.view([b, t, self.heads, self.head_dim]).transpose(1, 2);
+        let k = k.view([b, t, self.kv_heads, self.head_dim]).transpose(1, 2);
+        let mut v = v.view([b, t, self.kv_heads, self.head_dim]).transpose(1, 2);
+        let mut q = apply_rope(&q, ctx.cos, ctx.sin);
+        let mut k = apply_rope(&k, ctx.cos, ctx.sin);
+        let attn = Module::Attn(i);
+        at(hooks, attn, Point::Q, &mut q)?;
+        at(hooks, attn, Point::K, &mut k)?;
+        at(hooks, attn, Point::V, &mut v)?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let kv = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2), Tensor::cat(&[&pv, &v], 2)),
+                    None => (k, v),
+                };
+                *slot = Some((kv.0.shallow_clone(), kv.1.shallow_clone()));
+                kv
+            }
+            None => (k, v),
+        };
+        let rep = self.heads / self.kv_heads;
+        let (k, v) = if rep > 1 {
+            (
+                k.repeat_interleave_self_int(rep, 1, None),
+                v.repeat_interleave_self_int(rep, 1, None),
+            )
+        } else {
+            (k, v)
+        };
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let z = if hooks.wants(attn, Point::Pattern) {
+            // Materialize the post-softmax pattern only when it is hooked.
+            let mut scores = q.matmul(&k.transpose(-2, -1)) * scale;
+            match ctx.mask {
+                Mask::Causal => {
+                    let t_kv = k.size()[2];
+                    let m = Tensor::ones([t, t_kv], (Kind::Bool, q.device())).tril(t_kv - t);
+                    scores = scores.masked_fill(&m.logical_not(), f64::NEG_INFINITY);
+                }
+                Mask::None => {}
+                Mask::Explicit(m) => {
+                    scores = scores.masked_fill(&m.logical_not(), f64::NEG_INFINITY);
+                }
+            }
+            let mut pattern = scores.softmax(-1, Kind::Float).to_kind(q.kind());
+            at(hooks, attn, Point::Pattern, &mut pattern)?;
+            pattern.matmul(&v)
+        } else {
+            let (mask, causal) = match ctx.mask {
+                Mask::Causal => (None, true),
+                Mask::None => (None, false),
+                Mask::Explicit(m) => (Some(m), false),
+            };
+            Tensor::scaled_dot_product_attention(&q, &k, &v, mask, 0.0, causal, scale, false)
+        };
+        let mut z = z.transpose(1, 2); // [b, t, heads, head_dim]
+        at(hooks, attn, Point::Z, &mut z)?;
+        let z = z.reshape([b, t, self.heads * self.head_dim]);
+        proj(&self.o_proj, Module::OProj(i), &z, hooks)
+    }
+}
+
+#[derive(Debug)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+#[derive(Debug)]
+struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// Runs a module with its input and output hooks.
+fn hooked(
+    hooks: &mut dyn Hooks,
+    module: Module,
+    xs: &Tensor,
+    f: impl FnOnce(&Tensor, &mut dyn Hooks) -> Result<Tensor, HookError>,
+) -> Result<Tensor, HookError> {
+    let mut x = xs.shallow_clone();
+    at(hooks, module, Point::Input, &mut x)?;
+    let mut y = f(&x, hooks)?;
+    at(hooks, module, Point::Output, &mut y)?;
+    Ok(y)
+}
+
+impl Block {
+    fn forward(
+        &self,
+        xs: &Tensor,
+        ctx: &Ctx,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor, HookError> {
+        let i = ctx.layer;
+        hooked(hooks, Module::Layer(i), xs, |x, hooks| {
+            let h = hooked(hooks, Module::InputNorm(i), x, |x, _| {
+                Ok(self.input_layernorm.forward(x))
+            })?;
+            let a = hooked(hooks, Module::Attn(i), &h, |h, hooks| {
+                self.self_attn.forward(h, ctx, cache, hooks)
+            })?;
+            let x = x + a;
+            let h = hooked(hooks, Module::PostNorm(i), &x, |x, _| {
+                Ok(self.post_attention_layernorm.forward(x))
+            })?;
+            let m = hooked(hooks, Module::Mlp(i), &h, |h, hooks| {
+                self.mlp.forward(i, h, hooks)
+            })?;
+            Ok(x + m)
+        })
+    }
+}
+
+impl Mlp {
+    fn forward(&self, i: u32, xs: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor, HookError> {
+        let gate = hooked(hooks, Module::Gate(i), xs, |x, _| {
+            Ok(self.gate_proj.forward(x))
+        })?;
+        let up = hooked(hooks, Module::Up(i), xs, |x, _| Ok(self.up_proj.forward(x)))?;
+        let act = gate.silu() * up;
+        hooked(hooks, Module::Down(i), &act, |x, _| {
+            Ok(self.down_proj.forward(x))
+        })
+    }
+}
+
+/// A Llama-family model, or the part of it one pipeline stage hosts.
+#[derive(Debug)]
+pub struct Model {
+    cfg: Config,
+    layers_range: Range<usize>,
+    embed: Option<Tensor>,
+    layers: Vec<Block>,
+    norm: Option<RmsNorm>,
+    lm_head: Option<Linear>,
+    rope: Rope,
+    kind: Kind,
+    device: Device,
+}
+
+impl Model {
+    /// Loads the stage hosting decoder layers `layers` (all of them for a full model),
+    /// reading only the weights it needs.
+    ///
+    /// # Errors
+    /// When the range lies outside the model, or a weight is missing or malformed.
+    pub fn load(
+        ckpt: &Checkpoint,
+        layers: Range<usize>,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self, LoadError> {
+        let cfg = ckpt.config.clone();
+        let n = cfg.num_hidden_layers;
+        if layers.start >= layers.end || layers.end > n {
+            return Err(LoadError::Config(crate::config::ConfigError::Invalid(
+                format!(
+                    "block range {}..{} is outside the model's {n} layers (use A..B with 0 <= A < B <= {n})",
+                    layers.start, layers.end
+                ),
+            )));
+        }
+        let (hidden, inter) = (cfg.hidden_size as i64, cfg.intermediate_size as i64);
+        let (heads, kv_heads, hd) = (
+            cfg.num_attention_heads as i64,
+            cfg.kv_heads() as i64,
+            cfg.head_dim() as i64,
+        );
+        let w = |name: &str, shape: &[i64]| ckpt.tensor_shaped(name, shape, kind, device);
+        let linear = |name: &str, out: i64, inp: i64, bias: bool| -> Result<Linear, LoadError> {
+            Ok(Linear {
+                weight: w(&format!("{name}.weight"), &[out, inp])?,
+                bias: if bias {
+                    Some(w(&format!("{name}.bias"), &[out])?)
+                } else {
+                    None
+                },
+            })
+        };
+        let norm = |name: &str| -> Result<RmsNorm, LoadError> {
+            Ok(RmsNorm {
+                weight: w(&format!("{name}.weight"), &[hidden])?,
+                eps: cfg.rms_norm_eps,
+            })
+        };
+        let vocab = cfg.vocab_size as i64;
+        let embed = if layers.start == 0 {
+            Some(w("model.embed_tokens.weight", &[vocab, hidden])?)
+        } else {
+            None
+        };
+        let mut blocks = Vec::with_capacity(layers.len());
+        for i in layers.clone() {
+            let p = format!("model.layers.{i}");
+            let bias = cfg.attention_bias;
+            blocks.push(Block {
+                input_layernorm: norm(&format!("{p}.input_layernorm"))?,
+                self_attn: Attention {
+                    q_proj: linear(&format!("{p}.self_attn.q_proj"), heads * hd, hidden, bias)?,
+                    k_proj: linear(
+                        &format!("{p}.self_attn.k_proj"),
+                        kv_heads * hd,
+                        hidden,
+                        bias,
+                    )?,
+                    v_proj: linear(
+                        &format!("{p}.self_attn.v_proj"),
+                        kv_heads * hd,
+                        hidden,
+                        bias,
+                    )?,
+                    o_proj: linear(&format!("{p}.self_attn.o_proj"), hidden, heads * hd, false)?,
+                    heads,
+                    kv_heads,
+                    head_dim: hd,
+                },
+                post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm"))?,
+                mlp: Mlp {
+                    gate_proj: linear(&format!("{p}.mlp.gate_proj"), inter, hidden, false)?,
+                    up_proj: linear(&format!("{p}.mlp.up_proj"), inter, hidden, false)?,
+                    down_proj: linear(&format!("{p}.mlp.down_proj"), hidden, inter, false)?,
+                },
+            });
+        }
+        let (norm_f, lm_head) = if layers.end == n {
+            let head = if ckpt.has("lm_head.weight") {
+                w("lm_head.weight", &[vocab, hidden])?
+            } else {
+                // Tied embeddings: the head is the embedding matrix. Share the
+                // tensor when this stage holds both.
+                match &embed {
+                    Some(e) => e.shallow_clone(),
+                    None => w("model.embed_tokens.weight", &[vocab, hidden])?,
+                }
+            };
+            (
+                Some(norm("model.norm")?),
+                Some(Linear {
+                    weight: head,
+                    bias: None,
+                }),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(Model {
+            rope: Rope::new(&cfg, ckpt, device)?,
+            cfg,
+            layers_range: layers,
+            embed,
+            layers: blocks,
+            norm: norm_f,
+            lm_head,
+            kind,
+            device,
+        })
+    }
+
+    /// The model configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The decoder layers this stage hosts.
+    pub fn layers(&self) -> Range<usize> {
+        self.layers_range.clone()
+    }
+
+    /// Whether this stage hosts the embedding.
+    pub fn is_first(&self) -> bool {
+        self.embed.is_some()
+    }
+
+    /// Whether this stage hosts the final norm and `lm_head`.
+    pub fn is_last(&self) -> bool {
+        self.lm_head.is_some()
+    }
+
+    /// The compute dtype.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The device the weights live on.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// A fresh, empty KV cache for this stage.
+    pub fn new_cache(&self) -> Cache {
+        Cache {
+            kv: (0..self.layers.len()).map(|_| None).collect(),
+        }
+    }
+
+    /// Runs this stage: tokens or hidden state in; hidden state out, or logits
+    /// `[b, t, vocab]` on the last stage. Hooks see every point on the way.
+    ///
+    /// # Errors
+    /// When a hook stops the forward or fails.
+    pub fn forward(
+        &self,
+        input: Input,
+        batch: &Batch,
+        mut cache: Option<&mut Cache>,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor, HookError> {
+        let mut xs = match input {
+            Input::Tokens(ids) => {
+                let Some(embed) = &self.embed else {
+                    return Err(HookError::Failed(
+                        "this stage does not host model.embed_tokens; send it a hidden state"
+                            .into(),
+                    ));
+                };
+                hooked(hooks, Module::Embed, &ids, |ids, _| {
+                    Ok(Tensor::embedding(embed, ids, -1, false, false))
+                })?
+            }
+            Input::Hidden(h) => h.to_kind(self.kind),
+        };
+        let (_, t, _) = xs.size3().map_err(|e| HookError::Failed(e.to_string()))?;
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let (cos, sin) = self.rope.cos_sin(&batch.positions, self.kind);
+        let mask = Mask::new(batch, t, past, self.device);
+        for (j, block) in self.layers.iter().enumerate() {
+            let ctx = Ctx {
+                layer: (self.layers_range.start + j) as u32,
+                cos: &cos,
+                sin: &sin,
+                mask: &mask,
+            };
+            let slot = cache.as_deref_mut().map(|c| &mut c.kv[j]);
+            xs = block.forward(&xs, &ctx, slot, hooks)?;
+        }
+        if let (Some(norm), Some(head)) = (&self.norm, &self.lm_head) {
+            let h = hooked(hooks, Module::Norm, &xs, |x, _| Ok(norm.forward(x)))?;
+            xs = hooked(hooks, Module::LmHead, &h, |x, _| Ok(head.forward(x)))?;
+        }
+        Ok(xs)
+    }
+
+    /// Calls one hosted module on a value outside the forward pass (no hooks
+    /// fire): `lm_head(model.norm(h))` for a logit lens. Decoder layers and
+    /// attention treat the value as a fresh causal sequence (positions 0..t).
+    ///
+    /// # Errors
+    /// When the module is not hosted here or the value has the wrong shape.
+    pub fn apply(&self, module: Module, xs: &Tensor) -> Result<Tensor, ApplyError> {
+        let not_hosted = || ApplyError::NotHosted {
+            module: module.path(),
+            start: self.layers_range.start,
+            end: self.layers_range.end,
+        };
+        let invalid = |detail: String| ApplyError::Invalid {
+            module: module.path(),
+            detail,
+        };
+        let block = |i: u32| -> Result<&Block, ApplyError> {
+            let i = i as usize;
+            if !self.layers_range.contains(&i) {
+                return Err(not_hosted());
+            }
+            Ok(&self.layers[i - self.layers_range.start])
+        };
+        let xs = if module == Module::Embed {
+            xs.to_kind(Kind::Int64)
+        } else {
+            xs.to_kind(self.kind)
+        };
+        let seq_ctx = |xs: &Tensor| -> Result<(Tensor, Tensor, Mask), ApplyError> {
+            let (b, t, _) = xs.size3().map_err(|_| {
+                invalid(format!("needs a [b, t, hidden] value, got {:?}", xs.size()))
+            })?;
+            let batch = Batch::contiguous(b, t, 0, self.device);
+            let (cos, sin) = self.rope.cos_sin(&batch.positions, self.kind);
+            Ok((cos, sin, Mask::new(&batch, t, 0, self.device)))
+        };
+        let no = &mut crate::hooks::NoHooks;
+        let out = match module {
+            Module::Embed => {
+                let e = self.embed.as_ref().ok_or_else(not_hosted)?;
+                Tensor::embedding(e, &xs, -1, false, false)
+            }
+            Module::Norm => self.norm.as_ref().ok_or_else(not_hosted)?.forward(&xs),
+            Module::LmHead => self.lm_head.as_ref().ok_or_else(not_hosted)?.forward(&xs),
+            Module::Layer(i) | Module::Attn(i) => {
+                let (cos, sin, mask) = seq_ctx(&xs)?;
+                let ctx = Ctx {
+                    layer: i,
+                    cos: &cos,
+                    sin: &sin,
+                    mask: &mask,
+                };
+                let r = if let Module::Layer(_) = module {
+                    block(i)?.forward(&xs, &ctx, None, no)
+                } else {
+                    block(i)?.self_attn.forward(&xs, &ctx, None, no)
+                };
+                r.map_err(|e| invalid(e.to_string()))?
+            }
+            Module::InputNorm(i) => block(i)?.input_layernorm.forward(&xs),
+            Module::PostNorm(i) => block(i)?.post_attention_layernorm.forward(&xs),
+            Module::Mlp(i) => block(i)?
+                .mlp
+                .forward(i, &xs, no)
+                .map_err(|e| invalid(e.to_string()))?,
+            Module::QProj(i) => block(i)?.self_attn.q_proj.forward(&xs),
+            Module::KProj(i) => block(i)?.self_attn.k_proj.forward(&xs),
+            Module::VProj(i) => block(i)?.self_attn.v_proj.forward(&xs),
+            Module::OProj(i) => block(i)?.self_attn.o_proj.forward(&xs),
+            Module::Gate(i) => block(i)?.mlp.gate_proj.forward(&xs),
+            Module::Up(i) => block(i)?.mlp.up_proj.forward(&xs),
+            Module::Down(i) => block(i)?.mlp.down_proj.forward(&xs),
+        };
+        Ok(out)
+    }
+
+    /// Whether this stage hosts `module` (and so can hook or apply it).
+    pub fn hosts(&self, module: Module) -> bool {
+        match module {
+            Module::Embed => self.is_first(),
+            Module::Norm | Module::LmHead => self.is_last(),
+            m => m
+                .layer()
+                .is_some_and(|i| self.layers_range.contains(&(i as usize))),
+        }
+    }
+}
