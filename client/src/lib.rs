@@ -1,0 +1,1 @@
+//! nnmesh client (in progress)

@@ -1,0 +1,515 @@
+//! The wire encoding: a `u16` little-endian version, then postcard.
+//!
+//! The version prefix lets a node answer a message from a newer or older
+//! client with [`ErrorKind::Version`](crate::message::ErrorKind::Version)
+//! instead of misreading it. Framing (the length prefix) is the transport's
+//! job; [`MAX_MESSAGE`] is the default limit it enforces.
+
+use serde::{Serialize, de::DeserializeOwned};
+
+/// Version of the encoding, the first two bytes (LE) of every message.
+pub const WIRE_VERSION: u16 = 1;
+
+/// Default maximum size of one encoded message, 256 MiB.
+pub const MAX_MESSAGE: usize = 256 << 20;
+
+/// Why bytes could not be decoded as a message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    /// The message has another wire version than this build speaks.
+    #[error("wire version {found} is not supported (this build speaks {supported})")]
+    Version {
+        /// The version in the message.
+        found: u16,
+        /// The version this build speaks.
+        supported: u16,
+    },
+    /// The body is not a valid encoding of the expected type.
+    #[error("malformed message: {0}")]
+    Malformed(String),
+    /// The message has no bytes at all.
+    #[error("empty message")]
+    Empty,
+}
+
+/// Encodes `value` as [`WIRE_VERSION`] (u16 LE) followed by its postcard encoding.
+///
+/// # Panics
+/// If `value`'s `Serialize` impl uses a construct postcard cannot encode
+/// (sequences of unknown length); never for the types of this crate.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_extend(value, WIRE_VERSION.to_le_bytes().to_vec())
+        .expect("protocol types always encode with postcard")
+}
+
+/// Decodes a message produced by [`encode`], refusing other versions and
+/// trailing bytes.
+///
+/// # Errors
+/// [`CodecError::Empty`], [`CodecError::Version`] or [`CodecError::Malformed`].
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
+    let (version, body) = match bytes {
+        [] => return Err(CodecError::Empty),
+        [_] => return Err(CodecError::Malformed("truncated version prefix".into())),
+        [a, b, body @ ..] => (u16::from_le_bytes([*a, *b]), body),
+    };
+    if version != WIRE_VERSION {
+        return Err(CodecError::Version {
+            found: version,
+            supported: WIRE_VERSION,
+        });
+    }
+    let (value, rest) =
+        postcard::take_from_bytes(body).map_err(|e| CodecError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(CodecError::Malformed(format!(
+            "{} trailing bytes",
+            rest.len()
+        )));
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fmt::Debug;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::{
+        ids::{ModelId, RequestId},
+        message::*,
+        record::SignedRecord,
+        tensor::{WireDType, WireTensor},
+    };
+
+    // ---- proptest strategies -------------------------------------------
+
+    fn bytes(max: usize) -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..max)
+    }
+
+    fn model_id() -> impl Strategy<Value = ModelId> {
+        any::<[u8; 32]>().prop_map(ModelId)
+    }
+
+    fn dtype() -> impl Strategy<Value = WireDType> {
+        prop_oneof![
+            Just(WireDType::F32),
+            Just(WireDType::F16),
+            Just(WireDType::Bf16),
+            Just(WireDType::I64),
+            Just(WireDType::Bool),
+        ]
+    }
+
+    fn tensor() -> impl Strategy<Value = WireTensor> {
+        // The codec does not require consistent tensors, so neither do we.
+        (
+            dtype(),
+            proptest::collection::vec(any::<u64>(), 0..4),
+            bytes(64),
+        )
+            .prop_map(|(dtype, shape, data)| WireTensor { dtype, shape, data })
+    }
+
+    fn strings() -> impl Strategy<Value = Vec<String>> {
+        proptest::collection::vec(".{0,12}", 0..3)
+    }
+
+    fn hop() -> impl Strategy<Value = Hop> {
+        (bytes(40), strings(), any::<u32>(), any::<u32>()).prop_map(|(peer, addrs, start, end)| {
+            Hop {
+                peer,
+                addrs,
+                start,
+                end,
+            }
+        })
+    }
+
+    fn carried() -> impl Strategy<Value = Carried> {
+        (any::<u32>(), tensor()).prop_map(|(node, value)| Carried { node, value })
+    }
+
+    fn error_kind() -> impl Strategy<Value = ErrorKind> {
+        prop_oneof![
+            Just(ErrorKind::Version),
+            Just(ErrorKind::Malformed),
+            Just(ErrorKind::TooLarge),
+            Just(ErrorKind::NotServed),
+            Just(ErrorKind::Validation),
+            Just(ErrorKind::Overloaded),
+            Just(ErrorKind::Internal),
+            Just(ErrorKind::UnknownRequest),
+        ]
+    }
+
+    fn wire_error() -> impl Strategy<Value = WireError> {
+        (error_kind(), ".{0,20}").prop_map(|(kind, message)| WireError { kind, message })
+    }
+
+    fn step_request() -> impl Strategy<Value = StepRequest> {
+        (
+            (any::<u64>(), bytes(40), strings(), model_id()),
+            (
+                proptest::collection::vec(hop(), 0..3),
+                any::<u32>(),
+                proptest::option::of(bytes(64)),
+            ),
+            (any::<u32>(), any::<u32>(), tensor()),
+            (
+                proptest::option::of(tensor()),
+                proptest::collection::vec(carried(), 0..3),
+            ),
+        )
+            .prop_map(
+                |(
+                    (request, client, client_addrs, model),
+                    (route, hop, graph),
+                    (trace, step, tokens),
+                    (hidden, carry),
+                )| StepRequest {
+                    request: RequestId(request),
+                    client,
+                    client_addrs,
+                    model,
+                    route,
+                    hop,
+                    graph,
+                    trace,
+                    step,
+                    tokens,
+                    hidden,
+                    carry,
+                },
+            )
+    }
+
+    fn saved() -> impl Strategy<Value = Saved> {
+        (".{0,12}", proptest::option::of(any::<u32>()), tensor())
+            .prop_map(|(name, step, value)| Saved { name, step, value })
+    }
+
+    fn report_body() -> impl Strategy<Value = ReportBody> {
+        prop_oneof![
+            proptest::collection::vec(saved(), 0..3).prop_map(ReportBody::Saves),
+            proptest::collection::vec(carried(), 0..3).prop_map(ReportBody::Relay),
+            proptest::collection::vec(any::<u32>(), 0..8)
+                .prop_map(|tokens| ReportBody::Done { tokens }),
+            wire_error().prop_map(ReportBody::Failed),
+        ]
+    }
+
+    fn stage_report() -> impl Strategy<Value = StageReport> {
+        (
+            any::<u64>(),
+            any::<u32>(),
+            bytes(40),
+            any::<u32>(),
+            any::<u32>(),
+            report_body(),
+        )
+            .prop_map(|(request, hop, peer, trace, step, body)| StageReport {
+                request: RequestId(request),
+                hop,
+                peer,
+                trace,
+                step,
+                body,
+            })
+    }
+
+    fn request() -> impl Strategy<Value = Request> {
+        prop_oneof![
+            Just(Request::Info),
+            (model_id(), strings()).prop_map(|(model, texts)| Request::Tokenize { model, texts }),
+            step_request().prop_map(|s| Request::Step(Box::new(s))),
+            stage_report().prop_map(|r| Request::Report(Box::new(r))),
+            any::<u64>().prop_map(|r| Request::Close {
+                request: RequestId(r)
+            }),
+        ]
+    }
+
+    fn signed_record() -> impl Strategy<Value = SignedRecord> {
+        (bytes(64), bytes(40), bytes(64)).prop_map(|(record, public_key, signature)| SignedRecord {
+            record,
+            public_key,
+            signature,
+        })
+    }
+
+    fn response() -> impl Strategy<Value = Response> {
+        prop_oneof![
+            (proptest::collection::vec(signed_record(), 0..3), bytes(64))
+                .prop_map(|(records, manifest)| Response::Info { records, manifest }),
+            proptest::collection::vec(proptest::collection::vec(any::<u32>(), 0..5), 0..3)
+                .prop_map(Response::Tokens),
+            Just(Response::Accepted),
+            Just(Response::Ack),
+            wire_error().prop_map(Response::Error),
+        ]
+    }
+
+    fn round_trip<T: Serialize + DeserializeOwned + PartialEq + Debug>(value: &T) {
+        let bytes = encode(value);
+        assert_eq!(&bytes[..2], &WIRE_VERSION.to_le_bytes());
+        let back: T = decode(&bytes).expect("decodes");
+        assert_eq!(&back, value);
+    }
+
+    proptest! {
+        #[test]
+        fn request_round_trip(r in request()) { round_trip(&r); }
+
+        #[test]
+        fn response_round_trip(r in response()) { round_trip(&r); }
+
+        #[test]
+        fn step_request_round_trip(r in step_request()) { round_trip(&r); }
+
+        #[test]
+        fn stage_report_round_trip(r in stage_report()) { round_trip(&r); }
+
+        #[test]
+        fn parts_round_trip(h in hop(), c in carried(), s in saved(), e in wire_error(),
+                            t in tensor(), rec in signed_record()) {
+            round_trip(&h);
+            round_trip(&c);
+            round_trip(&s);
+            round_trip(&e);
+            round_trip(&t);
+            round_trip(&rec);
+        }
+
+        #[test]
+        fn truncation_never_panics(r in request()) {
+            let bytes = encode(&r);
+            for cut in 0..bytes.len() {
+                prop_assert!(decode::<Request>(&bytes[..cut]).is_err());
+            }
+        }
+    }
+
+    // ---- fixed-bytes snapshots -----------------------------------------
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    fn tiny_tensor() -> WireTensor {
+        WireTensor::from_i64(vec![1, 2], &[7, -1]).expect("consistent")
+    }
+
+    fn sample_step() -> StepRequest {
+        StepRequest {
+            request: RequestId(300),
+            client: vec![0xc1, 0xc2],
+            client_addrs: vec!["/a".into()],
+            model: ModelId([0xab; 32]),
+            route: vec![Hop {
+                peer: vec![0x01],
+                addrs: vec!["/h".into()],
+                start: 0,
+                end: 30,
+            }],
+            hop: 0,
+            graph: Some(vec![0x99]),
+            trace: 1,
+            step: 2,
+            tokens: tiny_tensor(),
+            hidden: None,
+            carry: vec![Carried {
+                node: 5,
+                value: WireTensor::from_f32(vec![1], &[1.0]).expect("consistent"),
+            }],
+        }
+    }
+
+    fn report(body: ReportBody) -> Request {
+        Request::Report(Box::new(StageReport {
+            request: RequestId(9),
+            hop: 1,
+            peer: vec![0xee],
+            trace: 0,
+            step: 3,
+            body,
+        }))
+    }
+
+    /// One sample of every message kind, with the exact bytes it must encode to.
+    /// If one of these fails, the wire format changed: bump `WIRE_VERSION`
+    /// and the protocol id, then update the literal.
+    fn snapshots() -> Vec<(&'static str, Vec<u8>, &'static str)> {
+        let sample_error = WireError::new(ErrorKind::Overloaded, "busy");
+        vec![
+            ("request/info", encode(&Request::Info), SNAP_INFO),
+            (
+                "request/tokenize",
+                encode(&Request::Tokenize {
+                    model: ModelId([0x11; 32]),
+                    texts: vec!["hi".into()],
+                }),
+                SNAP_TOKENIZE,
+            ),
+            (
+                "request/step",
+                encode(&Request::Step(Box::new(sample_step()))),
+                SNAP_STEP,
+            ),
+            (
+                "request/report/saves",
+                encode(&report(ReportBody::Saves(vec![Saved {
+                    name: "x".into(),
+                    step: Some(4),
+                    value: tiny_tensor(),
+                }]))),
+                SNAP_REPORT_SAVES,
+            ),
+            (
+                "request/report/relay",
+                encode(&report(ReportBody::Relay(vec![Carried {
+                    node: 2,
+                    value: tiny_tensor(),
+                }]))),
+                SNAP_REPORT_RELAY,
+            ),
+            (
+                "request/report/done",
+                encode(&report(ReportBody::Done {
+                    tokens: vec![1, 200],
+                })),
+                SNAP_REPORT_DONE,
+            ),
+            (
+                "request/report/failed",
+                encode(&report(ReportBody::Failed(sample_error.clone()))),
+                SNAP_REPORT_FAILED,
+            ),
+            (
+                "request/close",
+                encode(&Request::Close {
+                    request: RequestId(1),
+                }),
+                SNAP_CLOSE,
+            ),
+            (
+                "response/info",
+                encode(&Response::Info {
+                    records: vec![SignedRecord {
+                        record: vec![1, 2],
+                        public_key: vec![3],
+                        signature: vec![4, 5],
+                    }],
+                    manifest: vec![6],
+                }),
+                SNAP_RESP_INFO,
+            ),
+            (
+                "response/tokens",
+                encode(&Response::Tokens(vec![vec![1, 2], vec![]])),
+                SNAP_RESP_TOKENS,
+            ),
+            (
+                "response/accepted",
+                encode(&Response::Accepted),
+                SNAP_RESP_ACCEPTED,
+            ),
+            ("response/ack", encode(&Response::Ack), SNAP_RESP_ACK),
+            (
+                "response/error",
+                encode(&Response::Error(sample_error)),
+                SNAP_RESP_ERROR,
+            ),
+        ]
+    }
+
+    const SNAP_INFO: &str = "010000";
+    const SNAP_TOKENIZE: &str =
+        "010001111111111111111111111111111111111111111111111111111111111111111101026869";
+    const SNAP_STEP: &str = "010002ac0202c1c201022f61abababababababababababababababababababababababababababababababab01010101022f68001e00010199010203020102100700000000000000ffffffffffffffff000105000101040000803f";
+    const SNAP_REPORT_SAVES: &str =
+        "010003090101ee000300010178010403020102100700000000000000ffffffffffffffff";
+    const SNAP_REPORT_RELAY: &str =
+        "010003090101ee000301010203020102100700000000000000ffffffffffffffff";
+    const SNAP_REPORT_DONE: &str = "010003090101ee0003020201c801";
+    const SNAP_REPORT_FAILED: &str = "010003090101ee000303050462757379";
+    const SNAP_CLOSE: &str = "01000401";
+    const SNAP_RESP_INFO: &str = "0100000102010201030204050106";
+    const SNAP_RESP_TOKENS: &str = "0100010202010200";
+    const SNAP_RESP_ACCEPTED: &str = "010002";
+    const SNAP_RESP_ACK: &str = "010003";
+    const SNAP_RESP_ERROR: &str = "010004050462757379";
+
+    #[test]
+    fn snapshots_are_stable() {
+        let mut failures = Vec::new();
+        for (name, bytes, expected) in snapshots() {
+            let actual = hex(&bytes);
+            if actual != expected {
+                failures.push(format!(
+                    "{name}: expected {expected}\n{name}:   actual {actual}"
+                ));
+            }
+        }
+        assert!(
+            failures.is_empty(),
+            "wire format changed:\n{}",
+            failures.join("\n")
+        );
+    }
+
+    #[test]
+    fn snapshots_decode() {
+        for (name, bytes, _) in snapshots() {
+            if name.starts_with("request/") {
+                let r: Request = decode(&bytes).expect(name);
+                assert_eq!(encode(&r), bytes, "{name}");
+            } else {
+                let r: Response = decode(&bytes).expect(name);
+                assert_eq!(encode(&r), bytes, "{name}");
+            }
+        }
+    }
+
+    // ---- errors ----------------------------------------------------------
+
+    #[test]
+    fn empty_and_truncated() {
+        assert_eq!(decode::<Request>(&[]), Err(CodecError::Empty));
+        assert!(matches!(
+            decode::<Request>(&[1]),
+            Err(CodecError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn wrong_version() {
+        let mut bytes = encode(&Request::Info);
+        bytes[..2].copy_from_slice(&7u16.to_le_bytes());
+        assert_eq!(
+            decode::<Request>(&bytes),
+            Err(CodecError::Version {
+                found: 7,
+                supported: WIRE_VERSION
+            })
+        );
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        let garbage = [1u8, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        assert!(matches!(
+            decode::<Request>(&garbage),
+            Err(CodecError::Malformed(_))
+        ));
+        let mut trailing = encode(&Request::Info);
+        trailing.push(0);
+        assert!(matches!(
+            decode::<Request>(&trailing),
+            Err(CodecError::Malformed(_))
+        ));
+    }
+}

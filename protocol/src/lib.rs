@@ -1,0 +1,65 @@
+//! nnmesh's wire protocol: the messages nodes and clients exchange, the
+//! tensors inside them, content ids, signed mesh records, the versioned
+//! codec and the shared route search.
+//!
+//! This crate is a leaf: no async runtime and no networking, so the node, the
+//! client and the simulator all build on exactly the same types and
+//! algorithms.
+//!
+//! - [`ids`]: [`RequestId`], [`ModelId`] (blake3 of the weight files).
+//! - [`tensor`]: [`WireTensor`], raw little-endian bytes with dtype and shape.
+//! - [`record`]: [`StageRecord`] announcements, signed and expiring.
+//! - [`message`]: [`Request`] / [`Response`] of [`STAGE_PROTOCOL`].
+//! - [`codec`]: [`encode`] / [`decode`], a `u16` version then postcard.
+//! - [`route`]: [`find_route`], the cheapest chain of stages.
+//!
+//! # Example
+//!
+//! ```
+//! use nnmesh_protocol::{
+//!     codec::{self, CodecError},
+//!     message::{ErrorKind, Request, Response, WireError},
+//!     ids::ModelId,
+//!     route::{Candidate, find_route},
+//! };
+//!
+//! // Encode a request, decode it on the other side.
+//! let model = ModelId::of_bytes(b"weights");
+//! let bytes = codec::encode(&Request::Tokenize { model, texts: vec!["hello".into()] });
+//! let back: Request = codec::decode(&bytes)?;
+//! assert_eq!(back, Request::Tokenize { model, texts: vec!["hello".into()] });
+//!
+//! // A node answers what it cannot decode with a typed error.
+//! let answer = match codec::decode::<Request>(b"\x07\x00garbage") {
+//!     Err(CodecError::Version { .. }) => Response::Error(WireError::new(ErrorKind::Version, "v7")),
+//!     other => panic!("unexpected {other:?}"),
+//! };
+//! assert!(matches!(answer, Response::Error(_)));
+//!
+//! // Route 30 layers over two half-model peers or one slow full-model peer.
+//! let peer = |p: u8, start, end, throughput| Candidate {
+//!     peer: vec![p], start, end, throughput, rtt_ms: 5.0, load: 0.0,
+//! };
+//! let cands = [peer(1, 0, 15, 500.0), peer(2, 15, 30, 500.0), peer(3, 0, 30, 50.0)];
+//! assert_eq!(find_route(&cands, 30, &[]), Some(vec![0, 1]));
+//! # Ok::<(), CodecError>(())
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod codec;
+pub mod ids;
+pub mod message;
+pub mod record;
+pub mod route;
+pub mod tensor;
+
+pub use codec::{CodecError, MAX_MESSAGE, WIRE_VERSION, decode, encode};
+pub use ids::{ModelId, ParseModelIdError, RequestId};
+pub use message::{
+    Carried, ErrorKind, Hop, ReportBody, Request, Response, STAGE_PROTOCOL, Saved, StageReport,
+    StepRequest, WireError,
+};
+pub use record::{RecordError, SignedRecord, StageRecord};
+pub use route::{Candidate, disjoint_backup, find_route};
+pub use tensor::{TensorError, WireDType, WireTensor};

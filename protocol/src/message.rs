@@ -1,0 +1,204 @@
+//! The messages of the stage protocol, [`STAGE_PROTOCOL`].
+//!
+//! Every libp2p request carries one encoded [`Request`] and is answered with
+//! one encoded [`Response`] (see [`crate::codec`]). A client drives a trace
+//! by sending [`Request::Step`] to the first hop of a route; each hop pushes
+//! the hidden state on to the next hop with another `Step` and sends what the
+//! graph saves back to the client with [`Request::Report`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    ids::{ModelId, RequestId},
+    record::SignedRecord,
+    tensor::WireTensor,
+};
+
+/// libp2p protocol id of the stage protocol. The version in it changes
+/// together with [`crate::codec::WIRE_VERSION`].
+pub const STAGE_PROTOCOL: &str = "/nnmesh/stage/1";
+
+/// One hop of a route: a peer and the layers `[start, end)` it runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hop {
+    /// The hop's `PeerId`, as bytes.
+    #[serde(with = "serde_bytes")]
+    pub peer: Vec<u8>,
+    /// Multiaddrs to reach it.
+    pub addrs: Vec<String>,
+    /// First layer it runs.
+    pub start: u32,
+    /// End of its layer range (exclusive).
+    pub end: u32,
+}
+
+/// A request of the stage protocol.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// Ask a node for its signed records and its model manifest.
+    Info,
+    /// Tokenize texts with the tokenizer of `model`.
+    Tokenize {
+        /// The model whose tokenizer to use.
+        model: ModelId,
+        /// The texts, one sequence each.
+        texts: Vec<String>,
+    },
+    /// Run one step of one trace on the receiving hop.
+    Step(Box<StepRequest>),
+    /// A stage reports to the client (saves, relayed values, completion, failure).
+    Report(Box<StageReport>),
+    /// Free every session the request holds on the receiving node.
+    Close {
+        /// The request to close.
+        request: RequestId,
+    },
+}
+
+/// One step of one trace, addressed to hop `hop` of `route`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRequest {
+    /// The request this step belongs to.
+    pub request: RequestId,
+    /// The client's `PeerId`, as bytes: where reports go.
+    #[serde(with = "serde_bytes")]
+    pub client: Vec<u8>,
+    /// The client's multiaddrs.
+    pub client_addrs: Vec<String>,
+    /// The model the route serves.
+    pub model: ModelId,
+    /// The whole route, so each hop knows its successor.
+    pub route: Vec<Hop>,
+    /// Index into `route` of the receiving hop.
+    pub hop: u32,
+    /// postcard-encoded intervention graph (opaque to the protocol); sent with
+    /// step 0 of a trace.
+    #[serde(with = "serde_bytes")]
+    pub graph: Option<Vec<u8>>,
+    /// Trace index within the request.
+    pub trace: u32,
+    /// Generation step within the trace (0 = prompt).
+    pub step: u32,
+    /// This step's input ids, `[batch, tokens]` i64.
+    pub tokens: WireTensor,
+    /// Hidden state from the previous hop; `None` at the first hop.
+    pub hidden: Option<WireTensor>,
+    /// Graph values computed upstream that downstream hops need.
+    pub carry: Vec<Carried>,
+}
+
+/// A graph node's value carried between hops.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Carried {
+    /// The graph node id.
+    pub node: u32,
+    /// Its value.
+    pub value: WireTensor,
+}
+
+/// What a stage sends back to the client for one step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageReport {
+    /// The request reported on.
+    pub request: RequestId,
+    /// Index of the reporting hop in the route.
+    pub hop: u32,
+    /// The reporting peer, as bytes.
+    #[serde(with = "serde_bytes")]
+    pub peer: Vec<u8>,
+    /// Trace index.
+    pub trace: u32,
+    /// Step index.
+    pub step: u32,
+    /// The report.
+    pub body: ReportBody,
+}
+
+/// The payload of a [`StageReport`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ReportBody {
+    /// Values the graph saved on this stage.
+    Saves(Vec<Saved>),
+    /// Values to relay through the client (e.g. for a replayed hop).
+    Relay(Vec<Carried>),
+    /// The trace finished; the generated tokens.
+    Done {
+        /// Generated token ids.
+        tokens: Vec<u32>,
+    },
+    /// The step failed on this stage.
+    Failed(WireError),
+}
+
+/// One saved value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Saved {
+    /// The name the graph saved it under.
+    pub name: String,
+    /// The generation step it was saved at, if per-step.
+    pub step: Option<u32>,
+    /// The value.
+    pub value: WireTensor,
+}
+
+/// A response of the stage protocol.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    /// Answer to [`Request::Info`].
+    Info {
+        /// The node's signed stage records.
+        records: Vec<SignedRecord>,
+        /// The node's model manifest (encoded by the graph crate; opaque here).
+        #[serde(with = "serde_bytes")]
+        manifest: Vec<u8>,
+    },
+    /// Answer to [`Request::Tokenize`]: one id sequence per text.
+    Tokens(Vec<Vec<u32>>),
+    /// A step was admitted and will run.
+    Accepted,
+    /// A report or close was received.
+    Ack,
+    /// The request failed.
+    Error(WireError),
+}
+
+/// An error as sent to a peer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{kind:?}: {message}")]
+pub struct WireError {
+    /// The class of error.
+    pub kind: ErrorKind,
+    /// A human-readable explanation naming the offending thing.
+    pub message: String,
+}
+
+impl WireError {
+    /// Builds a `WireError`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> WireError {
+        WireError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// Classes of [`WireError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// The message's wire version is not supported.
+    Version,
+    /// The message could not be decoded.
+    Malformed,
+    /// The message exceeds a size limit.
+    TooLarge,
+    /// The node does not serve the requested model or layers.
+    NotServed,
+    /// The request (e.g. its graph) failed validation.
+    Validation,
+    /// The node's queue is full; retry later or elsewhere. Nothing was run.
+    Overloaded,
+    /// An unexpected failure on the node.
+    Internal,
+    /// The referenced request is unknown to the node.
+    UnknownRequest,
+}
