@@ -1,5 +1,7 @@
 //! Command-line interface of the `nnmesh` binary (clap derive → a `run`).
 
+pub mod graph_cmds;
+
 use std::{
     io::Write,
     path::{Path, PathBuf},
@@ -127,6 +129,24 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run an Intervention Graph (JSON) and summarize what it saved.
+    Trace {
+        #[command(flatten)]
+        run: graph_cmds::RunArgs,
+        /// The graph file (see `nnmesh graph` and examples/).
+        #[arg(long)]
+        graph: PathBuf,
+    },
+    /// Print a built-in experiment as an Intervention Graph (JSON).
+    Graph {
+        /// lens, patch, steer, ablate, ablate-head or attention.
+        name: String,
+        /// Number of layers to cover (lens, patch).
+        #[arg(long, default_value_t = 30)]
+        layers: u32,
+    },
+    #[command(flatten)]
+    Experiment(graph_cmds::Experiment),
     /// Benchmark prefill and decode, beside Hugging Face transformers when available.
     Bench(crate::cli::BenchArgs),
 }
@@ -169,6 +189,12 @@ pub fn run(cli: Cli) -> Result<()> {
             top,
             json,
         } => forward(&model, &prompt, top, json),
+        Command::Trace { run, graph } => graph_cmds::trace_file(&run, &graph),
+        Command::Graph { name, layers } => {
+            println!("{}", graph_cmds::example_json(&name, layers)?);
+            Ok(())
+        }
+        Command::Experiment(e) => graph_cmds::experiment(e),
         Command::Bench(args) => crate::bench::run(&args),
     }
 }

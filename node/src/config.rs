@@ -120,7 +120,10 @@ impl Config {
                 self.kv_heads()
             )));
         }
-        if !self.head_dim().is_multiple_of(2) || self.num_hidden_layers == 0 || self.hidden_size == 0 {
+        if !self.head_dim().is_multiple_of(2)
+            || self.num_hidden_layers == 0
+            || self.hidden_size == 0
+        {
             return Err(ConfigError::Invalid(format!(
                 "head_dim {} must be even and sizes non-zero",
                 self.head_dim()

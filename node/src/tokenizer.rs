@@ -148,6 +148,11 @@ impl Tokenizer {
         self.decode(&[id]).unwrap_or_else(|_| format!("<{id}>"))
     }
 
+    /// Number of tokens in the vocabulary (special tokens included).
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
     /// The id of a token string, if it is in the vocabulary.
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)

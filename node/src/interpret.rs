@@ -1,0 +1,460 @@
+//! The Intervention Graph interpreter: runs a validated graph (or one stage's
+//! fragment of it) at the runtime's hook points during forward passes.
+//!
+//! Scheduling follows the graph's semantics: each node runs at the first hook
+//! moment where all its inputs exist ([`Plan`]'s anchors). Reads capture the
+//! hook's value (a view, one prompt's own rows and tokens for an invoke);
+//! writes replace it, copy-on-write, so earlier reads keep what they saw.
+//! Nodes that feed a write run *eagerly* at their anchor; everything else is
+//! *deferred* to the end of the step, where calls of the same module are
+//! batched into one (a 30-layer logit lens reads `lm_head` once, not 30 times).
+
+pub mod ops;
+
+use nnmesh_graph::{Graph, Manifest, Module, Node, NodeId, Plan, Point, Site, WriteMode};
+use tch::Tensor;
+
+use crate::{
+    hooks::{HookError, Hooks},
+    llama::Model,
+};
+
+/// A value the graph saved for the client.
+#[derive(Debug)]
+pub struct Saved {
+    /// The Save node's name.
+    pub name: String,
+    /// For values saved at every step of a generation, which step.
+    pub step: Option<u32>,
+    /// The value.
+    pub value: Tensor,
+}
+
+impl Saved {
+    /// `name`, or `name.stepN` for per-step values (the safetensors key).
+    pub fn key(&self) -> String {
+        match self.step {
+            Some(s) => format!("{}.step{s}", self.name),
+            None => self.name.clone(),
+        }
+    }
+}
+
+fn failed(msg: impl Into<String>) -> HookError {
+    HookError::Failed(msg.into())
+}
+
+/// Runs the nodes of a graph assigned to this model (all of them on a single
+/// node, one fragment on a mesh stage) as [`Hooks`] of its forward passes.
+#[derive(Debug)]
+pub struct Executor<'a> {
+    graph: &'a Graph,
+    plan: &'a Plan,
+    manifest: &'a Manifest,
+    model: &'a Model,
+    /// Nodes this executor runs.
+    mine: Vec<bool>,
+    /// Nodes that some Write depends on: they run at their anchor.
+    eager: Vec<bool>,
+    /// Modules of Apply nodes.
+    apply_modules: Vec<Option<Module>>,
+    values: Vec<Option<Tensor>>,
+    saves: Vec<Saved>,
+    // The step being run.
+    trace: u32,
+    step: u32,
+    lens: Vec<usize>,
+    due: Vec<NodeId>,
+    cursor: usize,
+    deferred: Vec<NodeId>,
+    wanted: Vec<bool>,
+    stop_at: Option<u32>,
+}
+
+impl<'a> Executor<'a> {
+    /// An executor for `nodes` of a validated graph (`None` = every node).
+    ///
+    /// # Errors
+    /// When an Apply names a module this model does not host.
+    pub fn new(
+        graph: &'a Graph,
+        plan: &'a Plan,
+        manifest: &'a Manifest,
+        model: &'a Model,
+        nodes: Option<&[NodeId]>,
+    ) -> Result<Self, HookError> {
+        let n = graph.nodes.len();
+        let mine = match nodes {
+            None => vec![true; n],
+            Some(ids) => {
+                let mut m = vec![false; n];
+                for id in ids {
+                    m[id.index()] = true;
+                }
+                m
+            }
+        };
+        let mut eager = vec![false; n];
+        for (i, node) in graph.nodes.iter().enumerate().rev() {
+            if matches!(node, Node::Write { .. }) || eager[i] {
+                for inp in node.inputs() {
+                    eager[inp.index()] = true;
+                }
+            }
+        }
+        let mut apply_modules = vec![None; n];
+        for (i, node) in graph.nodes.iter().enumerate() {
+            if let Node::Apply { module, .. } = node {
+                let m = manifest
+                    .parse_module(module)
+                    .ok_or_else(|| failed(format!("node {i}: unknown module {module}")))?;
+                if mine[i] && !model.hosts(m) {
+                    return Err(failed(format!(
+                        "node {i} applies {module}, which this stage (layers {:?}) does not host",
+                        model.layers()
+                    )));
+                }
+                apply_modules[i] = Some(m);
+            }
+        }
+        Ok(Executor {
+            graph,
+            plan,
+            manifest,
+            model,
+            mine,
+            eager,
+            apply_modules,
+            values: (0..n).map(|_| None).collect(),
+            saves: Vec::new(),
+            trace: 0,
+            step: 0,
+            lens: Vec::new(),
+            due: Vec::new(),
+            cursor: 0,
+            deferred: Vec::new(),
+            wanted: vec![false; manifest.num_sites() as usize],
+            stop_at: None,
+        })
+    }
+
+    /// Prepares step `step` of trace `trace`, whose prompts have `lens` tokens.
+    pub fn begin(&mut self, trace: u32, step: u32, lens: &[usize]) {
+        self.trace = trace;
+        self.step = step;
+        self.lens = lens.to_vec();
+        self.due.clear();
+        self.cursor = 0;
+        self.deferred.clear();
+        self.wanted.iter_mut().for_each(|w| *w = false);
+        for (i, np) in self.plan.nodes.iter().enumerate() {
+            if !self.mine[i] {
+                continue;
+            }
+            let is_due = match np.per_step {
+                Some(s) => s.contains(trace, step),
+                None => np.anchor.trace == trace && np.anchor.step == step,
+            };
+            if !is_due {
+                continue;
+            }
+            self.due.push(NodeId(i as u32));
+            if let (Node::Read { .. } | Node::Write { .. }, Some(site)) =
+                (&self.graph.nodes[i], np.site)
+            {
+                self.wanted[site.0 as usize] = true;
+            }
+        }
+        let plan = self.plan;
+        self.due
+            .sort_by_key(|id| (plan.nodes[id.index()].anchor.position, *id));
+        let last_step = self.plan.steps.get(trace as usize).copied().unwrap_or(1) - 1;
+        self.stop_at = match self.plan.stops.get(trace as usize) {
+            Some(Some(a)) if step == last_step && a.trace == trace => Some(a.position),
+            _ => None,
+        };
+    }
+
+    /// Sets a value computed elsewhere (carried from an earlier stage).
+    pub fn insert(&mut self, node: NodeId, value: Tensor) {
+        self.values[node.index()] = Some(value);
+    }
+
+    /// A node's current value, if computed.
+    pub fn value(&self, node: NodeId) -> Option<&Tensor> {
+        self.values[node.index()].as_ref()
+    }
+
+    /// Takes the values saved so far.
+    pub fn take_saves(&mut self) -> Vec<Saved> {
+        std::mem::take(&mut self.saves)
+    }
+
+    /// Ends the step: runs what was not reached in the forward and everything
+    /// deferred, batching module calls.
+    ///
+    /// # Errors
+    /// When a hooked point was never reached, or a node fails.
+    pub fn finish(&mut self) -> Result<(), HookError> {
+        while self.cursor < self.due.len() {
+            let id = self.due[self.cursor];
+            self.cursor += 1;
+            match &self.graph.nodes[id.index()] {
+                Node::Read { hook } | Node::Write { hook, .. } => {
+                    return Err(failed(format!(
+                        "node {id}: hook {} was not reached in trace {}, step {}",
+                        hook.path(),
+                        self.trace,
+                        self.step
+                    )));
+                }
+                _ => self.deferred.push(id),
+            }
+        }
+        self.run_deferred()
+    }
+
+    /// The per-invoke view of a hook value: one prompt's row and its own
+    /// tokens (left padding stripped at the prompt step).
+    fn invoke_view(&self, point: Point, full: &Tensor, invoke: usize) -> Result<Tensor, HookError> {
+        let err = |e: tch::TchError| failed(e.to_string());
+        let row = full.f_narrow(0, invoke as i64, 1).map_err(err)?;
+        let len = *self
+            .lens
+            .get(invoke)
+            .ok_or_else(|| failed(format!("invoke {invoke} is out of range")))?
+            as i64;
+        let narrow_tail = |t: Tensor, dim: i64, keep: i64| -> Result<Tensor, HookError> {
+            let size = t.size()[dim as usize];
+            t.f_narrow(dim, size - keep, keep).map_err(err)
+        };
+        let query_dim = match point {
+            Point::Q | Point::K | Point::V | Point::Pattern => 2,
+            _ => 1,
+        };
+        let mut v = row;
+        if self.step == 0 {
+            v = narrow_tail(v, query_dim, len)?;
+        }
+        if point == Point::Pattern {
+            v = narrow_tail(v, 3, len + i64::from(self.step))?;
+        }
+        Ok(v)
+    }
+
+    fn read_value(&self, id: NodeId, value: &Tensor) -> Result<Tensor, HookError> {
+        let Node::Read { hook } = &self.graph.nodes[id.index()] else {
+            unreachable!("read_value on a Read node");
+        };
+        match hook.invoke {
+            Some(i) => self.invoke_view(hook.point, value, i as usize),
+            None => Ok(value.shallow_clone()),
+        }
+    }
+
+    fn write(&self, id: NodeId, value: &mut Tensor) -> Result<(), HookError> {
+        let Node::Write {
+            hook,
+            value: src,
+            index,
+            mode,
+        } = &self.graph.nodes[id.index()]
+        else {
+            unreachable!("write on a Write node");
+        };
+        let err = |e: tch::TchError| failed(format!("node {id} (write {}): {e}", hook.path()));
+        let src = self.values[src.index()]
+            .as_ref()
+            .ok_or_else(|| failed(format!("node {id}: its value {src} was not computed")))?
+            .f_to_kind(value.kind())
+            .map_err(err)?;
+        if hook.invoke.is_none() && index.is_none() && *mode == WriteMode::Set {
+            *value = src.f_expand(value.size(), false).map_err(err)?.contiguous();
+            return Ok(());
+        }
+        // Copy-on-write: reads taken before this write keep the old value.
+        let target = value.copy();
+        let mut view = match hook.invoke {
+            Some(i) => self.invoke_view(hook.point, &target, i as usize)?,
+            None => target.shallow_clone(),
+        };
+        if let Some(items) = index {
+            view = ops::index(&view, items).map_err(err)?;
+        }
+        let new = match mode {
+            WriteMode::Set => src,
+            WriteMode::Add => view.f_add(&src).map_err(err)?,
+        };
+        view.f_copy_(&new).map_err(err)?;
+        *value = target;
+        Ok(())
+    }
+
+    fn input(&self, id: NodeId, inp: NodeId) -> Result<&Tensor, HookError> {
+        self.values[inp.index()].as_ref().ok_or_else(|| {
+            failed(format!(
+                "node {id}: input {inp} has no value (it runs on another stage and was not carried)"
+            ))
+        })
+    }
+
+    /// Runs a node that is neither Read nor Write.
+    fn compute(&mut self, id: NodeId) -> Result<(), HookError> {
+        let node = &self.graph.nodes[id.index()];
+        let out = match node {
+            Node::Const { value } => ops::constant(value, self.model.device()),
+            Node::Op { op, args } => {
+                let args = args
+                    .iter()
+                    .map(|a| self.input(id, *a))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let out = ops::eval(op, &args)
+                    .map_err(|e| failed(format!("node {id} ({}): {e}", op.name())))?;
+                self.cast_to_plan(id, out)
+            }
+            Node::Apply { args, .. } => {
+                let m = self.apply_modules[id.index()].expect("Apply modules are parsed in new()");
+                let x = self.input(id, args[0])?;
+                self.model
+                    .apply(m, x)
+                    .map_err(|e| failed(format!("node {id}: {e}")))?
+            }
+            Node::Save { name, value } => {
+                let v = self.input(id, *value)?.copy();
+                let per_step = self.plan.nodes[id.index()].per_step.is_some();
+                self.saves.push(Saved {
+                    name: name.clone(),
+                    step: per_step.then_some(self.step),
+                    value: v,
+                });
+                return Ok(());
+            }
+            Node::Stop { .. } => return Ok(()),
+            Node::Read { .. } | Node::Write { .. } => {
+                unreachable!("reads and writes run at their hooks")
+            }
+        };
+        self.values[id.index()] = Some(out);
+        Ok(())
+    }
+
+    fn cast_to_plan(&self, id: NodeId, t: Tensor) -> Tensor {
+        match self.plan.meta_at(id, self.step) {
+            Some(meta) if ops::dtype(t.kind()) != Some(meta.dtype) => {
+                t.to_kind(ops::kind(meta.dtype))
+            }
+            _ => t,
+        }
+    }
+
+    /// Runs deferred nodes in waves; Apply calls of one module on values of
+    /// one shape run as a single batched call.
+    fn run_deferred(&mut self) -> Result<(), HookError> {
+        let mut pending = std::mem::take(&mut self.deferred);
+        while !pending.is_empty() {
+            let (ready, rest): (Vec<NodeId>, Vec<NodeId>) = pending.iter().partition(|id| {
+                self.graph.nodes[id.index()]
+                    .inputs()
+                    .iter()
+                    .all(|i| self.values[i.index()].is_some())
+            });
+            if ready.is_empty() {
+                return Err(failed(format!(
+                    "node {}: inputs were never computed",
+                    rest[0]
+                )));
+            }
+            // Group Applies by (module, value shape, dtype).
+            let mut groups: Vec<(Module, Vec<i64>, Vec<NodeId>)> = Vec::new();
+            for &id in &ready {
+                if let Node::Apply { args, .. } = &self.graph.nodes[id.index()] {
+                    let m = self.apply_modules[id.index()].expect("parsed");
+                    let x = self.input(id, args[0])?;
+                    let shape = x.size();
+                    if shape.is_empty() {
+                        self.compute(id)?;
+                        continue;
+                    }
+                    match groups
+                        .iter_mut()
+                        .find(|(gm, gs, _)| *gm == m && gs[1..] == shape[1..])
+                    {
+                        Some(g) => g.2.push(id),
+                        None => groups.push((m, shape, vec![id])),
+                    }
+                } else {
+                    self.compute(id)?;
+                }
+            }
+            for (m, _, ids) in groups {
+                if ids.len() == 1 {
+                    self.compute(ids[0])?;
+                    continue;
+                }
+                let xs = ids
+                    .iter()
+                    .map(|&id| match &self.graph.nodes[id.index()] {
+                        Node::Apply { args, .. } => self.input(id, args[0]),
+                        _ => unreachable!("groups hold Apply nodes"),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let sizes: Vec<i64> = xs.iter().map(|x| x.size()[0]).collect();
+                let batch = Tensor::cat(&xs, 0);
+                let out = self
+                    .model
+                    .apply(m, &batch)
+                    .map_err(|e| failed(format!("node {}: {e}", ids[0])))?;
+                for (id, part) in ids.iter().zip(out.split_with_sizes(&sizes, 0)) {
+                    self.values[id.index()] = Some(part);
+                }
+            }
+            pending = rest;
+        }
+        Ok(())
+    }
+}
+
+impl Hooks for Executor<'_> {
+    fn wants(&self, module: Module, point: Point) -> bool {
+        self.manifest
+            .site(module, point)
+            .is_some_and(|s| self.wanted[s.0 as usize])
+            || self
+                .stop_at
+                .is_some_and(|p| self.manifest.position(module, point) == Some(p))
+    }
+
+    fn visit(&mut self, module: Module, point: Point, value: &mut Tensor) -> Result<(), HookError> {
+        let Some(Site(pos)) = self.manifest.site(module, point) else {
+            return Ok(());
+        };
+        while self.cursor < self.due.len() {
+            let id = self.due[self.cursor];
+            let np = &self.plan.nodes[id.index()];
+            if np.anchor.position > pos {
+                break;
+            }
+            self.cursor += 1;
+            match &self.graph.nodes[id.index()] {
+                Node::Read { hook } => {
+                    if np.site != Some(Site(pos)) {
+                        return Err(failed(format!(
+                            "node {id}: hook {} was not reached before {}",
+                            hook.path(),
+                            module.path()
+                        )));
+                    }
+                    let v = self.read_value(id, value)?;
+                    self.values[id.index()] = Some(v);
+                }
+                Node::Write { .. } => self.write(id, value)?,
+                _ if self.eager[id.index()] => self.compute(id)?,
+                _ => self.deferred.push(id),
+            }
+        }
+        if self.stop_at.is_some_and(|p| p <= pos) {
+            return Err(HookError::Stop);
+        }
+        Ok(())
+    }
+}

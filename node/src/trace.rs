@@ -1,0 +1,148 @@
+//! Running a whole Intervention Graph on one node: tokenize its prompts,
+//! validate it, then run each trace (one forward, or greedy generation with a
+//! KV cache) under the interpreter, and collect the saved values.
+
+use nnmesh_graph::{Graph, Inputs, Limits, Manifest, Plan, Prompt, ValidateError, validate};
+use tch::Tensor;
+
+use crate::{
+    engine::{Engine, EngineError, Padded},
+    hooks::HookError,
+    interpret::{Executor, Saved},
+    llama::Input,
+};
+
+/// Why a graph could not be run.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("invalid graph: {0}")]
+    Validate(#[from] ValidateError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("running the graph: {0}")]
+    Run(String),
+}
+
+/// What a graph run produced.
+#[derive(Debug)]
+pub struct Outcome {
+    /// Saved values, in the order they were saved.
+    pub saves: Vec<Saved>,
+    /// Per trace, per invoke: the tokens generated (empty for single forwards).
+    pub generated: Vec<Vec<Vec<u32>>>,
+}
+
+impl Outcome {
+    /// The saved value named `name` (the first, for per-step saves).
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.saves.iter().find(|s| s.name == name).map(|s| &s.value)
+    }
+}
+
+/// Replaces text prompts by their token ids.
+///
+/// # Errors
+/// When tokenization fails.
+pub fn tokenize_prompts(engine: &Engine, graph: &mut Graph) -> Result<(), EngineError> {
+    for trace in &mut graph.traces {
+        for inv in &mut trace.invokes {
+            if let Prompt::Text(text) = &inv.prompt {
+                inv.prompt = Prompt::Tokens(engine.encode(text)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The token ids of each invoke of a trace (prompts must be tokenized).
+pub fn trace_prompts(graph: &Graph, trace: usize) -> Vec<Vec<u32>> {
+    graph.traces[trace]
+        .invokes
+        .iter()
+        .map(|i| match &i.prompt {
+            Prompt::Tokens(ids) => ids.clone(),
+            Prompt::Text(_) => Vec::new(),
+        })
+        .collect()
+}
+
+/// Validates a tokenized graph against a model manifest.
+///
+/// # Errors
+/// The first validation error found.
+pub fn plan(graph: &Graph, manifest: &Manifest, limits: &Limits) -> Result<Plan, TraceError> {
+    let inputs = Inputs::from_tokens(graph)
+        .ok_or_else(|| TraceError::Run("prompts must be tokenized before validation".into()))?;
+    Ok(validate(graph, manifest, &inputs, limits)?)
+}
+
+/// Tokenizes, validates and runs `graph` on a full model.
+///
+/// # Errors
+/// Invalid graphs, bad prompts, or failures while running.
+pub fn run(engine: &Engine, mut graph: Graph, limits: &Limits) -> Result<Outcome, TraceError> {
+    tokenize_prompts(engine, &mut graph)?;
+    let manifest = crate::engine::manifest(engine.model.config(), engine.model.kind());
+    let plan = plan(&graph, &manifest, limits)?;
+    run_planned(engine, &graph, &plan, &manifest)
+}
+
+/// Runs a tokenized, validated graph on a full model.
+///
+/// # Errors
+/// Failures while running.
+pub fn run_planned(
+    engine: &Engine,
+    graph: &Graph,
+    plan: &Plan,
+    manifest: &Manifest,
+) -> Result<Outcome, TraceError> {
+    let model = &engine.model;
+    let run_err = |e: HookError| TraceError::Run(e.to_string());
+    let mut exec = Executor::new(graph, plan, manifest, model, None).map_err(run_err)?;
+    let _guard = tch::no_grad_guard();
+    let mut generated = Vec::new();
+    for (t, _) in graph.traces.iter().enumerate() {
+        let prompts = trace_prompts(graph, t);
+        engine.check_prompts(&prompts, graph.traces[t].max_new_tokens as usize)?;
+        let padded = Padded::new(&prompts, model.device());
+        let lens = padded.lens.clone();
+        let steps = plan.steps[t];
+        let mut cache = model.new_cache();
+        let mut input = padded.ids.shallow_clone();
+        let mut tokens = vec![Vec::new(); prompts.len()];
+        for step in 0..steps {
+            let next_batch;
+            let batch = if step == 0 {
+                &padded.batch
+            } else {
+                next_batch = padded.next_step(step as usize);
+                &next_batch
+            };
+            exec.begin(t as u32, step, &lens);
+            let out = model.forward(Input::Tokens(input), batch, Some(&mut cache), &mut exec);
+            let logits = match out {
+                Ok(l) => Some(l),
+                Err(HookError::Stop) => None,
+                Err(e) => return Err(run_err(e)),
+            };
+            exec.finish().map_err(run_err)?;
+            let generating = graph.traces[t].max_new_tokens > 0;
+            let Some(logits) = logits else { break };
+            if !generating {
+                break;
+            }
+            let next = logits.select(1, -1).argmax(-1, false);
+            let ids = Vec::<i64>::try_from(&next).map_err(|e| TraceError::Run(e.to_string()))?;
+            for (row, id) in tokens.iter_mut().zip(ids) {
+                row.push(id as u32);
+            }
+            input = next.unsqueeze(1);
+        }
+        generated.push(tokens);
+    }
+    Ok(Outcome {
+        saves: exec.take_saves(),
+        generated,
+    })
+}

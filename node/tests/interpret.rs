@@ -1,0 +1,514 @@
+//! The Intervention Graph interpreter on SmolLM2: reads leave the forward
+//! untouched, and the canonical experiments (run from `examples/*.json`)
+//! give the numbers of the same computation done directly with runtime hooks.
+
+use std::path::PathBuf;
+
+use nnmesh_graph::{Builder, Graph, IndexItem::*, Limits, Module, Point};
+use nnmesh_node::{
+    engine::Engine,
+    experiments,
+    hooks::{HookError, Hooks, NoHooks},
+    trace::{self, Outcome},
+};
+use tch::{Device, Kind, Tensor};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+thread_local! {
+    // tch tensors are not Sync: one engine per test thread.
+    static ENGINE: &'static Engine = Box::leak(Box::new(
+        Engine::load(
+            &std::env::var_os("NNMESH_MODEL")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf")),
+            None,
+            Kind::Float,
+            Device::Cpu,
+        )
+        .expect("bundled model loads (run scripts/setup.sh)"),
+    ));
+}
+
+fn engine() -> &'static Engine {
+    ENGINE.with(|e| *e)
+}
+
+fn run(graph: Graph) -> Outcome {
+    trace::run(engine(), graph, &Limits::default()).expect("graph runs")
+}
+
+fn example(name: &str) -> Graph {
+    let text = std::fs::read_to_string(root().join("examples").join(format!("{name}.json")))
+        .expect("example exists");
+    Graph::from_json(&text).expect("example parses")
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+const LENS: &str = experiments::prompts::LENS;
+
+/// Hooks written directly against the runtime, for reference computations.
+struct Direct<F: FnMut(Module, Point, &mut Tensor)> {
+    points: Vec<(Module, Point)>,
+    f: F,
+}
+
+impl<F: FnMut(Module, Point, &mut Tensor)> Hooks for Direct<F> {
+    fn wants(&self, m: Module, p: Point) -> bool {
+        self.points.contains(&(m, p))
+    }
+    fn visit(&mut self, m: Module, p: Point, v: &mut Tensor) -> Result<(), HookError> {
+        (self.f)(m, p, v);
+        Ok(())
+    }
+}
+
+fn layer_out(l: u32) -> (Module, Point) {
+    (Module::Layer(l), Point::Output)
+}
+
+#[test]
+fn read_only_graph_leaves_logits_bit_identical() {
+    let e = engine();
+    let ids = e.encode(LENS).expect("encodes");
+    let plain = e
+        .logits(std::slice::from_ref(&ids), &mut NoHooks)
+        .expect("forward");
+    let g = Builder::new();
+    let t = g.trace([LENS]);
+    for (m, p) in [
+        ("model.embed_tokens", Point::Input),
+        ("model.embed_tokens", Point::Output),
+        ("model.layers.0", Point::Input),
+        ("model.layers.3.input_layernorm", Point::Output),
+        ("model.layers.3.self_attn", Point::Q),
+        ("model.layers.3.self_attn", Point::K),
+        ("model.layers.3.self_attn", Point::V),
+        ("model.layers.3.self_attn", Point::Z),
+        ("model.layers.3.self_attn.o_proj", Point::Input),
+        ("model.layers.7.mlp.down_proj", Point::Input),
+        ("model.layers.7.mlp", Point::Output),
+        ("model.layers.29", Point::Output),
+        ("model.norm", Point::Output),
+    ] {
+        let v = g.read(t.at(m, p));
+        g.save(format!("{m}.{p}"), v);
+    }
+    g.save("logits", g.read(t.at("lm_head", Point::Output)));
+    let out = run(g.finish());
+    assert!(
+        out.get("logits").expect("saved").equal(&plain),
+        "reads changed the logits"
+    );
+    assert_eq!(
+        out.get("model.layers.3.self_attn.q").expect("q").size(),
+        [1, 9, 9, 64]
+    );
+    assert_eq!(
+        out.get("model.layers.3.self_attn.k").expect("k").size(),
+        [1, 3, 9, 64]
+    );
+    assert_eq!(
+        out.get("model.layers.3.self_attn.z").expect("z").size(),
+        [1, 9, 9, 64]
+    );
+    let z = out
+        .get("model.layers.3.self_attn.z")
+        .expect("z")
+        .reshape([1, 9, 576]);
+    assert!(
+        z.equal(
+            out.get("model.layers.3.self_attn.o_proj.input")
+                .expect("o_proj in")
+        )
+    );
+    let ids_read = out.get("model.embed_tokens.input").expect("ids");
+    assert_eq!(
+        Vec::<i64>::try_from(ids_read.flatten(0, -1)).expect("i64"),
+        ids.iter().map(|&i| i64::from(i)).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn writing_the_value_just_read_changes_nothing() {
+    let e = engine();
+    let plain = e
+        .logits(&[e.encode(LENS).expect("encodes")], &mut NoHooks)
+        .expect("forward");
+    let g = Builder::new();
+    let t = g.trace([LENS]);
+    let h = g.read(t.at("model.layers.5", Point::Output));
+    g.write(t.at("model.layers.5", Point::Output), h);
+    let last = g
+        .read(t.at("model.layers.9.mlp", Point::Output))
+        .index([Full, At(-1), Full]);
+    g.write_at(
+        t.at("model.layers.9.mlp", Point::Output),
+        [Full, At(-1), Full],
+        last,
+    );
+    let zero = g.scalar(0.0);
+    g.add_at(t.at("model.layers.12", Point::Output), [Full, At(-1)], zero);
+    g.save("logits", g.read(t.at("lm_head", Point::Output)));
+    let out = run(g.finish());
+    assert!(out.get("logits").expect("saved").equal(&plain));
+}
+
+#[test]
+fn logit_lens_matches_direct_hooks() {
+    let e = engine();
+    let out = run(example("lens"));
+    let mut hs = Vec::new();
+    let mut hooks = Direct {
+        points: (0..30).map(layer_out).collect(),
+        f: |_, _, v: &mut Tensor| hs.push(v.shallow_clone()),
+    };
+    let _ = e
+        .logits(&[e.encode(LENS).expect("encodes")], &mut hooks)
+        .expect("forward");
+    assert_eq!(hs.len(), 30);
+    for (l, h) in hs.iter().enumerate() {
+        let last = h.select(1, -1);
+        let normed = e.model.apply(Module::Norm, &last).expect("norm");
+        let direct = e.model.apply(Module::LmHead, &normed).expect("head");
+        let lens = out.get(&format!("lens.{l}")).expect("lens saved");
+        assert!(
+            max_diff(lens, &direct) < 1e-4,
+            "layer {l}: {}",
+            max_diff(lens, &direct)
+        );
+    }
+    let top = |l: u32| {
+        out.get(&format!("lens.{l}"))
+            .expect("lens")
+            .argmax(-1, false)
+            .int64_value(&[0])
+    };
+    let paris = e.encode(" Paris").expect("encodes")[0] as i64;
+    assert_eq!(top(29), paris);
+    assert_eq!(top(28), paris);
+}
+
+fn logit_diff(logits: &Tensor, a: i64, b: i64) -> f64 {
+    let last = logits.get(0).get(-1);
+    last.double_value(&[a]) - last.double_value(&[b])
+}
+
+#[test]
+fn activation_patching_matches_direct_hooks() {
+    let e = engine();
+    let out = run(example("patch"));
+    let (john, mary) = (2322i64, 5099i64);
+    let clean_ids = e.encode(experiments::prompts::IOI_CLEAN).expect("encodes");
+    let corrupt_ids = e
+        .encode(experiments::prompts::IOI_CORRUPT)
+        .expect("encodes");
+    let mut clean = Vec::new();
+    let mut hooks = Direct {
+        points: (0..30).map(layer_out).collect(),
+        f: |_, _, v: &mut Tensor| clean.push(v.select(1, -1).copy()),
+    };
+    let clean_logits = e
+        .logits(std::slice::from_ref(&clean_ids), &mut hooks)
+        .expect("forward");
+    let corrupt_logits = e
+        .logits(std::slice::from_ref(&corrupt_ids), &mut NoHooks)
+        .expect("forward");
+    let clean_d = logit_diff(&clean_logits, john, mary);
+    assert!((out.get("clean").expect("clean").double_value(&[]) - clean_d).abs() < 1e-4);
+    let corrupt_d = logit_diff(&corrupt_logits, john, mary);
+    assert!((out.get("corrupt").expect("corrupt").double_value(&[]) - corrupt_d).abs() < 1e-4);
+    assert!(
+        clean_d > 0.0 && corrupt_d < 0.0,
+        "the model solves IOI: {clean_d} {corrupt_d}"
+    );
+    let patched = Vec::<f64>::try_from(out.get("patched").expect("patched").to_kind(Kind::Double))
+        .expect("f64");
+    assert_eq!(patched.len(), 30);
+    for l in [0u32, 10, 20, 23, 29] {
+        let v = clean[l as usize].shallow_clone();
+        let mut hooks = Direct {
+            points: vec![layer_out(l)],
+            f: |_, _, h: &mut Tensor| {
+                let h2 = h.copy();
+                h2.select(1, -1).copy_(&v);
+                *h = h2;
+            },
+        };
+        let logits = e
+            .logits(std::slice::from_ref(&corrupt_ids), &mut hooks)
+            .expect("forward");
+        let d = logit_diff(&logits, john, mary);
+        assert!(
+            (patched[l as usize] - d).abs() < 1e-3,
+            "layer {l}: graph {} vs direct {d}",
+            patched[l as usize]
+        );
+    }
+    // Patching the last layer restores the clean answer entirely.
+    assert!((patched[29] - clean_d).abs() < 1e-3);
+}
+
+#[test]
+fn patching_the_clean_run_into_itself_gives_the_clean_difference() {
+    let layers: Vec<u32> = (0..30).collect();
+    let p = experiments::prompts::IOI_CLEAN;
+    let out = run(experiments::patching(p, p, &layers, 2322, 5099));
+    let clean = out.get("clean").expect("clean").double_value(&[]);
+    let patched = Vec::<f64>::try_from(out.get("patched").expect("patched").to_kind(Kind::Double))
+        .expect("f64");
+    for (l, d) in patched.iter().enumerate() {
+        assert!((d - clean).abs() < 1e-4, "layer {l}: {d} vs clean {clean}");
+    }
+}
+
+#[test]
+fn steering_with_zero_vector_equals_plain_generation() {
+    let e = engine();
+    let prompt = e.encode(experiments::prompts::STEER).expect("encodes");
+    let plain = e
+        .generate(
+            std::slice::from_ref(&prompt),
+            8,
+            &mut NoHooks,
+            &mut |_, _| {},
+        )
+        .expect("generates");
+    let zero = run(experiments::steering_vector(
+        experiments::prompts::STEER,
+        10,
+        vec![0.0; 576],
+        8,
+    ));
+    assert_eq!(zero.generated[0], plain);
+    let scaled_zero = run(experiments::steering(
+        experiments::prompts::STEER,
+        experiments::prompts::STEER_TOWARD,
+        10,
+        0.0,
+        8,
+    ));
+    assert_eq!(scaled_zero.generated[1], plain);
+}
+
+#[test]
+fn steering_matches_direct_hooks_and_changes_the_text() {
+    let e = engine();
+    let out = run(example("steer"));
+    let dir = out
+        .get("direction")
+        .expect("direction saved")
+        .shallow_clone();
+    assert_eq!(dir.size(), [1, 576]);
+    let prompt = e.encode(experiments::prompts::STEER).expect("encodes");
+    let mut hooks = Direct {
+        points: vec![layer_out(10)],
+        f: |_, _, h: &mut Tensor| {
+            let h2 = h.copy();
+            let mut last = h2.select(1, -1);
+            last += &dir;
+            *h = h2;
+        },
+    };
+    let direct = e
+        .generate(
+            std::slice::from_ref(&prompt),
+            16,
+            &mut hooks,
+            &mut |_, _| {},
+        )
+        .expect("generates");
+    assert_eq!(out.generated[1], direct);
+    let plain = e
+        .generate(
+            std::slice::from_ref(&prompt),
+            16,
+            &mut NoHooks,
+            &mut |_, _| {},
+        )
+        .expect("generates");
+    assert_ne!(out.generated[1], plain, "steering changed nothing");
+}
+
+#[test]
+fn ablations_match_direct_hooks() {
+    let e = engine();
+    let ids = e.encode(LENS).expect("encodes");
+    // Zero layer 0's MLP output.
+    let out = run(example("ablate"));
+    let mut hooks = Direct {
+        points: vec![(Module::Mlp(0), Point::Output)],
+        f: |_, _, v: &mut Tensor| *v = v.zeros_like(),
+    };
+    let direct = e
+        .logits(std::slice::from_ref(&ids), &mut hooks)
+        .expect("forward")
+        .select(1, -1);
+    assert!(max_diff(out.get("logits").expect("logits"), &direct) < 1e-5);
+    // Zero head 3 of layer 0's z.
+    let out = run(example("ablate-head"));
+    let mut hooks = Direct {
+        points: vec![(Module::Attn(0), Point::Z)],
+        f: |_, _, v: &mut Tensor| {
+            let v2 = v.copy();
+            let _ = v2.select(2, 3).fill_(0.0);
+            *v = v2;
+        },
+    };
+    let direct = e
+        .logits(std::slice::from_ref(&ids), &mut hooks)
+        .expect("forward")
+        .select(1, -1);
+    assert!(max_diff(out.get("logits").expect("logits"), &direct) < 1e-5);
+    let plain = e
+        .logits(std::slice::from_ref(&ids), &mut NoHooks)
+        .expect("forward")
+        .select(1, -1);
+    assert!(
+        max_diff(&plain, &direct) > 1e-3,
+        "head ablation changed nothing"
+    );
+}
+
+#[test]
+fn attention_pattern_rows_sum_to_one_and_match_direct_hooks() {
+    let e = engine();
+    let out = run(example("attention"));
+    let p = out.get("pattern").expect("pattern");
+    assert_eq!(p.size(), [1, 9, 9, 9]);
+    let sums = out.get("row_sums").expect("sums");
+    assert!(max_diff(sums, &sums.ones_like()) < 1e-5);
+    // Causal: nothing above the diagonal.
+    assert_eq!(p.triu(1).abs().max().double_value(&[]), 0.0);
+    let mut direct = None;
+    let mut hooks = Direct {
+        points: vec![(Module::Attn(0), Point::Pattern)],
+        f: |_, _, v: &mut Tensor| direct = Some(v.copy()),
+    };
+    let _ = e
+        .logits(&[e.encode(LENS).expect("encodes")], &mut hooks)
+        .expect("forward");
+    assert!(p.equal(&direct.expect("pattern hooked")));
+}
+
+#[test]
+fn invoke_views_strip_padding() {
+    let short = "Hello, my name is";
+    let g = Builder::new();
+    let t = g.trace([LENS, short]);
+    g.save(
+        "batched",
+        g.read(t.invoke(1).at("model.layers.4", Point::Output)),
+    );
+    g.save(
+        "pattern",
+        g.read(t.invoke(1).at("model.layers.4.self_attn", Point::Pattern)),
+    );
+    let together = run(g.finish());
+    let g = Builder::new();
+    let t = g.trace([short]);
+    g.save(
+        "alone",
+        g.read(t.invoke(0).at("model.layers.4", Point::Output)),
+    );
+    g.save(
+        "pattern",
+        g.read(t.invoke(0).at("model.layers.4.self_attn", Point::Pattern)),
+    );
+    let alone = run(g.finish());
+    let (a, b) = (
+        together.get("batched").expect("saved"),
+        alone.get("alone").expect("saved"),
+    );
+    assert_eq!(a.size(), b.size());
+    assert!(max_diff(a, b) < 1e-4, "{}", max_diff(a, b));
+    let (a, b) = (
+        together.get("pattern").expect("saved"),
+        alone.get("pattern").expect("saved"),
+    );
+    assert_eq!(a.size(), b.size());
+    assert!(max_diff(a, b) < 1e-5);
+}
+
+#[test]
+fn per_step_reads_during_generation() {
+    let g = Builder::new();
+    let t = g.trace([LENS]).generate(4);
+    let h = g.read(t.at("model.layers.29", Point::Output).all_steps());
+    g.save("h", h);
+    g.save(
+        "k3",
+        g.read(t.at("model.layers.2.self_attn", Point::Pattern).step(3)),
+    );
+    let out = run(g.finish());
+    let steps: Vec<(Option<u32>, Vec<i64>)> = out
+        .saves
+        .iter()
+        .filter(|s| s.name == "h")
+        .map(|s| (s.step, s.value.size()))
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            (Some(0), vec![1, 9, 576]),
+            (Some(1), vec![1, 1, 576]),
+            (Some(2), vec![1, 1, 576]),
+            (Some(3), vec![1, 1, 576])
+        ]
+    );
+    assert_eq!(out.get("k3").expect("pattern").size(), [1, 9, 1, 12]);
+    let e = engine();
+    assert!(
+        e.tokenizer
+            .decode(&out.generated[0][0])
+            .expect("decodes")
+            .contains("Paris")
+    );
+}
+
+#[test]
+fn validation_errors_reach_the_caller() {
+    let g = Builder::new();
+    let t = g.trace([LENS]);
+    let h = g.read(t.at("model.layers.40", Point::Output));
+    g.save("h", h);
+    let err = trace::run(engine(), g.finish(), &Limits::default()).expect_err("invalid");
+    assert!(err.to_string().contains("model.layers.40"), "{err}");
+
+    let g = Builder::new();
+    let t = g.trace([LENS]);
+    let late = g.read(t.at("model.layers.5", Point::Output));
+    g.write(t.at("model.layers.3", Point::Output), late);
+    let err = trace::run(engine(), g.finish(), &Limits::default()).expect_err("out of order");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("model.layers.3.output") && msg.contains("model.layers.5.output"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn examples_are_up_to_date() {
+    for name in [
+        "lens",
+        "patch",
+        "steer",
+        "ablate",
+        "ablate-head",
+        "attention",
+    ] {
+        let built = nnmesh_node::cli::graph_cmds::example_json(name, 30).expect("known example");
+        let file = std::fs::read_to_string(root().join("examples").join(format!("{name}.json")))
+            .expect("example exists");
+        assert_eq!(
+            built.trim(),
+            file.trim(),
+            "examples/{name}.json is stale: regenerate with `nnmesh graph {name}`"
+        );
+    }
+}
