@@ -1,1 +1,33 @@
-//! nnmesh client (in progress)
+//! The nnmesh client library. For now: the libp2p [`transport`] shared by
+//! nodes and clients.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use libp2p::identity::Keypair;
+//! use nnmesh_client::transport::{Transport, TransportConfig};
+//! use nnmesh_protocol::{codec, message::{Request, Response}};
+//!
+//! # async fn demo() -> anyhow::Result<()> {
+//! // A node: answer every request with `Ack`.
+//! let (node, mut inbound) = Transport::start(TransportConfig::new(Keypair::generate_ed25519())).await?;
+//! tokio::spawn(async move {
+//!     while let Some(req) = inbound.recv().await {
+//!         let _ = req.reply.send(codec::encode(&Response::Ack));
+//!     }
+//! });
+//!
+//! // A client: send it a request.
+//! let (client, _) = Transport::start(TransportConfig::new(Keypair::generate_ed25519())).await?;
+//! let answer = client
+//!     .request(node.peer_id(), node.listen_addrs().await, codec::encode(&Request::Info))
+//!     .await?;
+//! let response: Response = codec::decode(&answer)?;
+//! # Ok(()) }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod transport;
+
+pub use transport::{Inbound, RequestError, Transport, TransportConfig, TransportError};
