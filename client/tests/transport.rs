@@ -64,7 +64,11 @@ async fn request_response_round_trip() -> Result<()> {
     );
 
     let answer = client
-        .request(server.peer_id(), addrs.clone(), codec::encode(&Request::Info))
+        .request(
+            server.peer_id(),
+            addrs.clone(),
+            codec::encode(&Request::Info),
+        )
         .await?;
     let response: Response = codec::decode(&answer)?;
     assert_eq!(response, Response::Tokens(vec![vec![1, 2, 3]]));
@@ -94,13 +98,22 @@ async fn sixteen_mib_request_and_response() -> Result<()> {
     let addrs = server.listen_addrs().await;
 
     // Warm the connection so the timing covers the transfer only.
-    let _ = client.request(server.peer_id(), addrs.clone(), request.clone()).await?;
+    let _ = client
+        .request(server.peer_id(), addrs.clone(), request.clone())
+        .await?;
     let started = Instant::now();
-    let response = client.request(server.peer_id(), addrs, request.clone()).await?;
+    let response = client
+        .request(server.peer_id(), addrs, request.clone())
+        .await?;
     let elapsed = started.elapsed();
 
     assert_eq!(response.len(), SIZE);
-    assert!(response.iter().zip(&request).all(|(r, q)| *r == q.wrapping_add(1)));
+    assert!(
+        response
+            .iter()
+            .zip(&request)
+            .all(|(r, q)| *r == q.wrapping_add(1))
+    );
     println!(
         "16 MiB request + 16 MiB response over loopback: {:.1} ms, {:.0} MB/s (both directions)",
         elapsed.as_secs_f64() * 1e3,
@@ -116,9 +129,11 @@ async fn oversize_frames_fail_clearly_and_the_receiver_keeps_serving() -> Result
     small.max_message = LIMIT;
     let (server, inbound) = start(small).await?;
     // Replies with `n` bytes when asked with the 8-byte LE `n`, else echoes.
-    serve(inbound, |bytes| match <[u8; 8]>::try_from(bytes.as_slice()) {
-        Ok(n) => vec![7; u64::from_le_bytes(n) as usize],
-        Err(_) => bytes,
+    serve(inbound, |bytes| {
+        match <[u8; 8]>::try_from(bytes.as_slice()) {
+            Ok(n) => vec![7; u64::from_le_bytes(n) as usize],
+            Err(_) => bytes,
+        }
     });
     let addrs = server.listen_addrs().await;
 
@@ -149,9 +164,13 @@ async fn oversize_frames_fail_clearly_and_the_receiver_keeps_serving() -> Result
     assert!(!matches!(err, RequestError::Timeout { .. }), "{err:?}");
 
     // ... and the receiver keeps serving, on the same and on other connections.
-    let ok = big.request(server.peer_id(), addrs.clone(), b"still there".to_vec()).await?;
+    let ok = big
+        .request(server.peer_id(), addrs.clone(), b"still there".to_vec())
+        .await?;
     assert_eq!(ok, b"still there");
-    let ok = limited.request(server.peer_id(), addrs.clone(), b"me too".to_vec()).await?;
+    let ok = limited
+        .request(server.peer_id(), addrs.clone(), b"me too".to_vec())
+        .await?;
     assert_eq!(ok, b"me too");
 
     // 3. A response over the responder's own limit becomes a TooLarge error answer.
@@ -174,7 +193,11 @@ async fn oversize_frames_fail_clearly_and_the_receiver_keeps_serving() -> Result
     let (big_server, big_inbound) = start(config(8)).await?;
     serve(big_inbound, |_| vec![1; 2 * LIMIT]);
     match limited
-        .request(big_server.peer_id(), big_server.listen_addrs().await, b"?".to_vec())
+        .request(
+            big_server.peer_id(),
+            big_server.listen_addrs().await,
+            b"?".to_vec(),
+        )
         .await
     {
         Err(RequestError::TooLarge {
@@ -257,7 +280,10 @@ async fn full_inbound_queue_answers_overloaded() -> Result<()> {
     // The queued one is still served once the application catches up.
     let queued = inbound.recv().await.context("queued request")?;
     let body = queued.request.clone();
-    queued.reply.send(body.clone()).expect("transport waits for the reply");
+    queued
+        .reply
+        .send(body.clone())
+        .expect("transport waits for the reply");
     assert_eq!(other.await??, body);
 
     // A dropped reply becomes an Internal error answer, not a hang.
@@ -296,7 +322,9 @@ async fn garbage_is_delivered_raw_and_decoding_reports_it() -> Result<()> {
         codec::decode::<Request>(&garbage),
         Err(CodecError::Malformed(_))
     ));
-    let answer = client.request(server.peer_id(), addrs.clone(), garbage).await?;
+    let answer = client
+        .request(server.peer_id(), addrs.clone(), garbage)
+        .await?;
     assert!(matches!(
         codec::decode::<Response>(&answer)?,
         Response::Error(WireError {
@@ -314,7 +342,9 @@ async fn garbage_is_delivered_raw_and_decoding_reports_it() -> Result<()> {
             supported: WIRE_VERSION
         })
     );
-    let answer = client.request(server.peer_id(), addrs.clone(), future).await?;
+    let answer = client
+        .request(server.peer_id(), addrs.clone(), future)
+        .await?;
     assert!(matches!(
         codec::decode::<Response>(&answer)?,
         Response::Error(WireError {
@@ -336,12 +366,17 @@ async fn shutdown_fails_requests_cleanly() -> Result<()> {
     echo(inbound);
     let (client, _i) = start(config(41)).await?;
     let addrs = server.listen_addrs().await;
-    client.request(server.peer_id(), addrs.clone(), b"x".to_vec()).await?;
+    client
+        .request(server.peer_id(), addrs.clone(), b"x".to_vec())
+        .await?;
 
     server.shutdown().await;
     server.shutdown().await; // idempotent
     assert!(server.listen_addrs().await.is_empty());
-    match client.request(server.peer_id(), addrs.clone(), b"x".to_vec()).await {
+    match client
+        .request(server.peer_id(), addrs.clone(), b"x".to_vec())
+        .await
+    {
         Err(
             RequestError::DialFailure { .. }
             | RequestError::ConnectionClosed { .. }

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use libp2p::{
-    StreamProtocol, identify, identity::Keypair, kad, mdns, ping, request_response,
+    StreamProtocol, identify,
+    identity::Keypair,
+    kad, mdns, ping, request_response,
     swarm::{NetworkBehaviour, behaviour::toggle::Toggle},
 };
 use nnmesh_protocol::STAGE_PROTOCOL;
@@ -15,6 +17,9 @@ pub const IDENTIFY_PROTOCOL: &str = "/nnmesh/id/1";
 
 /// Kademlia protocol of the nnmesh DHT (separate from the public IPFS DHT).
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/nnmesh/kad/1");
+
+/// Lifetime of a provider record in the DHT; re-published at half of it.
+pub const PROVIDER_RECORD_TTL: Duration = Duration::from_secs(600);
 
 /// The protocols every transport runs.
 #[derive(NetworkBehaviour)]
@@ -60,12 +65,16 @@ impl Behaviour {
         );
 
         let mut kad_config = kad::Config::new(KAD_PROTOCOL);
-        kad_config.set_query_timeout(request_timeout.clamp(Duration::from_secs(5), Duration::from_secs(60)));
-        let mut kad = kad::Behaviour::with_config(
-            peer_id,
-            kad::store::MemoryStore::new(peer_id),
-            kad_config,
+        // Stage providers come and go: short-lived records, re-published
+        // often, so a dead node drops out of discovery within minutes (the
+        // library defaults are 48 h and 12 h).
+        kad_config.set_provider_record_ttl(Some(PROVIDER_RECORD_TTL));
+        kad_config.set_provider_publication_interval(Some(PROVIDER_RECORD_TTL / 2));
+        kad_config.set_query_timeout(
+            request_timeout.clamp(Duration::from_secs(5), Duration::from_secs(60)),
         );
+        let mut kad =
+            kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
         kad.set_mode(Some(if server {
             kad::Mode::Server
         } else {
@@ -73,7 +82,10 @@ impl Behaviour {
         }));
 
         let mdns = if mdns {
-            Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)?)
+            Some(mdns::tokio::Behaviour::new(
+                mdns::Config::default(),
+                peer_id,
+            )?)
         } else {
             None
         };
