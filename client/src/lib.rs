@@ -1,5 +1,7 @@
-//! The nnmesh client library. For now: the libp2p [`transport`] shared by
-//! nodes and clients.
+//! The nnmesh client library (no libtorch): [`mesh::MeshClient`] discovers
+//! the nodes serving a model, routes Intervention Graphs through them and
+//! collects what each stage saved; [`transport`] is the libp2p layer shared
+//! by nodes and clients.
 //!
 //! # Example
 //!
@@ -28,6 +30,7 @@
 
 #![warn(missing_docs)]
 
+pub mod mesh;
 pub mod transport;
 
 pub use transport::{Inbound, RequestError, Transport, TransportConfig, TransportError};

@@ -147,6 +147,14 @@ pub enum Command {
     },
     #[command(flatten)]
     Experiment(graph_cmds::Experiment),
+    /// Serve a block range of a model on the mesh.
+    Node(crate::serve::NodeArgs),
+    /// Show the mesh: peers, block coverage per model, throughput, load.
+    Status {
+        /// A mesh node's address (repeatable).
+        #[arg(long, required = true)]
+        mesh: Vec<libp2p::Multiaddr>,
+    },
     /// Benchmark prefill and decode, beside Hugging Face transformers when available.
     Bench(crate::cli::BenchArgs),
 }
@@ -195,6 +203,8 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Experiment(e) => graph_cmds::experiment(e),
+        Command::Node(args) => crate::serve::run(args),
+        Command::Status { mesh } => status(&mesh),
         Command::Bench(args) => crate::bench::run(&args),
     }
 }
@@ -372,5 +382,58 @@ fn forward(args: &ModelArgs, prompt: &str, k: i64, json: bool) -> Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+fn status(mesh: &[libp2p::Multiaddr]) -> Result<()> {
+    use nnmesh_client::mesh::{MeshClient, holders_per_layer};
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let peers = rt.block_on(async {
+        let client = MeshClient::connect(mesh).await?;
+        client.discover().await
+    })?;
+    println!("{} stage nodes\n", peers.len());
+    println!(
+        "{:<54} {:>8} {:>11} {:>6} {:>8}  addresses",
+        "peer", "layers", "tokens/s", "load", "rtt ms"
+    );
+    for p in &peers {
+        println!(
+            "{:<54} {:>8} {:>11.0} {:>5.0}% {:>8.1}  {}",
+            p.peer.to_string(),
+            format!("{}..{}", p.record.start, p.record.end),
+            p.record.throughput,
+            p.record.load * 100.0,
+            p.rtt_ms,
+            p.record.addrs.join(" ")
+        );
+    }
+    let mut models: Vec<_> = peers.iter().map(|p| p.record.model).collect();
+    models.sort_by_key(|m| m.0);
+    models.dedup();
+    for m in models {
+        let recs: Vec<_> = peers.iter().filter(|p| p.record.model == m).collect();
+        let n = recs[0].record.num_layers;
+        let holders = holders_per_layer(recs.iter().map(|p| &p.record), n);
+        let bar: String = holders
+            .iter()
+            .map(|&h| match h {
+                0 => '·',
+                1 => '▄',
+                _ => '█',
+            })
+            .collect();
+        let served = holders.iter().filter(|&&h| h > 0).count();
+        println!(
+            "\nmodel {} ({})\n  layers 0..{n} |{bar}|  {served}/{n} served, min {} holder(s) per layer",
+            recs[0].record.model_name,
+            m,
+            holders.iter().min().copied().unwrap_or(0)
+        );
+    }
+    println!("\n(█ two or more holders, ▄ one, · none)");
     Ok(())
 }

@@ -120,6 +120,17 @@ pub fn ablation(prompt: &str, layer: u32, head: Option<u32>) -> Graph {
     g.finish()
 }
 
+/// The last position's logits of a plain forward, saved as `logits`.
+pub fn last_logits(prompt: &str) -> Graph {
+    let g = Builder::new();
+    let t = g.trace([prompt]);
+    g.save(
+        "logits",
+        g.read(t.at("lm_head", Point::Output)).index([Full, At(-1)]),
+    );
+    g.finish()
+}
+
 /// Attention pattern of one layer (`[1, heads, t, t]`, post-softmax) and its row sums.
 pub fn attention_pattern(prompt: &str, layer: u32) -> Graph {
     let g = Builder::new();

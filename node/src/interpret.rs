@@ -44,14 +44,11 @@ fn failed(msg: impl Into<String>) -> HookError {
     HookError::Failed(msg.into())
 }
 
-/// Runs the nodes of a graph assigned to this model (all of them on a single
-/// node, one fragment on a mesh stage) as [`Hooks`] of its forward passes.
+/// What an [`Executor`] keeps between steps and traces: computed values,
+/// saves, and the schedule of the step being run. A mesh stage keeps one per
+/// request (its session) and builds a short-lived [`Executor`] per step.
 #[derive(Debug)]
-pub struct Executor<'a> {
-    graph: &'a Graph,
-    plan: &'a Plan,
-    manifest: &'a Manifest,
-    model: &'a Model,
+pub struct State {
     /// Nodes this executor runs.
     mine: Vec<bool>,
     /// Nodes that some Write depends on: they run at their anchor.
@@ -59,6 +56,8 @@ pub struct Executor<'a> {
     /// Modules of Apply nodes.
     apply_modules: Vec<Option<Module>>,
     values: Vec<Option<Tensor>>,
+    /// Values set during the current step (computed here or carried in).
+    fresh: Vec<bool>,
     saves: Vec<Saved>,
     // The step being run.
     trace: u32,
@@ -71,16 +70,26 @@ pub struct Executor<'a> {
     stop_at: Option<u32>,
 }
 
-impl<'a> Executor<'a> {
-    /// An executor for `nodes` of a validated graph (`None` = every node).
+/// Runs the nodes of a graph assigned to this model (all of them on a single
+/// node, one fragment on a mesh stage) as [`Hooks`] of its forward passes.
+#[derive(Debug)]
+pub struct Executor<'a> {
+    graph: &'a Graph,
+    plan: &'a Plan,
+    manifest: &'a Manifest,
+    model: &'a Model,
+    st: &'a mut State,
+}
+
+impl State {
+    /// The state for `nodes` of a validated graph (`None` = every node).
     ///
     /// # Errors
     /// When an Apply names a module this model does not host.
     pub fn new(
-        graph: &'a Graph,
-        plan: &'a Plan,
-        manifest: &'a Manifest,
-        model: &'a Model,
+        graph: &Graph,
+        manifest: &Manifest,
+        model: &Model,
         nodes: Option<&[NodeId]>,
     ) -> Result<Self, HookError> {
         let n = graph.nodes.len();
@@ -117,15 +126,12 @@ impl<'a> Executor<'a> {
                 apply_modules[i] = Some(m);
             }
         }
-        Ok(Executor {
-            graph,
-            plan,
-            manifest,
-            model,
+        Ok(State {
             mine,
             eager,
             apply_modules,
             values: (0..n).map(|_| None).collect(),
+            fresh: vec![false; n],
             saves: Vec::new(),
             trace: 0,
             step: 0,
@@ -138,17 +144,68 @@ impl<'a> Executor<'a> {
         })
     }
 
+    /// Takes the values saved so far.
+    pub fn take_saves(&mut self) -> Vec<Saved> {
+        std::mem::take(&mut self.saves)
+    }
+
+    /// A node's current value, if computed.
+    pub fn value(&self, node: NodeId) -> Option<&Tensor> {
+        self.values[node.index()].as_ref()
+    }
+
+    /// Whether `node`'s value was set during the current step.
+    pub fn is_fresh(&self, node: NodeId) -> bool {
+        self.fresh[node.index()]
+    }
+
+    /// Sets a value computed elsewhere (carried from an earlier stage).
+    pub fn insert(&mut self, node: NodeId, value: Tensor) {
+        self.values[node.index()] = Some(value);
+        self.fresh[node.index()] = true;
+    }
+}
+
+impl<'a> Executor<'a> {
+    /// An executor over `state` for one step of a validated graph.
+    pub fn new(
+        graph: &'a Graph,
+        plan: &'a Plan,
+        manifest: &'a Manifest,
+        model: &'a Model,
+        st: &'a mut State,
+    ) -> Self {
+        Executor {
+            graph,
+            plan,
+            manifest,
+            model,
+            st,
+        }
+    }
+
+    fn set(&mut self, id: NodeId, value: Tensor) {
+        self.st.values[id.index()] = Some(value);
+        self.st.fresh[id.index()] = true;
+    }
+
+    /// Sets a value computed elsewhere (carried from an earlier stage).
+    pub fn insert(&mut self, node: NodeId, value: Tensor) {
+        self.st.insert(node, value);
+    }
+
     /// Prepares step `step` of trace `trace`, whose prompts have `lens` tokens.
     pub fn begin(&mut self, trace: u32, step: u32, lens: &[usize]) {
-        self.trace = trace;
-        self.step = step;
-        self.lens = lens.to_vec();
-        self.due.clear();
-        self.cursor = 0;
-        self.deferred.clear();
-        self.wanted.iter_mut().for_each(|w| *w = false);
+        self.st.fresh.iter_mut().for_each(|f| *f = false);
+        self.st.trace = trace;
+        self.st.step = step;
+        self.st.lens = lens.to_vec();
+        self.st.due.clear();
+        self.st.cursor = 0;
+        self.st.deferred.clear();
+        self.st.wanted.iter_mut().for_each(|w| *w = false);
         for (i, np) in self.plan.nodes.iter().enumerate() {
-            if !self.mine[i] {
+            if !self.st.mine[i] {
                 continue;
             }
             let is_due = match np.per_step {
@@ -158,36 +215,22 @@ impl<'a> Executor<'a> {
             if !is_due {
                 continue;
             }
-            self.due.push(NodeId(i as u32));
+            self.st.due.push(NodeId(i as u32));
             if let (Node::Read { .. } | Node::Write { .. }, Some(site)) =
                 (&self.graph.nodes[i], np.site)
             {
-                self.wanted[site.0 as usize] = true;
+                self.st.wanted[site.0 as usize] = true;
             }
         }
         let plan = self.plan;
-        self.due
+        self.st
+            .due
             .sort_by_key(|id| (plan.nodes[id.index()].anchor.position, *id));
         let last_step = self.plan.steps.get(trace as usize).copied().unwrap_or(1) - 1;
-        self.stop_at = match self.plan.stops.get(trace as usize) {
+        self.st.stop_at = match self.plan.stops.get(trace as usize) {
             Some(Some(a)) if step == last_step && a.trace == trace => Some(a.position),
             _ => None,
         };
-    }
-
-    /// Sets a value computed elsewhere (carried from an earlier stage).
-    pub fn insert(&mut self, node: NodeId, value: Tensor) {
-        self.values[node.index()] = Some(value);
-    }
-
-    /// A node's current value, if computed.
-    pub fn value(&self, node: NodeId) -> Option<&Tensor> {
-        self.values[node.index()].as_ref()
-    }
-
-    /// Takes the values saved so far.
-    pub fn take_saves(&mut self) -> Vec<Saved> {
-        std::mem::take(&mut self.saves)
     }
 
     /// Ends the step: runs what was not reached in the forward and everything
@@ -196,19 +239,19 @@ impl<'a> Executor<'a> {
     /// # Errors
     /// When a hooked point was never reached, or a node fails.
     pub fn finish(&mut self) -> Result<(), HookError> {
-        while self.cursor < self.due.len() {
-            let id = self.due[self.cursor];
-            self.cursor += 1;
+        while self.st.cursor < self.st.due.len() {
+            let id = self.st.due[self.st.cursor];
+            self.st.cursor += 1;
             match &self.graph.nodes[id.index()] {
                 Node::Read { hook } | Node::Write { hook, .. } => {
                     return Err(failed(format!(
                         "node {id}: hook {} was not reached in trace {}, step {}",
                         hook.path(),
-                        self.trace,
-                        self.step
+                        self.st.trace,
+                        self.st.step
                     )));
                 }
-                _ => self.deferred.push(id),
+                _ => self.st.deferred.push(id),
             }
         }
         self.run_deferred()
@@ -220,6 +263,7 @@ impl<'a> Executor<'a> {
         let err = |e: tch::TchError| failed(e.to_string());
         let row = full.f_narrow(0, invoke as i64, 1).map_err(err)?;
         let len = *self
+            .st
             .lens
             .get(invoke)
             .ok_or_else(|| failed(format!("invoke {invoke} is out of range")))?
@@ -233,11 +277,11 @@ impl<'a> Executor<'a> {
             _ => 1,
         };
         let mut v = row;
-        if self.step == 0 {
+        if self.st.step == 0 {
             v = narrow_tail(v, query_dim, len)?;
         }
         if point == Point::Pattern {
-            v = narrow_tail(v, 3, len + i64::from(self.step))?;
+            v = narrow_tail(v, 3, len + i64::from(self.st.step))?;
         }
         Ok(v)
     }
@@ -263,7 +307,7 @@ impl<'a> Executor<'a> {
             unreachable!("write on a Write node");
         };
         let err = |e: tch::TchError| failed(format!("node {id} (write {}): {e}", hook.path()));
-        let src = self.values[src.index()]
+        let src = self.st.values[src.index()]
             .as_ref()
             .ok_or_else(|| failed(format!("node {id}: its value {src} was not computed")))?
             .f_to_kind(value.kind())
@@ -291,7 +335,7 @@ impl<'a> Executor<'a> {
     }
 
     fn input(&self, id: NodeId, inp: NodeId) -> Result<&Tensor, HookError> {
-        self.values[inp.index()].as_ref().ok_or_else(|| {
+        self.st.values[inp.index()].as_ref().ok_or_else(|| {
             failed(format!(
                 "node {id}: input {inp} has no value (it runs on another stage and was not carried)"
             ))
@@ -313,7 +357,8 @@ impl<'a> Executor<'a> {
                 self.cast_to_plan(id, out)
             }
             Node::Apply { args, .. } => {
-                let m = self.apply_modules[id.index()].expect("Apply modules are parsed in new()");
+                let m =
+                    self.st.apply_modules[id.index()].expect("Apply modules are parsed in new()");
                 let x = self.input(id, args[0])?;
                 self.model
                     .apply(m, x)
@@ -322,9 +367,9 @@ impl<'a> Executor<'a> {
             Node::Save { name, value } => {
                 let v = self.input(id, *value)?.copy();
                 let per_step = self.plan.nodes[id.index()].per_step.is_some();
-                self.saves.push(Saved {
+                self.st.saves.push(Saved {
                     name: name.clone(),
-                    step: per_step.then_some(self.step),
+                    step: per_step.then_some(self.st.step),
                     value: v,
                 });
                 return Ok(());
@@ -334,12 +379,12 @@ impl<'a> Executor<'a> {
                 unreachable!("reads and writes run at their hooks")
             }
         };
-        self.values[id.index()] = Some(out);
+        self.set(id, out);
         Ok(())
     }
 
     fn cast_to_plan(&self, id: NodeId, t: Tensor) -> Tensor {
-        match self.plan.meta_at(id, self.step) {
+        match self.plan.meta_at(id, self.st.step) {
             Some(meta) if ops::dtype(t.kind()) != Some(meta.dtype) => {
                 t.to_kind(ops::kind(meta.dtype))
             }
@@ -350,13 +395,13 @@ impl<'a> Executor<'a> {
     /// Runs deferred nodes in waves; Apply calls of one module on values of
     /// one shape run as a single batched call.
     fn run_deferred(&mut self) -> Result<(), HookError> {
-        let mut pending = std::mem::take(&mut self.deferred);
+        let mut pending = std::mem::take(&mut self.st.deferred);
         while !pending.is_empty() {
             let (ready, rest): (Vec<NodeId>, Vec<NodeId>) = pending.iter().partition(|id| {
                 self.graph.nodes[id.index()]
                     .inputs()
                     .iter()
-                    .all(|i| self.values[i.index()].is_some())
+                    .all(|i| self.st.values[i.index()].is_some())
             });
             if ready.is_empty() {
                 return Err(failed(format!(
@@ -368,7 +413,7 @@ impl<'a> Executor<'a> {
             let mut groups: Vec<(Module, Vec<i64>, Vec<NodeId>)> = Vec::new();
             for &id in &ready {
                 if let Node::Apply { args, .. } = &self.graph.nodes[id.index()] {
-                    let m = self.apply_modules[id.index()].expect("parsed");
+                    let m = self.st.apply_modules[id.index()].expect("parsed");
                     let x = self.input(id, args[0])?;
                     let shape = x.size();
                     if shape.is_empty() {
@@ -405,7 +450,7 @@ impl<'a> Executor<'a> {
                     .apply(m, &batch)
                     .map_err(|e| failed(format!("node {}: {e}", ids[0])))?;
                 for (id, part) in ids.iter().zip(out.split_with_sizes(&sizes, 0)) {
-                    self.values[id.index()] = Some(part);
+                    self.set(*id, part);
                 }
             }
             pending = rest;
@@ -418,8 +463,9 @@ impl Hooks for Executor<'_> {
     fn wants(&self, module: Module, point: Point) -> bool {
         self.manifest
             .site(module, point)
-            .is_some_and(|s| self.wanted[s.0 as usize])
+            .is_some_and(|s| self.st.wanted[s.0 as usize])
             || self
+                .st
                 .stop_at
                 .is_some_and(|p| self.manifest.position(module, point) == Some(p))
     }
@@ -428,13 +474,13 @@ impl Hooks for Executor<'_> {
         let Some(Site(pos)) = self.manifest.site(module, point) else {
             return Ok(());
         };
-        while self.cursor < self.due.len() {
-            let id = self.due[self.cursor];
+        while self.st.cursor < self.st.due.len() {
+            let id = self.st.due[self.st.cursor];
             let np = &self.plan.nodes[id.index()];
             if np.anchor.position > pos {
                 break;
             }
-            self.cursor += 1;
+            self.st.cursor += 1;
             match &self.graph.nodes[id.index()] {
                 Node::Read { hook } => {
                     if np.site != Some(Site(pos)) {
@@ -445,14 +491,14 @@ impl Hooks for Executor<'_> {
                         )));
                     }
                     let v = self.read_value(id, value)?;
-                    self.values[id.index()] = Some(v);
+                    self.set(id, v);
                 }
                 Node::Write { .. } => self.write(id, value)?,
-                _ if self.eager[id.index()] => self.compute(id)?,
-                _ => self.deferred.push(id),
+                _ if self.st.eager[id.index()] => self.compute(id)?,
+                _ => self.st.deferred.push(id),
             }
         }
-        if self.stop_at.is_some_and(|p| p <= pos) {
+        if self.st.stop_at.is_some_and(|p| p <= pos) {
             return Err(HookError::Stop);
         }
         Ok(())

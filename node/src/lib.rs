@@ -31,5 +31,8 @@ pub mod gguf;
 pub mod hooks;
 pub mod interpret;
 pub mod llama;
+pub mod serve;
+pub mod stage;
 pub mod tokenizer;
 pub mod trace;
+pub mod wire;

@@ -8,7 +8,7 @@ use tch::Tensor;
 use crate::{
     engine::{Engine, EngineError, Padded},
     hooks::HookError,
-    interpret::{Executor, Saved},
+    interpret::{Executor, Saved, State},
     llama::Input,
 };
 
@@ -99,7 +99,7 @@ pub fn run_planned(
 ) -> Result<Outcome, TraceError> {
     let model = &engine.model;
     let run_err = |e: HookError| TraceError::Run(e.to_string());
-    let mut exec = Executor::new(graph, plan, manifest, model, None).map_err(run_err)?;
+    let mut state = State::new(graph, manifest, model, None).map_err(run_err)?;
     let _guard = tch::no_grad_guard();
     let mut generated = Vec::new();
     for (t, _) in graph.traces.iter().enumerate() {
@@ -119,6 +119,7 @@ pub fn run_planned(
                 next_batch = padded.next_step(step as usize);
                 &next_batch
             };
+            let mut exec = Executor::new(graph, plan, manifest, model, &mut state);
             exec.begin(t as u32, step, &lens);
             let out = model.forward(Input::Tokens(input), batch, Some(&mut cache), &mut exec);
             let logits = match out {
@@ -142,7 +143,7 @@ pub fn run_planned(
         generated.push(tokens);
     }
     Ok(Outcome {
-        saves: exec.take_saves(),
+        saves: state.take_saves(),
         generated,
     })
 }

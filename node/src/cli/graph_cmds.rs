@@ -18,14 +18,140 @@ use crate::{
     trace::{self, Outcome},
 };
 
-/// Where a graph runs: this process (a full model) or, later, a mesh.
+/// Where a graph runs: this process (a full model) or a mesh.
 #[derive(Debug, Args, Clone)]
 pub struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Run through the mesh reachable at this address (repeatable), e.g.
+    /// /ip4/127.0.0.1/tcp/4001/p2p/12D3Koo...; without it the model runs here.
+    #[arg(long)]
+    pub mesh: Vec<libp2p::Multiaddr>,
+    /// On a mesh serving several models: the model id (hex) to use.
+    #[arg(long)]
+    pub model_id: Option<nnmesh_protocol::ids::ModelId>,
     /// Write every saved value to this safetensors file.
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+/// A model to run graphs on: loaded here, or a mesh of stage nodes.
+#[derive(Debug)]
+pub enum Backend {
+    /// The full model in this process.
+    Local(Engine),
+    /// A mesh; the tokenizer (read from the local model file) shows tokens.
+    Mesh {
+        /// The client.
+        client: nnmesh_client::mesh::MeshClient,
+        /// Runs the client's async work.
+        rt: tokio::runtime::Runtime,
+        /// Token display.
+        tokenizer: Tokenizer,
+        /// Layers of the served model.
+        num_layers: u32,
+        /// The model to use, if chosen.
+        model: Option<nnmesh_protocol::ids::ModelId>,
+    },
+}
+
+impl Backend {
+    /// Loads the model, or connects to the mesh when `--mesh` is given.
+    ///
+    /// # Errors
+    /// A model that cannot be loaded or a mesh that cannot be reached.
+    pub fn open(run: &RunArgs) -> Result<Self> {
+        if run.mesh.is_empty() {
+            return Ok(Backend::Local(run.model.load(None)?));
+        }
+        let path = run.model.path();
+        let ckpt = crate::checkpoint::Checkpoint::open(&path).with_context(|| {
+            format!(
+                "the mesh client reads the tokenizer from {} (pass --model)",
+                path.display()
+            )
+        })?;
+        let tokenizer = match ckpt.gguf() {
+            Some(g) => Tokenizer::from_gguf(g)?,
+            None => Tokenizer::from_file(&path.join("tokenizer.json"))?,
+        };
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let client = rt.block_on(nnmesh_client::mesh::MeshClient::connect(&run.mesh))?;
+        let peers = rt.block_on(client.discover())?;
+        let (_, route) = nnmesh_client::mesh::choose_route(&peers, run.model_id)?;
+        let num_layers = route[0].record.num_layers;
+        Ok(Backend::Mesh {
+            client,
+            rt,
+            tokenizer,
+            num_layers,
+            model: run.model_id,
+        })
+    }
+
+    /// The tokenizer.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        match self {
+            Backend::Local(e) => &e.tokenizer,
+            Backend::Mesh { tokenizer, .. } => tokenizer,
+        }
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> u32 {
+        match self {
+            Backend::Local(e) => e.model.config().num_hidden_layers as u32,
+            Backend::Mesh { num_layers, .. } => *num_layers,
+        }
+    }
+
+    /// Tokenizes text.
+    ///
+    /// # Errors
+    /// When tokenization fails.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self.tokenizer().encode(text)?)
+    }
+
+    /// Runs a graph and returns what it saved (on a mesh, printing the route).
+    ///
+    /// # Errors
+    /// Validation or run failures, naming the failing stage on a mesh.
+    pub fn execute(&self, graph: Graph) -> Result<Outcome> {
+        match self {
+            Backend::Local(engine) => Ok(trace::run(engine, graph, &Limits::default())?),
+            Backend::Mesh {
+                client, rt, model, ..
+            } => {
+                let out = rt.block_on(client.run(graph, *model))?;
+                eprintln!("mesh route (model {}):", out.model);
+                for (i, h) in out.route.iter().enumerate() {
+                    eprintln!(
+                        "  stage {i}: layers {:>2}..{:<2} on {}",
+                        h.start, h.end, h.peer
+                    );
+                }
+                let saves = out
+                    .saves
+                    .iter()
+                    .map(|s| {
+                        Ok(Saved {
+                            name: s.name.clone(),
+                            step: s.step,
+                            value: crate::wire::from_wire(&s.value, tch::Device::Cpu)?,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, nnmesh_protocol::message::WireError>>()?;
+                Ok(Outcome {
+                    saves,
+                    generated: out.generated,
+                })
+            }
+        }
+    }
 }
 
 /// The built-in experiments.
@@ -94,14 +220,6 @@ pub enum Experiment {
     },
 }
 
-/// Runs a graph on the model the flags name.
-///
-/// # Errors
-/// Loading, validation or run failures.
-pub fn execute(engine: &Engine, graph: Graph) -> Result<Outcome> {
-    Ok(trace::run(engine, graph, &Limits::default())?)
-}
-
 /// `nnmesh trace --graph FILE.json`.
 ///
 /// # Errors
@@ -117,11 +235,11 @@ pub fn trace_file(run: &RunArgs, graph: &Path) -> Result<()> {
         g.traces.len(),
         g.content_hash()
     );
-    let engine = run.model.load(None)?;
-    let out = execute(&engine, g)?;
-    print_generated(&engine.tokenizer, &out);
+    let backend = Backend::open(run)?;
+    let out = backend.execute(g)?;
+    print_generated(backend.tokenizer(), &out);
     for s in &out.saves {
-        print_saved(&engine.tokenizer, s);
+        print_saved(backend.tokenizer(), s);
     }
     write_out(run, &out)
 }
@@ -197,8 +315,8 @@ pub fn top_tokens(tok: &Tokenizer, logits: &Tensor, k: i64) -> String {
         .join(", ")
 }
 
-fn single_token(engine: &Engine, text: &str) -> Result<u32> {
-    let ids = engine.encode(text)?;
+fn single_token(backend: &Backend, text: &str) -> Result<u32> {
+    let ids = backend.encode(text)?;
     match ids.as_slice() {
         [id] => Ok(*id),
         _ => bail!(
@@ -215,9 +333,9 @@ fn single_token(engine: &Engine, text: &str) -> Result<u32> {
 pub fn experiment(e: Experiment) -> Result<()> {
     match e {
         Experiment::Lens { run, prompt } => {
-            let engine = run.model.load(None)?;
-            let n = engine.model.config().num_hidden_layers as u32;
-            let out = execute(&engine, experiments::logit_lens(&prompt, 0..n))?;
+            let engine = Backend::open(&run)?;
+            let n = engine.num_layers();
+            let out = engine.execute(experiments::logit_lens(&prompt, 0..n))?;
             println!("logit lens: {prompt:?}\n");
             println!(
                 "{:>5}  {:<16} {:>6}   next best",
@@ -235,11 +353,11 @@ pub fn experiment(e: Experiment) -> Result<()> {
                 let rest: Vec<String> = idx[1..]
                     .iter()
                     .zip(&p[1..])
-                    .map(|(&i, &p)| format!("{:?} {p:.2}", engine.tokenizer.token_text(i as u32)))
+                    .map(|(&i, &p)| format!("{:?} {p:.2}", engine.tokenizer().token_text(i as u32)))
                     .collect();
                 println!(
                     "{l:>5}  {:<16} {:>6.3}   {}",
-                    format!("{:?}", engine.tokenizer.token_text(idx[0] as u32)),
+                    format!("{:?}", engine.tokenizer().token_text(idx[0] as u32)),
                     p[0],
                     rest.join(", ")
                 );
@@ -253,17 +371,13 @@ pub fn experiment(e: Experiment) -> Result<()> {
             answer,
             wrong,
         } => {
-            let engine = run.model.load(None)?;
+            let engine = Backend::open(&run)?;
             let (a, w) = (
                 single_token(&engine, &answer)?,
                 single_token(&engine, &wrong)?,
             );
-            let n = engine.model.config().num_hidden_layers as u32;
-            let layers: Vec<u32> = (0..n).collect();
-            let out = execute(
-                &engine,
-                experiments::patching(&clean, &corrupt, &layers, a, w),
-            )?;
+            let layers: Vec<u32> = (0..engine.num_layers()).collect();
+            let out = engine.execute(experiments::patching(&clean, &corrupt, &layers, a, w))?;
             let clean_d = out.get("clean").context("clean")?.double_value(&[]);
             let corrupt_d = out.get("corrupt").context("corrupt")?.double_value(&[]);
             let patched =
@@ -289,18 +403,24 @@ pub fn experiment(e: Experiment) -> Result<()> {
             coef,
             max_new_tokens,
         } => {
-            let engine = run.model.load(None)?;
-            let plain = execute(
-                &engine,
-                experiments::steering(&prompt, &toward, layer, 0.0, max_new_tokens),
-            )?;
-            let steered = execute(
-                &engine,
-                experiments::steering(&prompt, &toward, layer, coef, max_new_tokens),
-            )?;
+            let engine = Backend::open(&run)?;
+            let plain = engine.execute(experiments::steering(
+                &prompt,
+                &toward,
+                layer,
+                0.0,
+                max_new_tokens,
+            ))?;
+            let steered = engine.execute(experiments::steering(
+                &prompt,
+                &toward,
+                layer,
+                coef,
+                max_new_tokens,
+            ))?;
             let text = |o: &Outcome| {
                 engine
-                    .tokenizer
+                    .tokenizer()
                     .decode(&o.generated[1][0])
                     .unwrap_or_default()
             };
@@ -315,25 +435,23 @@ pub fn experiment(e: Experiment) -> Result<()> {
             layer,
             head,
         } => {
-            let engine = run.model.load(None)?;
-            let base = engine.logits(&[engine.encode(&prompt)?], &mut crate::hooks::NoHooks)?;
-            let out = execute(&engine, experiments::ablation(&prompt, layer, head))?;
+            let engine = Backend::open(&run)?;
+            let base = engine.execute(experiments::last_logits(&prompt))?;
+            let base = base.get("logits").context("logits")?.get(0);
+            let out = engine.execute(experiments::ablation(&prompt, layer, head))?;
             let ablated = out.get("logits").context("logits")?.get(0);
             let what = match head {
                 Some(h) => format!("head {h} of layer {layer} (z = 0)"),
                 None => format!("layer {layer} MLP output = 0"),
             };
             println!("ablation: {what}\nprompt: {prompt:?}\n");
-            println!(
-                "plain:   {}",
-                top_tokens(&engine.tokenizer, &base.get(0).get(-1), 5)
-            );
-            println!("ablated: {}", top_tokens(&engine.tokenizer, &ablated, 5));
+            println!("plain:   {}", top_tokens(engine.tokenizer(), &base, 5));
+            println!("ablated: {}", top_tokens(engine.tokenizer(), &ablated, 5));
             write_out(&run, &out)
         }
         Experiment::Attention { run, prompt, layer } => {
-            let engine = run.model.load(None)?;
-            let out = execute(&engine, experiments::attention_pattern(&prompt, layer))?;
+            let engine = Backend::open(&run)?;
+            let out = engine.execute(experiments::attention_pattern(&prompt, layer))?;
             let p = out
                 .get("pattern")
                 .context("pattern")?
@@ -344,7 +462,7 @@ pub fn experiment(e: Experiment) -> Result<()> {
             println!("attention pattern, layer {layer}, mean over heads (rows: queries)\n");
             let toks: Vec<String> = ids
                 .iter()
-                .map(|&i| engine.tokenizer.token_text(i))
+                .map(|&i| engine.tokenizer().token_text(i))
                 .collect();
             for (q, tq) in toks.iter().enumerate() {
                 let row = Vec::<f32>::try_from(p.get(q as i64))?;
