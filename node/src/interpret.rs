@@ -55,6 +55,8 @@ pub struct State {
     eager: Vec<bool>,
     /// Modules of Apply nodes.
     apply_modules: Vec<Option<Module>>,
+    /// Longest path from a node without inputs (deferred work runs by depth).
+    depth: Vec<u32>,
     values: Vec<Option<Tensor>>,
     /// Values set during the current step (computed here or carried in).
     fresh: Vec<bool>,
@@ -111,6 +113,15 @@ impl State {
                 }
             }
         }
+        let mut depth = vec![0u32; n];
+        for (i, node) in graph.nodes.iter().enumerate() {
+            depth[i] = node
+                .inputs()
+                .iter()
+                .map(|inp| depth[inp.index()] + 1)
+                .max()
+                .unwrap_or(0);
+        }
         let mut apply_modules = vec![None; n];
         for (i, node) in graph.nodes.iter().enumerate() {
             if let Node::Apply { module, .. } = node {
@@ -130,6 +141,7 @@ impl State {
             mine,
             eager,
             apply_modules,
+            depth,
             values: (0..n).map(|_| None).collect(),
             fresh: vec![false; n],
             saves: Vec::new(),
@@ -396,26 +408,27 @@ impl<'a> Executor<'a> {
     /// one shape run as a single batched call.
     fn run_deferred(&mut self) -> Result<(), HookError> {
         let mut pending = std::mem::take(&mut self.st.deferred);
-        while !pending.is_empty() {
-            let (ready, rest): (Vec<NodeId>, Vec<NodeId>) = pending.iter().partition(|id| {
-                self.graph.nodes[id.index()]
-                    .inputs()
-                    .iter()
-                    .all(|i| self.st.values[i.index()].is_some())
-            });
-            if ready.is_empty() {
-                return Err(failed(format!(
-                    "node {}: inputs were never computed",
-                    rest[0]
-                )));
-            }
-            // Group Applies by (module, value shape, dtype).
+        // Level by level of graph depth, so the batches are a property of the
+        // graph alone: a mesh stage that received some inputs as carry batches
+        // exactly as a single node does, and gets bit-identical results.
+        let depth = std::mem::take(&mut self.st.depth);
+        pending.sort_by_key(|id| (depth[id.index()], *id));
+        let levels: Vec<&[NodeId]> = pending
+            .chunk_by(|a, b| depth[a.index()] == depth[b.index()])
+            .collect();
+        let result = self.run_levels(&levels);
+        self.st.depth = depth;
+        result
+    }
+
+    fn run_levels(&mut self, levels: &[&[NodeId]]) -> Result<(), HookError> {
+        for &level in levels {
+            // Group Applies by (module, value shape past the batch dimension).
             let mut groups: Vec<(Module, Vec<i64>, Vec<NodeId>)> = Vec::new();
-            for &id in &ready {
+            for &id in level {
                 if let Node::Apply { args, .. } = &self.graph.nodes[id.index()] {
                     let m = self.st.apply_modules[id.index()].expect("parsed");
-                    let x = self.input(id, args[0])?;
-                    let shape = x.size();
+                    let shape = self.input(id, args[0])?.size();
                     if shape.is_empty() {
                         self.compute(id)?;
                         continue;
@@ -453,7 +466,6 @@ impl<'a> Executor<'a> {
                     self.set(*id, part);
                 }
             }
-            pending = rest;
         }
         Ok(())
     }

@@ -57,6 +57,9 @@ pub struct NodeArgs {
     /// Also discover peers on the LAN with mDNS.
     #[arg(long)]
     pub mdns: bool,
+    /// Largest message accepted or sent, in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub max_message_mib: usize,
 }
 
 /// Parses `A..B`.
@@ -113,6 +116,7 @@ struct Node {
     addrs: Vec<String>,
     admit: Arc<Semaphore>,
     queue: usize,
+    max_message: usize,
 }
 
 fn now_ms() -> u64 {
@@ -196,6 +200,7 @@ async fn serve(args: NodeArgs, cfg: stage::Config, model: ModelId, num_layers: u
     tcfg.bootstrap = args.bootstrap.clone();
     tcfg.provide = Some(STAGES_KEY.to_vec());
     tcfg.mdns = args.mdns;
+    tcfg.max_message = args.max_message_mib << 20;
     let (transport, mut inbound) = Transport::start(tcfg).await?;
     let listen = transport.listen_addrs().await;
     let node = Arc::new(Node {
@@ -211,6 +216,7 @@ async fn serve(args: NodeArgs, cfg: stage::Config, model: ModelId, num_layers: u
         addrs: listen.iter().map(|a| a.to_string()).collect(),
         admit: Arc::new(Semaphore::new(args.queue)),
         queue: args.queue,
+        max_message: args.max_message_mib << 20,
     });
     for a in &listen {
         println!("listening {a}");
@@ -428,12 +434,41 @@ impl Node {
                 return;
             }
         };
-        if !out.saves.is_empty()
-            && let Err(e) = self.report(&step, ReportBody::Saves(out.saves)).await
-        {
-            tracing::warn!(error = %e, "could not send saves to the client");
-            self.stage.do_send(Close(request));
-            return;
+        // Saves go in reports of at most half the message limit each.
+        let budget = self.max_message / 2;
+        let mut batch: Vec<nnmesh_protocol::message::Saved> = Vec::new();
+        let mut size = 0;
+        let mut saves = out.saves.into_iter().peekable();
+        while let Some(s) = saves.next() {
+            let len = s.value.data.len() + s.name.len() + 64;
+            if len > budget {
+                let e = WireError::new(
+                    ErrorKind::TooLarge,
+                    format!(
+                        "saved value {:?} is {} bytes, over this node's message limit of {} bytes",
+                        s.name, len, self.max_message
+                    ),
+                );
+                let _ = self.report(&step, failed(e)).await;
+                self.stage.do_send(Close(request));
+                return;
+            }
+            size += len;
+            batch.push(s);
+            let full = saves
+                .peek()
+                .is_none_or(|n| size + n.value.data.len() + n.name.len() + 64 > budget);
+            if full {
+                if let Err(e) = self
+                    .report(&step, ReportBody::Saves(std::mem::take(&mut batch)))
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not send saves to the client");
+                    self.stage.do_send(Close(request));
+                    return;
+                }
+                size = 0;
+            }
         }
         if let Some(tokens) = out.done {
             if let Err(e) = self.report(&step, ReportBody::Done { tokens }).await {

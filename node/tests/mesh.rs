@@ -1,0 +1,404 @@
+//! The mesh end to end: real `nnmesh node` processes on loopback (port 0), a
+//! client that holds no weights, and the same graphs run in-process.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use libp2p::{Multiaddr, PeerId, identity::Keypair};
+use nnmesh_client::{
+    mesh::{MeshClient, MeshError, MeshOutcome, choose_route},
+    transport::{RequestError, Transport, TransportConfig},
+};
+use nnmesh_graph::{Builder, Graph, Limits, Point};
+use nnmesh_node::{engine::Engine, trace, wire::from_wire};
+use nnmesh_protocol::{
+    codec,
+    ids::RequestId,
+    message::{ErrorKind, Hop, ReportBody, Request, Response, StepRequest},
+    tensor::WireTensor,
+};
+use tch::{Device, Kind};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn model_path() -> PathBuf {
+    std::env::var_os("NNMESH_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
+}
+
+/// A running `nnmesh node`; killed when dropped.
+struct Node {
+    child: Child,
+    addr: Multiaddr,
+    peer: PeerId,
+}
+
+impl Node {
+    fn start(blocks: &str, bootstrap: Option<&Multiaddr>, model: &Path, extra: &[&str]) -> Node {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nnmesh"));
+        cmd.args([
+            "node",
+            "--blocks",
+            blocks,
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ])
+        .arg("--model")
+        .arg(model)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+        if let Some(b) = bootstrap {
+            cmd.arg("--bootstrap").arg(b.to_string());
+        }
+        let mut child = cmd.spawn().expect("nnmesh node starts");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut addr = None;
+        loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(120))
+                .unwrap_or_else(|_| panic!("node {blocks} did not start"));
+            if let Some(a) = line.strip_prefix("listening ") {
+                addr = Some(a.parse::<Multiaddr>().expect("multiaddr"));
+            }
+            if line.starts_with("node ") {
+                break;
+            }
+        }
+        let addr = addr.expect("a listening line before the node line");
+        let peer = match addr.iter().last() {
+            Some(libp2p::multiaddr::Protocol::P2p(p)) => p,
+            _ => panic!("address {addr} ends in /p2p/"),
+        };
+        Node { child, addr, peer }
+    }
+
+    /// Sends SIGTERM and waits for a clean exit.
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("node did not exit after SIGTERM");
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn three_nodes(model: &Path) -> Vec<Node> {
+    let first = Node::start("0..10", None, model, &[]);
+    let a = first.addr.clone();
+    vec![
+        first,
+        Node::start("10..20", Some(&a), model, &[]),
+        Node::start("20..30", Some(&a), model, &[]),
+    ]
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn example(name: &str) -> Graph {
+    let text = std::fs::read_to_string(root().join("examples").join(format!("{name}.json")))
+        .expect("example exists");
+    Graph::from_json(&text).expect("example parses")
+}
+
+/// Asserts a mesh outcome equals the single-node outcome; returns how many
+/// saved values were bit-identical.
+fn assert_same(name: &str, mesh: &MeshOutcome, local: &trace::Outcome) -> usize {
+    assert_eq!(mesh.generated, local.generated, "{name}: generated tokens");
+    assert_eq!(
+        mesh.saves.len(),
+        local.saves.len(),
+        "{name}: number of saves"
+    );
+    let mut identical = 0;
+    for s in &local.saves {
+        let m = mesh
+            .saves
+            .iter()
+            .find(|m| m.name == s.name && m.step == s.step)
+            .unwrap_or_else(|| panic!("{name}: {} missing from the mesh result", s.key()));
+        let mt = from_wire(&m.value, Device::Cpu).expect("decodes");
+        assert_eq!(mt.size(), s.value.size(), "{name}: {} shape", s.key());
+        if mt.equal(&s.value) {
+            identical += 1;
+        } else {
+            let d = (mt.to_kind(Kind::Double) - s.value.to_kind(Kind::Double))
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(d < 1e-5, "{name}: {} differs by {d}", s.key());
+        }
+    }
+    identical
+}
+
+#[test]
+fn three_nodes_give_the_single_node_results_for_the_canonical_experiments() {
+    let model = model_path();
+    let nodes = three_nodes(&model);
+    let engine = Engine::load(&model, None, Kind::Float, Device::Cpu).expect("model loads");
+    let rt = rt();
+    let client = rt
+        .block_on(MeshClient::connect(std::slice::from_ref(&nodes[0].addr)))
+        .expect("client connects");
+    let (mut total, mut identical) = (0, 0);
+    for name in [
+        "lens",
+        "patch",
+        "steer",
+        "ablate",
+        "ablate-head",
+        "attention",
+    ] {
+        let graph = example(name);
+        let local = trace::run(&engine, graph.clone(), &Limits::default()).expect("runs locally");
+        let mesh = rt
+            .block_on(client.run(graph, None))
+            .expect("runs on the mesh");
+        let spans: Vec<(u32, u32)> = mesh.route.iter().map(|h| (h.start, h.end)).collect();
+        assert_eq!(spans, [(0, 10), (10, 20), (20, 30)], "{name}: route");
+        let peers: Vec<PeerId> = mesh.route.iter().map(|h| h.peer).collect();
+        assert_eq!(peers, nodes.iter().map(|n| n.peer).collect::<Vec<_>>());
+        identical += assert_same(name, &mesh, &local);
+        total += local.saves.len();
+    }
+    eprintln!("{identical} of {total} saved values bit-identical to the single-node run");
+    assert_eq!(identical, total, "f32 on CPU should be bit-identical");
+    for n in nodes {
+        assert!(n.terminate().success(), "clean exit on SIGTERM");
+    }
+}
+
+/// A copy of the model whose weights differ in one byte (of a tensor that
+/// the 20..30 stage loads), so its model id differs.
+fn foreign_model(dir: &Path) -> PathBuf {
+    let mut bytes = std::fs::read(model_path()).expect("model");
+    let n = bytes.len();
+    bytes[n - 1000] ^= 0x10;
+    let p = dir.join("foreign.gguf");
+    std::fs::write(&p, bytes).expect("write");
+    p
+}
+
+#[test]
+fn routes_avoid_foreign_weights_and_use_one_of_two_replicas() {
+    let dir = std::env::temp_dir().join(format!("nnmesh-mesh-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("tmp");
+    let model = model_path();
+    let nodes = three_nodes(&model);
+    let a = nodes[0].addr.clone();
+    let replica = Node::start("10..20", Some(&a), &model, &[]);
+    let foreign = Node::start("20..30", Some(&a), &foreign_model(&dir), &[]);
+    let rt = rt();
+    let client = rt
+        .block_on(MeshClient::connect(std::slice::from_ref(&a)))
+        .expect("client connects");
+    let peers = rt.block_on(client.discover()).expect("discovers");
+    assert_eq!(peers.len(), 5, "all five nodes answer Info");
+    let foreign_id = peers
+        .iter()
+        .find(|p| p.peer == foreign.peer)
+        .expect("foreign node discovered")
+        .record
+        .model;
+    let (model_id, route) = choose_route(&peers, None).expect("one model is fully served");
+    assert_ne!(model_id, foreign_id);
+    assert!(route.iter().all(|p| p.peer != foreign.peer));
+    // Asking for the foreign model explicitly finds no full route.
+    let err = choose_route(&peers, Some(foreign_id)).expect_err("foreign model is partial");
+    assert!(err.to_string().contains("layers 0..20 unserved"), "{err}");
+
+    let engine = Engine::load(&model, None, Kind::Float, Device::Cpu).expect("model loads");
+    let graph = example("lens");
+    let local = trace::run(&engine, graph.clone(), &Limits::default()).expect("runs");
+    let mesh = rt
+        .block_on(client.run(graph, None))
+        .expect("runs on the mesh");
+    let middle = mesh.route[1].peer;
+    assert!(
+        middle == nodes[1].peer || middle == replica.peer,
+        "a 10..20 replica"
+    );
+    assert!(mesh.route.iter().all(|h| h.peer != foreign.peer));
+    assert_same("lens with replicas", &mesh, &local);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Sends raw bytes to a node and decodes its answer.
+async fn raw(t: &Transport, node: &Node, bytes: Vec<u8>) -> Result<Response, RequestError> {
+    let answer = t.request(node.peer, vec![node.addr.clone()], bytes).await?;
+    Ok(codec::decode(&answer).expect("nodes answer with a Response"))
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
+    let model = model_path();
+    let node = Node::start("0..30", None, &model, &["--max-message-mib", "1"]);
+    let rt = rt();
+    rt.block_on(async {
+        let mut cfg = TransportConfig::new(Keypair::generate_ed25519());
+        cfg.max_message = 8 << 20;
+        let (t, mut inbound) = Transport::start(cfg).await.expect("transport");
+        let kind = |r: Response| match r {
+            Response::Error(e) => (e.kind, e.message),
+            other => panic!("expected an error, got {other:?}"),
+        };
+
+        let (k, msg) = kind(
+            raw(&t, &node, b"\x01\x00garbage bytes".to_vec())
+                .await
+                .expect("answer"),
+        );
+        assert_eq!(k, ErrorKind::Malformed, "{msg}");
+        let mut wrong_version = codec::encode(&Request::Info);
+        wrong_version[0] = 99;
+        let (k, msg) = kind(raw(&t, &node, wrong_version).await.expect("answer"));
+        assert_eq!(k, ErrorKind::Version, "{msg}");
+        assert!(msg.contains("99"), "{msg}");
+        // Over the node's 1 MiB limit: refused, nothing processed.
+        let big = raw(&t, &node, vec![0u8; 2 << 20]).await;
+        assert!(big.is_err(), "an oversized request is refused");
+
+        // A step for a block range the node does not serve.
+        let Response::Info { records, .. } = raw(&t, &node, codec::encode(&Request::Info))
+            .await
+            .expect("info")
+        else {
+            panic!("Info answers Info")
+        };
+        let record = records[0].verify(u64::MAX / 2).err();
+        assert!(record.is_some(), "records expire");
+        let rec = records[0].verify(now_ms()).expect("valid signature");
+        let hop = |start, end| Hop {
+            peer: node.peer.to_bytes(),
+            addrs: vec![node.addr.to_string()],
+            start,
+            end,
+        };
+        let g = Builder::new();
+        let tr = g.trace_tokens(vec![vec![504, 414, 46682]]);
+        g.save("h", g.read(tr.at("model.layers.40", Point::Output)));
+        let step = |route: Vec<Hop>, graph: &Graph| StepRequest {
+            request: RequestId(7),
+            client: t.peer_id().to_bytes(),
+            client_addrs: Vec::new(),
+            model: rec.model,
+            route,
+            hop: 0,
+            graph: Some(graph.to_postcard()),
+            trace: 0,
+            step: 0,
+            tokens: WireTensor::from_i64(vec![0, 0], &[]).expect("empty"),
+            hidden: None,
+            carry: Vec::new(),
+        };
+        let bad_graph = g.finish();
+        let (k, msg) = kind(
+            raw(
+                &t,
+                &node,
+                codec::encode(&Request::Step(Box::new(step(
+                    vec![hop(0, 10), hop(10, 30)],
+                    &bad_graph,
+                )))),
+            )
+            .await
+            .expect("answer"),
+        );
+        assert_eq!(k, ErrorKind::NotServed, "{msg}");
+        assert!(msg.contains("0..30"), "{msg}");
+
+        // A graph that fails validation: accepted, then reported as failed.
+        let accepted = raw(
+            &t,
+            &node,
+            codec::encode(&Request::Step(Box::new(step(vec![hop(0, 30)], &bad_graph)))),
+        )
+        .await
+        .expect("answer");
+        assert_eq!(accepted, Response::Accepted);
+        let inb = tokio::time::timeout(Duration::from_secs(60), inbound.recv())
+            .await
+            .expect("a report arrives")
+            .expect("inbound open");
+        let Ok(Request::Report(report)) = codec::decode::<Request>(&inb.request) else {
+            panic!("a report")
+        };
+        let _ = inb.reply.send(codec::encode(&Response::Ack));
+        match report.body {
+            ReportBody::Failed(e) => {
+                assert_eq!(e.kind, ErrorKind::Validation);
+                assert!(e.message.contains("model.layers.40"), "{}", e.message);
+            }
+            other => panic!("expected a failure report, got {other:?}"),
+        }
+
+        // The node still serves a real request.
+        let client = MeshClient::connect(std::slice::from_ref(&node.addr))
+            .await
+            .expect("connects");
+        let out = client
+            .run(example("lens"), None)
+            .await
+            .expect("still serving");
+        assert_eq!(out.saves.len(), 30);
+    });
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_millis() as u64
+}
+
+#[test]
+fn a_dead_stage_is_reported_by_name() {
+    let model = model_path();
+    let mut nodes = three_nodes(&model);
+    let rt = rt();
+    let client = rt
+        .block_on(MeshClient::connect(std::slice::from_ref(&nodes[0].addr)))
+        .expect("client connects");
+    let dead = nodes.pop().expect("three nodes");
+    drop(dead); // SIGKILL: no goodbye
+    let err = rt
+        .block_on(client.run(example("lens"), None))
+        .expect_err("no route without layers 20..30");
+    assert!(matches!(err, MeshError::Coverage(_)), "{err}");
+    assert!(err.to_string().contains("layers 20..30 unserved"), "{err}");
+}
