@@ -155,6 +155,7 @@ pub struct MeshOutcome {
 }
 
 type Pending = Arc<Mutex<HashMap<RequestId, mpsc::Sender<StageReport>>>>;
+type Known = Arc<Mutex<Option<(Instant, Vec<Peer>)>>>;
 
 /// A client of the mesh. Holds a libp2p transport that also receives the
 /// stages' reports.
@@ -163,7 +164,13 @@ pub struct MeshClient {
     transport: Transport,
     bootstrap: Vec<PeerId>,
     pending: Pending,
+    /// Peers from the last discovery, reused for [`DISCOVERY_TTL`].
+    known: Known,
 }
+
+/// How long a discovery result is reused before the mesh is asked again
+/// (records are re-verified then; a failed run forgets it at once).
+const DISCOVERY_TTL: Duration = Duration::from_secs(20);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -226,6 +233,7 @@ impl MeshClient {
             transport,
             bootstrap,
             pending,
+            known: Arc::default(),
         })
     }
 
@@ -325,7 +333,21 @@ impl MeshClient {
         mut graph: Graph,
         model: Option<ModelId>,
     ) -> Result<MeshOutcome, MeshError> {
-        let peers = self.discover().await?;
+        let cached = self
+            .known
+            .lock()
+            .expect("not poisoned")
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < DISCOVERY_TTL)
+            .map(|(_, peers)| peers.clone());
+        let peers = match cached {
+            Some(p) => p,
+            None => {
+                let p = self.discover().await?;
+                *self.known.lock().expect("not poisoned") = Some((Instant::now(), p.clone()));
+                p
+            }
+        };
         let (model, route) = choose_route(&peers, model)?;
         let manifest = route[0].manifest.clone();
         let hops: Vec<Hop> = route
@@ -424,10 +446,14 @@ impl MeshClient {
         }
         .await;
         self.pending.lock().expect("not poisoned").remove(&request);
-        for p in &route {
-            let _ = self
-                .call(p.peer, p.addrs.clone(), &Request::Close { request })
-                .await;
+        let close = Request::Close { request };
+        let closes = route
+            .iter()
+            .map(|p| self.call(p.peer, p.addrs.clone(), &close));
+        futures::future::join_all(closes).await;
+        if result.is_err() {
+            // The mesh may have changed under us: look again next time.
+            *self.known.lock().expect("not poisoned") = None;
         }
         result?;
         Ok(MeshOutcome {

@@ -1,5 +1,10 @@
-//! `nnmesh bench`: prefill latency and greedy decode speed, measured beside
-//! Hugging Face transformers in the same run, printed as figures and ratios.
+//! `nnmesh bench`: prefill latency and greedy decode speed beside Hugging
+//! Face transformers, Intervention Graph overhead beside NNsight
+//! ([`graphs`]), and a 3-node loopback mesh against in-process ([`mesh`]),
+//! each measured side by side in one run and printed as figures and ratios.
+
+mod graphs;
+mod mesh;
 
 use std::{
     path::{Path, PathBuf},
@@ -41,6 +46,13 @@ pub fn time_median(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64
         times.push(t.elapsed().as_secs_f64());
     }
     Ok(median(times))
+}
+
+/// Seconds one call of `f` takes.
+pub fn time_once(f: impl FnOnce() -> Result<()>) -> Result<f64> {
+    let t = Instant::now();
+    f()?;
+    Ok(t.elapsed().as_secs_f64())
 }
 
 /// The project's virtualenv Python, if present.
@@ -179,5 +191,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         true,
     );
     println!("\nratio > 1 means nnmesh is faster.");
+    if !args.skip_graphs {
+        graphs::run(args, &engine, &prefill_ids, python.as_deref())?;
+    }
+    if !args.skip_mesh {
+        mesh::run(args, &engine, &prefill_ids)?;
+    }
     Ok(())
 }

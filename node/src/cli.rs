@@ -173,10 +173,16 @@ pub struct BenchArgs {
     /// Repetitions (the median is reported).
     #[arg(long, default_value_t = 5)]
     pub runs: usize,
-    /// Python interpreter with transformers for the side-by-side figures
-    /// (skipped when it cannot import transformers).
+    /// Python interpreter with transformers (and nnsight) for the
+    /// side-by-side figures; defaults to the project's .venv.
     #[arg(long)]
     pub python: Option<PathBuf>,
+    /// Skip the Intervention Graph overhead figures.
+    #[arg(long)]
+    pub skip_graphs: bool,
+    /// Skip the mesh figures (which start 3 local node processes).
+    #[arg(long)]
+    pub skip_mesh: bool,
 }
 
 /// Runs a parsed command line.

@@ -31,6 +31,7 @@ pub mod gguf;
 pub mod hooks;
 pub mod interpret;
 pub mod llama;
+pub mod local_mesh;
 pub mod serve;
 pub mod stage;
 pub mod tokenizer;

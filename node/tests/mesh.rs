@@ -2,10 +2,7 @@
 //! client that holds no weights, and the same graphs run in-process.
 
 use std::{
-    io::{BufRead, BufReader},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::mpsc,
     time::Duration,
 };
 
@@ -15,7 +12,7 @@ use nnmesh_client::{
     transport::{RequestError, Transport, TransportConfig},
 };
 use nnmesh_graph::{Builder, Graph, Limits, Point};
-use nnmesh_node::{engine::Engine, trace, wire::from_wire};
+use nnmesh_node::{engine::Engine, local_mesh::LocalNode, trace, wire::from_wire};
 use nnmesh_protocol::{
     codec,
     ids::RequestId,
@@ -34,91 +31,21 @@ fn model_path() -> PathBuf {
         .unwrap_or_else(|| root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
 }
 
-/// A running `nnmesh node`; killed when dropped.
-struct Node {
-    child: Child,
-    addr: Multiaddr,
-    peer: PeerId,
-}
+type Node = LocalNode;
 
-impl Node {
-    fn start(blocks: &str, bootstrap: Option<&Multiaddr>, model: &Path, extra: &[&str]) -> Node {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nnmesh"));
-        cmd.args([
-            "node",
-            "--blocks",
-            blocks,
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-        ])
-        .arg("--model")
-        .arg(model)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-        if let Some(b) = bootstrap {
-            cmd.arg("--bootstrap").arg(b.to_string());
-        }
-        let mut child = cmd.spawn().expect("nnmesh node starts");
-        let stdout = child.stdout.take().expect("piped");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut addr = None;
-        loop {
-            let line = rx
-                .recv_timeout(Duration::from_secs(120))
-                .unwrap_or_else(|_| panic!("node {blocks} did not start"));
-            if let Some(a) = line.strip_prefix("listening ") {
-                addr = Some(a.parse::<Multiaddr>().expect("multiaddr"));
-            }
-            if line.starts_with("node ") {
-                break;
-            }
-        }
-        let addr = addr.expect("a listening line before the node line");
-        let peer = match addr.iter().last() {
-            Some(libp2p::multiaddr::Protocol::P2p(p)) => p,
-            _ => panic!("address {addr} ends in /p2p/"),
-        };
-        Node { child, addr, peer }
-    }
-
-    /// Sends SIGTERM and waits for a clean exit.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        for _ in 0..100 {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("node did not exit after SIGTERM");
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn node(blocks: &str, bootstrap: Option<&Multiaddr>, model: &Path, extra: &[&str]) -> Node {
+    LocalNode::start(
+        Path::new(env!("CARGO_BIN_EXE_nnmesh")),
+        model,
+        blocks,
+        bootstrap,
+        extra,
+    )
+    .expect("node starts")
 }
 
 fn three_nodes(model: &Path) -> Vec<Node> {
-    let first = Node::start("0..10", None, model, &[]);
-    let a = first.addr.clone();
-    vec![
-        first,
-        Node::start("10..20", Some(&a), model, &[]),
-        Node::start("20..30", Some(&a), model, &[]),
-    ]
+    LocalNode::three(Path::new(env!("CARGO_BIN_EXE_nnmesh")), model).expect("nodes start")
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -199,7 +126,10 @@ fn three_nodes_give_the_single_node_results_for_the_canonical_experiments() {
     eprintln!("{identical} of {total} saved values bit-identical to the single-node run");
     assert_eq!(identical, total, "f32 on CPU should be bit-identical");
     for n in nodes {
-        assert!(n.terminate().success(), "clean exit on SIGTERM");
+        assert!(
+            n.terminate().expect("exits").success(),
+            "clean exit on SIGTERM"
+        );
     }
 }
 
@@ -221,8 +151,8 @@ fn routes_avoid_foreign_weights_and_use_one_of_two_replicas() {
     let model = model_path();
     let nodes = three_nodes(&model);
     let a = nodes[0].addr.clone();
-    let replica = Node::start("10..20", Some(&a), &model, &[]);
-    let foreign = Node::start("20..30", Some(&a), &foreign_model(&dir), &[]);
+    let replica = node("10..20", Some(&a), &model, &[]);
+    let foreign = node("20..30", Some(&a), &foreign_model(&dir), &[]);
     let rt = rt();
     let client = rt
         .block_on(MeshClient::connect(std::slice::from_ref(&a)))
@@ -267,7 +197,7 @@ async fn raw(t: &Transport, node: &Node, bytes: Vec<u8>) -> Result<Response, Req
 #[test]
 fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
     let model = model_path();
-    let node = Node::start("0..30", None, &model, &["--max-message-mib", "1"]);
+    let node = node("0..30", None, &model, &["--max-message-mib", "1"]);
     let rt = rt();
     rt.block_on(async {
         let mut cfg = TransportConfig::new(Keypair::generate_ed25519());

@@ -1,0 +1,127 @@
+//! Start `nnmesh node` processes on loopback (port 0) and wait until they
+//! listen: used by `nnmesh demo`-style scripts' tests, the mesh benchmark and
+//! the multi-process tests.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use libp2p::{Multiaddr, PeerId, multiaddr::Protocol};
+
+/// A running `nnmesh node` child process; killed when dropped.
+#[derive(Debug)]
+pub struct LocalNode {
+    child: Child,
+    /// Its listening address, ending in `/p2p/<peer id>`.
+    pub addr: Multiaddr,
+    /// Its peer id.
+    pub peer: PeerId,
+}
+
+impl LocalNode {
+    /// Starts `exe node --blocks BLOCKS` on `127.0.0.1:0` and waits (up to
+    /// two minutes) for its `listening` and `node` lines.
+    ///
+    /// # Errors
+    /// When the process cannot start or exits before listening.
+    pub fn start(
+        exe: &Path,
+        model: &Path,
+        blocks: &str,
+        bootstrap: Option<&Multiaddr>,
+        extra: &[&str],
+    ) -> Result<LocalNode> {
+        let mut cmd = Command::new(exe);
+        cmd.args([
+            "node",
+            "--blocks",
+            blocks,
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ])
+        .arg("--model")
+        .arg(model)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+        if let Some(b) = bootstrap {
+            cmd.arg("--bootstrap").arg(b.to_string());
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", exe.display()))?;
+        let stdout = child.stdout.take().context("node stdout is piped")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut addr = None;
+        loop {
+            let Ok(line) = rx.recv_timeout(Duration::from_secs(120)) else {
+                let _ = child.kill();
+                bail!("node {blocks} did not start listening");
+            };
+            if let Some(a) = line.strip_prefix("listening ") {
+                addr = Some(a.parse::<Multiaddr>().context("listening address")?);
+            }
+            if line.starts_with("node ") {
+                break;
+            }
+        }
+        let addr = addr.context("no listening line before the node line")?;
+        let peer = match addr.iter().last() {
+            Some(Protocol::P2p(p)) => p,
+            _ => bail!("address {addr} does not end in /p2p/"),
+        };
+        Ok(LocalNode { child, addr, peer })
+    }
+
+    /// Starts three nodes splitting a 30-layer model 0..10, 10..20, 20..30,
+    /// the later two bootstrapped to the first.
+    ///
+    /// # Errors
+    /// When a node does not start.
+    pub fn three(exe: &Path, model: &Path) -> Result<Vec<LocalNode>> {
+        let first = LocalNode::start(exe, model, "0..10", None, &[])?;
+        let a = first.addr.clone();
+        Ok(vec![
+            first,
+            LocalNode::start(exe, model, "10..20", Some(&a), &[])?,
+            LocalNode::start(exe, model, "20..30", Some(&a), &[])?,
+        ])
+    }
+
+    /// Sends SIGTERM and waits up to ten seconds for the exit status.
+    ///
+    /// # Errors
+    /// When the process does not exit.
+    pub fn terminate(mut self) -> Result<ExitStatus> {
+        Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .context("running kill")?;
+        for _ in 0..100 {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("node did not exit within 10 s of SIGTERM")
+    }
+}
+
+impl Drop for LocalNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
