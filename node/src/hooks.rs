@@ -26,6 +26,13 @@ pub trait Hooks {
     /// step `s` feeds the token chosen at step `s - 1`.
     fn begin_step(&mut self, _step: usize) {}
 
+    /// Called before each decoder layer: rows to append to the batch, as
+    /// copies of these existing rows (invokes that shared a row with an
+    /// identical prompt and are written from this layer on).
+    fn fork_rows(&mut self, _layer: u32) -> Option<Vec<i64>> {
+        None
+    }
+
     /// Whether anything is hooked at `(module, point)`.
     fn wants(&self, module: Module, point: Point) -> bool;
 

@@ -10,6 +10,9 @@
 //! batched into one (a 30-layer logit lens reads `lm_head` once, not 30 times).
 
 pub mod ops;
+mod sharing;
+
+pub use sharing::Sharing;
 
 use nnmesh_graph::{Graph, Manifest, Module, Node, NodeId, Plan, Point, Site, WriteMode};
 use tch::Tensor;
@@ -70,6 +73,11 @@ pub struct State {
     deferred: Vec<NodeId>,
     wanted: Vec<bool>,
     stop_at: Option<u32>,
+    /// Per trace, how invokes share batch rows (see [`Sharing`]).
+    sharing: Vec<Option<Sharing>>,
+    /// The physical batch row of each invoke now, and the number of rows.
+    row_of: Vec<usize>,
+    rows: usize,
 }
 
 /// Runs the nodes of a graph assigned to this model (all of them on a single
@@ -153,6 +161,11 @@ impl State {
             deferred: Vec::new(),
             wanted: vec![false; manifest.num_sites() as usize],
             stop_at: None,
+            sharing: (0..graph.traces.len())
+                .map(|t| Sharing::plan(graph, manifest, t))
+                .collect(),
+            row_of: Vec::new(),
+            rows: 0,
         })
     }
 
@@ -164,6 +177,12 @@ impl State {
     /// A node's current value, if computed.
     pub fn value(&self, node: NodeId) -> Option<&Tensor> {
         self.values[node.index()].as_ref()
+    }
+
+    /// Turns row sharing between identical prompts off (it is on by default;
+    /// results agree to float rounding, since batch shapes differ).
+    pub fn disable_row_sharing(&mut self) {
+        self.sharing.iter_mut().for_each(|s| *s = None);
     }
 
     /// Whether `node`'s value was set during the current step.
@@ -238,11 +257,32 @@ impl<'a> Executor<'a> {
         self.st
             .due
             .sort_by_key(|id| (plan.nodes[id.index()].anchor.position, *id));
+        let invokes = self
+            .graph
+            .traces
+            .get(trace as usize)
+            .map_or(0, |t| t.invokes.len());
+        (self.st.row_of, self.st.rows) = match self.sharing() {
+            Some(s) => s.rows_before(self.model.layers().start as u32),
+            None => ((0..invokes).collect(), invokes),
+        };
         let last_step = self.plan.steps.get(trace as usize).copied().unwrap_or(1) - 1;
         self.st.stop_at = match self.plan.stops.get(trace as usize) {
             Some(Some(a)) if step == last_step && a.trace == trace => Some(a.position),
             _ => None,
         };
+    }
+
+    fn sharing(&self) -> Option<&Sharing> {
+        self.st.sharing.get(self.st.trace as usize)?.as_ref()
+    }
+
+    /// When invokes share rows in this step: the invoke each batch row
+    /// carries at the model's input (the first stage feeds these prompts).
+    /// All prompts then have one length and no padding, so every row uses
+    /// the same positions.
+    pub fn input_rows(&self) -> Option<Vec<usize>> {
+        self.sharing().map(|s| s.initial.clone())
     }
 
     /// Ends the step: runs what was not reached in the forward and everything
@@ -273,7 +313,12 @@ impl<'a> Executor<'a> {
     /// tokens (left padding stripped at the prompt step).
     fn invoke_view(&self, point: Point, full: &Tensor, invoke: usize) -> Result<Tensor, HookError> {
         let err = |e: tch::TchError| failed(e.to_string());
-        let row = full.f_narrow(0, invoke as i64, 1).map_err(err)?;
+        let row = *self
+            .st
+            .row_of
+            .get(invoke)
+            .ok_or_else(|| failed(format!("invoke {invoke} is out of range")))?;
+        let row = full.f_narrow(0, row as i64, 1).map_err(err)?;
         let len = *self
             .st
             .lens
@@ -472,6 +517,20 @@ impl<'a> Executor<'a> {
 }
 
 impl Hooks for Executor<'_> {
+    fn fork_rows(&mut self, layer: u32) -> Option<Vec<i64>> {
+        let forks: Vec<(usize, usize)> = self.sharing()?.forks_at(layer).collect();
+        if forks.is_empty() {
+            return None;
+        }
+        let mut src = Vec::with_capacity(forks.len());
+        for (invoke, from) in forks {
+            src.push(self.st.row_of[from] as i64);
+            self.st.row_of[invoke] = self.st.rows;
+            self.st.rows += 1;
+        }
+        Some(src)
+    }
+
     fn wants(&self, module: Module, point: Point) -> bool {
         self.manifest
             .site(module, point)

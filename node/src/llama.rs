@@ -586,8 +586,15 @@ impl Model {
         let (cos, sin) = self.rope.cos_sin(&batch.positions, self.kind);
         let mask = Mask::new(batch, t, past, self.device);
         for (j, block) in self.layers.iter().enumerate() {
+            let layer = (self.layers_range.start + j) as u32;
+            if let Some(src) = hooks.fork_rows(layer) {
+                // Shared rows fork here; positions and the causal mask are the
+                // same for every row (see `interpret::Sharing`).
+                let idx = Tensor::from_slice(&src).to_device(self.device);
+                xs = Tensor::cat(&[&xs, &xs.index_select(0, &idx)], 0);
+            }
             let ctx = Ctx {
-                layer: (self.layers_range.start + j) as u32,
+                layer,
                 cos: &cos,
                 sin: &sin,
                 mask: &mask,

@@ -22,7 +22,7 @@ use crate::{
     engine::{Engine, Padded},
     hooks::HookError,
     interpret::{Executor, State},
-    llama::{Cache, Input},
+    llama::{Batch, Cache, Input},
     trace::trace_prompts,
     wire::{from_wire, to_wire},
 };
@@ -218,6 +218,25 @@ impl Stage {
             &mut session.state,
         );
         exec.begin(req.trace, req.step, &lens);
+        let shared_batch;
+        let (input, batch) = match exec.input_rows() {
+            // Invokes share rows: all prompts have one length, so one row of
+            // positions serves every physical row.
+            Some(rows) => {
+                shared_batch = Batch::contiguous(1, padded.ids.size()[1], 0, device);
+                let input = match input {
+                    Input::Tokens(ids) => {
+                        let rows: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+                        Input::Tokens(
+                            ids.index_select(0, &Tensor::from_slice(&rows).to_device(device)),
+                        )
+                    }
+                    hidden => hidden,
+                };
+                (input, &shared_batch)
+            }
+            None => (input, batch),
+        };
         for c in &req.carry {
             exec.insert(NodeId(c.node), from_wire(&c.value, device)?);
         }

@@ -9,7 +9,7 @@ use crate::{
     engine::{Engine, EngineError, Padded},
     hooks::HookError,
     interpret::{Executor, Saved, State},
-    llama::Input,
+    llama::{Batch, Input},
 };
 
 /// Why a graph could not be run.
@@ -80,11 +80,25 @@ pub fn plan(graph: &Graph, manifest: &Manifest, limits: &Limits) -> Result<Plan,
 ///
 /// # Errors
 /// Invalid graphs, bad prompts, or failures while running.
-pub fn run(engine: &Engine, mut graph: Graph, limits: &Limits) -> Result<Outcome, TraceError> {
+pub fn run(engine: &Engine, graph: Graph, limits: &Limits) -> Result<Outcome, TraceError> {
+    run_with(engine, graph, limits, true)
+}
+
+/// As [`run`], choosing whether invokes with identical prompts share batch
+/// rows until they are written (see [`crate::interpret::Sharing`]).
+///
+/// # Errors
+/// Invalid graphs, bad prompts, or failures while running.
+pub fn run_with(
+    engine: &Engine,
+    mut graph: Graph,
+    limits: &Limits,
+    share_rows: bool,
+) -> Result<Outcome, TraceError> {
     tokenize_prompts(engine, &mut graph)?;
     let manifest = crate::engine::manifest(engine.model.config(), engine.model.kind());
     let plan = plan(&graph, &manifest, limits)?;
-    run_planned(engine, &graph, &plan, &manifest)
+    run_planned(engine, &graph, &plan, &manifest, share_rows)
 }
 
 /// Runs a tokenized, validated graph on a full model.
@@ -96,10 +110,14 @@ pub fn run_planned(
     graph: &Graph,
     plan: &Plan,
     manifest: &Manifest,
+    share_rows: bool,
 ) -> Result<Outcome, TraceError> {
     let model = &engine.model;
     let run_err = |e: HookError| TraceError::Run(e.to_string());
     let mut state = State::new(graph, manifest, model, None).map_err(run_err)?;
+    if !share_rows {
+        state.disable_row_sharing();
+    }
     let _guard = tch::no_grad_guard();
     let mut generated = Vec::new();
     for (t, _) in graph.traces.iter().enumerate() {
@@ -121,7 +139,17 @@ pub fn run_planned(
             };
             let mut exec = Executor::new(graph, plan, manifest, model, &mut state);
             exec.begin(t as u32, step, &lens);
-            let out = model.forward(Input::Tokens(input), batch, Some(&mut cache), &mut exec);
+            let shared;
+            let (ids, batch) = match exec.input_rows() {
+                Some(rows) => {
+                    let rows: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+                    let idx = Tensor::from_slice(&rows).to_device(model.device());
+                    shared = Batch::contiguous(1, padded.ids.size()[1], 0, model.device());
+                    (input.index_select(0, &idx), &shared)
+                }
+                None => (input.shallow_clone(), batch),
+            };
+            let out = model.forward(Input::Tokens(ids), batch, Some(&mut cache), &mut exec);
             let logits = match out {
                 Ok(l) => Some(l),
                 Err(HookError::Stop) => None,

@@ -268,6 +268,21 @@ fn patching_the_clean_run_into_itself_gives_the_clean_difference() {
 }
 
 #[test]
+fn shared_rows_give_the_same_patching_result() {
+    let out = run(example("patch"));
+    let unshared =
+        trace::run_with(engine(), example("patch"), &Limits::default(), false).expect("runs");
+    for name in ["clean", "corrupt", "patched"] {
+        let (a, b) = (
+            out.get(name).expect("saved"),
+            unshared.get(name).expect("saved"),
+        );
+        assert_eq!(a.size(), b.size());
+        assert!(max_diff(a, b) < 1e-4, "{name}: {}", max_diff(a, b));
+    }
+}
+
+#[test]
 fn steering_with_zero_vector_equals_plain_generation() {
     let e = engine();
     let prompt = e.encode(experiments::prompts::STEER).expect("encodes");

@@ -66,6 +66,10 @@ pub(super) fn run(
     );
     let plain_ioi_s = time_median(args.runs, || plain(&corrupt_ids))?;
     let patch_s = time_median(args.runs, || run_graph(&patch))?;
+    let patch_unshared_s = time_median(args.runs, || {
+        crate::trace::run_with(engine, patch.clone(), &limits, false)?;
+        Ok(())
+    })?;
 
     let ns = python.and_then(|py| {
         eprintln!("NNsight: the same experiments (skipped when nnsight is not installed) ...");
@@ -132,6 +136,12 @@ pub(super) fn run(
         patch_s,
         plain_ioi_s,
         ns_pair("patch_s", "plain_ioi_s"),
+    );
+    row(
+        "  same, every row through every layer",
+        patch_unshared_s,
+        plain_ioi_s,
+        None,
     );
     if let Some(e) = ns.as_ref().and_then(|v| v["patch_error"].as_str()) {
         println!("NNsight patching failed: {e}");
