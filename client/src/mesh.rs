@@ -668,22 +668,16 @@ pub fn holders_per_layer<'a>(
 }
 
 fn rand_u64() -> u64 {
-    // Unique enough for request ids: time ⊕ a process-local counter, hashed.
-    use std::sync::atomic::{AtomicU64, Ordering};
+    // std's RandomState is seeded from the OS per process; a counter keeps
+    // ids from one client distinct.
+    use std::{
+        hash::{BuildHasher, Hasher},
+        sync::atomic::{AtomicU64, Ordering},
+    };
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    let h = nnmesh_protocol::ids::ModelId::of_bytes(
-        &[
-            t.to_le_bytes(),
-            n.to_le_bytes(),
-            (std::process::id() as u64).to_le_bytes(),
-        ]
-        .concat(),
-    );
-    u64::from_le_bytes(h.0[..8].try_into().expect("8 bytes"))
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.finish()
 }
 
 /// Answers the stages' reports: each goes to the run waiting for its request.

@@ -20,10 +20,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::{
     engine::{Engine, Padded},
-    hooks::HookError,
     interpret::{Executor, State},
-    llama::{Batch, Cache, Input},
-    trace::trace_prompts,
+    llama::{Cache, Input},
+    trace::{forward_step, trace_prompts},
     wire::{from_wire, to_wire},
 };
 
@@ -189,13 +188,6 @@ impl Stage {
                 ),
             ));
         };
-        let next_batch;
-        let batch = if req.step == 0 {
-            &padded.batch
-        } else {
-            next_batch = padded.next_step(req.step as usize);
-            &next_batch
-        };
         let input = if engine.model.is_first() {
             if req.step == 0 {
                 Input::Tokens(padded.ids.shallow_clone())
@@ -218,35 +210,10 @@ impl Stage {
             &mut session.state,
         );
         exec.begin(req.trace, req.step, &lens);
-        let shared_batch;
-        let (input, batch) = match exec.input_rows() {
-            // Invokes share rows: all prompts have one length, so one row of
-            // positions serves every physical row.
-            Some(rows) => {
-                shared_batch = Batch::contiguous(1, padded.ids.size()[1], 0, device);
-                let input = match input {
-                    Input::Tokens(ids) => {
-                        let rows: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-                        Input::Tokens(
-                            ids.index_select(0, &Tensor::from_slice(&rows).to_device(device)),
-                        )
-                    }
-                    hidden => hidden,
-                };
-                (input, &shared_batch)
-            }
-            None => (input, batch),
-        };
         for c in &req.carry {
             exec.insert(NodeId(c.node), from_wire(&c.value, device)?);
         }
-        let out = engine.model.forward(input, batch, Some(cache), &mut exec);
-        let out = match out {
-            Ok(t) => Some(t),
-            Err(HookError::Stop) => None,
-            Err(e) => return Err(err(ErrorKind::Internal, e.to_string())),
-        };
-        exec.finish()
+        let out = forward_step(&engine.model, &mut exec, padded, req.step, input, cache)
             .map_err(|e| err(ErrorKind::Internal, e.to_string()))?;
         let saves = session
             .state

@@ -9,7 +9,7 @@ use crate::{
     engine::{Engine, EngineError, Padded},
     hooks::HookError,
     interpret::{Executor, Saved, State},
-    llama::{Batch, Input},
+    llama::{Batch, Cache, Input, Model},
 };
 
 /// Why a graph could not be run.
@@ -130,32 +130,11 @@ pub fn run_planned(
         let mut input = padded.ids.shallow_clone();
         let mut tokens = vec![Vec::new(); prompts.len()];
         for step in 0..steps {
-            let next_batch;
-            let batch = if step == 0 {
-                &padded.batch
-            } else {
-                next_batch = padded.next_step(step as usize);
-                &next_batch
-            };
             let mut exec = Executor::new(graph, plan, manifest, model, &mut state);
             exec.begin(t as u32, step, &lens);
-            let shared;
-            let (ids, batch) = match exec.input_rows() {
-                Some(rows) => {
-                    let rows: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-                    let idx = Tensor::from_slice(&rows).to_device(model.device());
-                    shared = Batch::contiguous(1, padded.ids.size()[1], 0, model.device());
-                    (input.index_select(0, &idx), &shared)
-                }
-                None => (input.shallow_clone(), batch),
-            };
-            let out = model.forward(Input::Tokens(ids), batch, Some(&mut cache), &mut exec);
-            let logits = match out {
-                Ok(l) => Some(l),
-                Err(HookError::Stop) => None,
-                Err(e) => return Err(run_err(e)),
-            };
-            exec.finish().map_err(run_err)?;
+            let ids = Input::Tokens(input.shallow_clone());
+            let logits =
+                forward_step(model, &mut exec, &padded, step, ids, &mut cache).map_err(run_err)?;
             let generating = graph.traces[t].max_new_tokens > 0;
             let Some(logits) = logits else { break };
             if !generating {
@@ -174,4 +153,49 @@ pub fn run_planned(
         saves: state.take_saves(),
         generated,
     })
+}
+
+/// Runs one step's forward on `model` under `exec` (already begun, carry
+/// inserted): picks the step's batch layout (prompt, or one new token per
+/// row), applies row sharing, then ends the step. Returns the model's output
+/// (logits on the last stage, else the hidden state), or `None` when the
+/// graph stopped the forward early.
+///
+/// # Errors
+/// When a hook or a node fails.
+pub fn forward_step(
+    model: &Model,
+    exec: &mut Executor<'_>,
+    padded: &Padded,
+    step: u32,
+    input: Input,
+    cache: &mut Cache,
+) -> Result<Option<Tensor>, HookError> {
+    let next_batch;
+    let mut batch = if step == 0 {
+        &padded.batch
+    } else {
+        next_batch = padded.next_step(step as usize);
+        &next_batch
+    };
+    let shared;
+    let mut input = input;
+    if let Some(rows) = exec.input_rows() {
+        // Invokes share rows: their prompts have one length and no padding,
+        // so one row of positions serves every physical row.
+        shared = Batch::contiguous(1, padded.ids.size()[1], 0, model.device());
+        batch = &shared;
+        if let Input::Tokens(ids) = input {
+            let rows: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+            let idx = Tensor::from_slice(&rows).to_device(model.device());
+            input = Input::Tokens(ids.index_select(0, &idx));
+        }
+    }
+    let out = match model.forward(input, batch, Some(cache), exec) {
+        Ok(t) => Some(t),
+        Err(HookError::Stop) => None,
+        Err(e) => return Err(e),
+    };
+    exec.finish()?;
+    Ok(out)
 }
