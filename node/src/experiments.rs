@@ -28,6 +28,10 @@ pub fn logit_lens(prompt: &str, layers: impl IntoIterator<Item = u32>) -> Graph 
 /// residual stream at the last position replaced by the clean run's. Saves the
 /// logit difference `answer - wrong` at the last position: `clean`,
 /// `corrupt` (scalars) and `patched` (`[layers.len()]`).
+///
+/// Only the last position's logits are needed, so the graph applies
+/// `lm_head` to `model.norm`'s output there (one batched call for every
+/// invoke) and stops the forward before its own `lm_head` over all positions.
 pub fn patching(clean: &str, corrupt: &str, layers: &[u32], answer: u32, wrong: u32) -> Graph {
     let g = Builder::new();
     let mut prompts = vec![clean, corrupt];
@@ -45,15 +49,17 @@ pub fn patching(clean: &str, corrupt: &str, layers: &[u32], answer: u32, wrong: 
         );
     }
     let diff = |k: u32| {
-        let logits = g
-            .read(t.invoke(k).at("lm_head", Point::Output))
-            .index([At(0), At(-1)]);
+        let last = g
+            .read(t.invoke(k).at("model.norm", Point::Output))
+            .index([Full, At(-1)]);
+        let logits = g.apply("lm_head", [last]).index([At(0)]);
         logits.index([At(i64::from(answer))]) - logits.index([At(i64::from(wrong))])
     };
     g.save("clean", diff(0));
     g.save("corrupt", diff(1));
     let patched: Vec<_> = (0..layers.len() as u32).map(|i| diff(2 + i)).collect();
     g.save("patched", g.stack(patched, 0));
+    g.stop(t);
     g.finish()
 }
 
