@@ -3,7 +3,7 @@
 //! `attention` commands run these, and `examples/*.json` hold them for the
 //! SmolLM2 demo prompts.
 
-use nnmesh_graph::{Builder, ConstTensor, DType, Graph, IndexItem::*, Point};
+use nnmesh_graph::{Builder, ConstTensor, DType, Graph, IndexItem, IndexItem::*, Point};
 
 /// Logit lens: for every layer `l` in `layers`, `lm_head(model.norm(layers.l.output))`
 /// at the last position, saved as `lens.l` (`[1, vocab]` logits).
@@ -63,19 +63,31 @@ pub fn patching(clean: &str, corrupt: &str, layers: &[u32], answer: u32, wrong: 
     g.finish()
 }
 
-/// Steering during generation, as a session of two traces: trace 0 reads the
-/// mean residual stream of `toward` at `layer`; trace 1 generates `new_tokens`
-/// from `prompt` adding `coef ×` that vector to `layer`'s output at the last
-/// position of every step. Saves the steering vector as `direction`.
-pub fn steering(prompt: &str, toward: &str, layer: u32, coef: f64, new_tokens: u32) -> Graph {
+/// Steering during generation, as a session of two traces (activation
+/// addition, Turner et al. 2023): trace 0 reads the residual stream of
+/// `toward` and of `away` at `layer`, and the direction is the difference of
+/// their means (positions 1..: the first position is an attention-sink
+/// outlier); trace 1 generates `new_tokens` from `prompt`, adding `coef ×`
+/// the direction to `layer`'s output at the last position of every step.
+/// Saves the direction as `direction`.
+pub fn steering(
+    prompt: &str,
+    toward: &str,
+    away: &str,
+    layer: u32,
+    coef: f64,
+    new_tokens: u32,
+) -> Graph {
     let g = Builder::new();
-    let source = g.trace([toward]);
+    let source = g.trace([toward, away]);
     let target = g.trace([prompt]).generate(new_tokens);
     let module = format!("model.layers.{layer}");
-    let dir = g
-        .read(source.at(&module, Point::Output))
-        .mean([1], false)
-        .scale(coef);
+    let mean = |invoke: u32| {
+        g.read(source.invoke(invoke).at(&module, Point::Output))
+            .index([Full, IndexItem::slice(Some(1), None), Full])
+            .mean([1], false)
+    };
+    let dir = (mean(0) - mean(1)).scale(coef);
     g.save("direction", dir);
     g.add_at(
         target.at(&module, Point::Output).all_steps(),
@@ -159,7 +171,9 @@ pub mod prompts {
     pub const IOI_CORRUPT: &str =
         "After John and Mary went to the store, John gave a bottle of milk to";
     /// Steering prompt.
-    pub const STEER: &str = "My favourite food is";
-    /// Steering direction text.
+    pub const STEER: &str = "Yesterday I went for a walk and saw";
+    /// Steering: text whose direction is added.
     pub const STEER_TOWARD: &str = "I love the ocean, the sea, waves and beaches.";
+    /// Steering: text whose direction is subtracted.
+    pub const STEER_AWAY: &str = "I love the city, the streets, traffic and buildings.";
 }

@@ -304,6 +304,7 @@ fn steering_with_zero_vector_equals_plain_generation() {
     let scaled_zero = run(experiments::steering(
         experiments::prompts::STEER,
         experiments::prompts::STEER_TOWARD,
+        experiments::prompts::STEER_AWAY,
         10,
         0.0,
         8,
@@ -322,7 +323,7 @@ fn steering_matches_direct_hooks_and_changes_the_text() {
     assert_eq!(dir.size(), [1, 576]);
     let prompt = e.encode(experiments::prompts::STEER).expect("encodes");
     let mut hooks = Direct {
-        points: vec![layer_out(10)],
+        points: vec![layer_out(12)],
         f: |_, _, h: &mut Tensor| {
             let h2 = h.copy();
             let mut last = h2.select(1, -1);

@@ -180,8 +180,8 @@ pub enum Experiment {
         #[arg(long, default_value = " Mary")]
         wrong: String,
     },
-    /// Steering: add the mean residual stream of --toward at --layer, times
-    /// --coef, to every generation step.
+    /// Steering: add --coef × (mean residual stream of --toward − that of
+    /// --away) at --layer to every generation step.
     Steer {
         #[command(flatten)]
         run: RunArgs,
@@ -189,9 +189,11 @@ pub enum Experiment {
         prompt: String,
         #[arg(long, default_value = prompts::STEER_TOWARD)]
         toward: String,
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value = prompts::STEER_AWAY)]
+        away: String,
+        #[arg(long, default_value_t = 12)]
         layer: u32,
-        #[arg(long, default_value_t = 4.0)]
+        #[arg(long, default_value_t = 3.0)]
         coef: f64,
         #[arg(long, default_value_t = 16)]
         max_new_tokens: u32,
@@ -399,6 +401,7 @@ pub fn experiment(e: Experiment) -> Result<()> {
             run,
             prompt,
             toward,
+            away,
             layer,
             coef,
             max_new_tokens,
@@ -407,6 +410,7 @@ pub fn experiment(e: Experiment) -> Result<()> {
             let plain = engine.execute(experiments::steering(
                 &prompt,
                 &toward,
+                &away,
                 layer,
                 0.0,
                 max_new_tokens,
@@ -414,6 +418,7 @@ pub fn experiment(e: Experiment) -> Result<()> {
             let steered = engine.execute(experiments::steering(
                 &prompt,
                 &toward,
+                &away,
                 layer,
                 coef,
                 max_new_tokens,
@@ -424,7 +429,9 @@ pub fn experiment(e: Experiment) -> Result<()> {
                     .decode(&o.generated[1][0])
                     .unwrap_or_default()
             };
-            println!("steering layer {layer} toward {toward:?} (coef {coef})\n");
+            println!(
+                "steering layer {layer} toward {toward:?}, away from {away:?} (coef {coef})\n"
+            );
             println!("plain:   {prompt}{}", text(&plain));
             println!("steered: {prompt}{}", text(&steered));
             write_out(&run, &steered)
@@ -495,7 +502,14 @@ pub fn example_json(name: &str, layers: u32) -> Result<String> {
             2322,
             5099,
         ),
-        "steer" => experiments::steering(prompts::STEER, prompts::STEER_TOWARD, 10, 4.0, 16),
+        "steer" => experiments::steering(
+            prompts::STEER,
+            prompts::STEER_TOWARD,
+            prompts::STEER_AWAY,
+            12,
+            3.0,
+            16,
+        ),
         "ablate" => experiments::ablation(prompts::LENS, 0, None),
         "ablate-head" => experiments::ablation(prompts::LENS, 0, Some(3)),
         "attention" => experiments::attention_pattern(prompts::LENS, 0),
