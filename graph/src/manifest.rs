@@ -246,7 +246,37 @@ pub enum ApplyError {
     },
 }
 
+impl Module {
+    /// The modules of decoder layer `i` in forward order, the layer itself first.
+    pub fn of_layer(i: u32) -> [Module; 12] {
+        [
+            Module::Layer(i),
+            Module::InputNorm(i),
+            Module::Attn(i),
+            Module::QProj(i),
+            Module::KProj(i),
+            Module::VProj(i),
+            Module::OProj(i),
+            Module::PostNorm(i),
+            Module::Mlp(i),
+            Module::Gate(i),
+            Module::Up(i),
+            Module::Down(i),
+        ]
+    }
+}
+
 impl Manifest {
+    /// Every module of the model, embedding first, `lm_head` last.
+    pub fn modules(&self) -> Vec<Module> {
+        let mut out = vec![Module::Embed];
+        for i in 0..self.num_layers {
+            out.extend(Module::of_layer(i));
+        }
+        out.extend([Module::Norm, Module::LmHead]);
+        out
+    }
+
     /// Parses a Hugging Face module path, checking the layer index against `num_layers`.
     pub fn parse_module(&self, path: &str) -> Option<Module> {
         match path {
@@ -490,32 +520,10 @@ pub(crate) mod tests {
         }
     }
 
-    fn all_modules(m: &Manifest) -> Vec<Module> {
-        let mut out = vec![Module::Embed];
-        for i in 0..m.num_layers {
-            out.extend([
-                Module::Layer(i),
-                Module::InputNorm(i),
-                Module::Attn(i),
-                Module::QProj(i),
-                Module::KProj(i),
-                Module::VProj(i),
-                Module::OProj(i),
-                Module::PostNorm(i),
-                Module::Mlp(i),
-                Module::Gate(i),
-                Module::Up(i),
-                Module::Down(i),
-            ]);
-        }
-        out.extend([Module::Norm, Module::LmHead]);
-        out
-    }
-
     #[test]
     fn paths_round_trip() {
         let m = tiny();
-        for module in all_modules(&m) {
+        for module in m.modules() {
             assert_eq!(m.parse_module(&module.path()), Some(module), "{module}");
         }
         for bad in [
@@ -535,7 +543,7 @@ pub(crate) mod tests {
     fn sites_are_dense_and_invertible() {
         let m = tiny();
         let mut seen = vec![false; m.num_sites() as usize];
-        for module in all_modules(&m) {
+        for module in m.modules() {
             for &p in m.points(module) {
                 let site = m.site(module, p).expect("valid hook has a site");
                 assert!(!std::mem::replace(&mut seen[site.0 as usize], true));

@@ -273,21 +273,9 @@ fn inspect(args: &ModelArgs, t: u64) -> Result<()> {
                 m.num_layers - 2
             );
         }
-        show(Module::Layer(i), 0, full);
-        for sub in [
-            Module::InputNorm(i),
-            Module::Attn(i),
-            Module::QProj(i),
-            Module::KProj(i),
-            Module::VProj(i),
-            Module::OProj(i),
-            Module::PostNorm(i),
-            Module::Mlp(i),
-            Module::Gate(i),
-            Module::Up(i),
-            Module::Down(i),
-        ] {
+        for sub in Module::of_layer(i) {
             let depth = match sub {
+                Module::Layer(_) => 0,
                 Module::QProj(_)
                 | Module::KProj(_)
                 | Module::VProj(_)

@@ -2,7 +2,7 @@
 //! untouched, and the canonical experiments (run from `examples/*.json`)
 //! give the numbers of the same computation done directly with runtime hooks.
 
-use std::path::PathBuf;
+mod common;
 
 use nnmesh_graph::{Builder, Graph, IndexItem::*, Limits, Module, Point};
 use nnmesh_node::{
@@ -11,25 +11,11 @@ use nnmesh_node::{
     hooks::{HookError, Hooks, NoHooks},
     trace::{self, Outcome},
 };
-use tch::{Device, Kind, Tensor};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use tch::{Kind, Tensor};
 
 thread_local! {
     // tch tensors are not Sync: one engine per test thread.
-    static ENGINE: &'static Engine = Box::leak(Box::new(
-        Engine::load(
-            &std::env::var_os("NNMESH_MODEL")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf")),
-            None,
-            Kind::Float,
-            Device::Cpu,
-        )
-        .expect("bundled model loads (run scripts/setup.sh)"),
-    ));
+    static ENGINE: &'static Engine = Box::leak(Box::new(common::load_engine()));
 }
 
 fn engine() -> &'static Engine {
@@ -38,12 +24,6 @@ fn engine() -> &'static Engine {
 
 fn run(graph: Graph) -> Outcome {
     trace::run(engine(), graph, &Limits::default()).expect("graph runs")
-}
-
-fn example(name: &str) -> Graph {
-    let text = std::fs::read_to_string(root().join("examples").join(format!("{name}.json")))
-        .expect("example exists");
-    Graph::from_json(&text).expect("example parses")
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -162,7 +142,7 @@ fn writing_the_value_just_read_changes_nothing() {
 #[test]
 fn logit_lens_matches_direct_hooks() {
     let e = engine();
-    let out = run(example("lens"));
+    let out = run(common::example("lens"));
     let mut hs = Vec::new();
     let mut hooks = Direct {
         points: (0..30).map(layer_out).collect(),
@@ -202,7 +182,7 @@ fn logit_diff(logits: &Tensor, a: i64, b: i64) -> f64 {
 #[test]
 fn activation_patching_matches_direct_hooks() {
     let e = engine();
-    let out = run(example("patch"));
+    let out = run(common::example("patch"));
     let (john, mary) = (2322i64, 5099i64);
     let clean_ids = e.encode(experiments::prompts::IOI_CLEAN).expect("encodes");
     let corrupt_ids = e
@@ -269,9 +249,14 @@ fn patching_the_clean_run_into_itself_gives_the_clean_difference() {
 
 #[test]
 fn shared_rows_give_the_same_patching_result() {
-    let out = run(example("patch"));
-    let unshared =
-        trace::run_with(engine(), example("patch"), &Limits::default(), false).expect("runs");
+    let out = run(common::example("patch"));
+    let unshared = trace::run_with(
+        engine(),
+        common::example("patch"),
+        &Limits::default(),
+        false,
+    )
+    .expect("runs");
     for name in ["clean", "corrupt", "patched"] {
         let (a, b) = (
             out.get(name).expect("saved"),
@@ -315,7 +300,7 @@ fn steering_with_zero_vector_equals_plain_generation() {
 #[test]
 fn steering_matches_direct_hooks_and_changes_the_text() {
     let e = engine();
-    let out = run(example("steer"));
+    let out = run(common::example("steer"));
     let dir = out
         .get("direction")
         .expect("direction saved")
@@ -356,7 +341,7 @@ fn ablations_match_direct_hooks() {
     let e = engine();
     let ids = e.encode(LENS).expect("encodes");
     // Zero layer 0's MLP output.
-    let out = run(example("ablate"));
+    let out = run(common::example("ablate"));
     let mut hooks = Direct {
         points: vec![(Module::Mlp(0), Point::Output)],
         f: |_, _, v: &mut Tensor| *v = v.zeros_like(),
@@ -367,7 +352,7 @@ fn ablations_match_direct_hooks() {
         .select(1, -1);
     assert!(max_diff(out.get("logits").expect("logits"), &direct) < 1e-5);
     // Zero head 3 of layer 0's z.
-    let out = run(example("ablate-head"));
+    let out = run(common::example("ablate-head"));
     let mut hooks = Direct {
         points: vec![(Module::Attn(0), Point::Z)],
         f: |_, _, v: &mut Tensor| {
@@ -394,7 +379,7 @@ fn ablations_match_direct_hooks() {
 #[test]
 fn attention_pattern_rows_sum_to_one_and_match_direct_hooks() {
     let e = engine();
-    let out = run(example("attention"));
+    let out = run(common::example("attention"));
     let p = out.get("pattern").expect("pattern");
     assert_eq!(p.size(), [1, 9, 9, 9]);
     let sums = out.get("row_sums").expect("sums");
@@ -519,8 +504,9 @@ fn examples_are_up_to_date() {
         "attention",
     ] {
         let built = nnmesh_node::cli::graph_cmds::example_json(name, 30).expect("known example");
-        let file = std::fs::read_to_string(root().join("examples").join(format!("{name}.json")))
-            .expect("example exists");
+        let file =
+            std::fs::read_to_string(common::root().join("examples").join(format!("{name}.json")))
+                .expect("example exists");
         assert_eq!(
             built.trim(),
             file.trim(),

@@ -1,6 +1,8 @@
 //! The mesh end to end: real `nnmesh node` processes on loopback (port 0), a
 //! client that holds no weights, and the same graphs run in-process.
 
+mod common;
+
 use std::{
     path::{Path, PathBuf},
     time::Duration,
@@ -12,7 +14,7 @@ use nnmesh_client::{
     transport::{RequestError, Transport, TransportConfig},
 };
 use nnmesh_graph::{Builder, Graph, Limits, Point};
-use nnmesh_node::{engine::Engine, local_mesh::LocalNode, trace, wire::from_wire};
+use nnmesh_node::{local_mesh::LocalNode, trace, wire::from_wire};
 use nnmesh_protocol::{
     codec,
     ids::RequestId,
@@ -20,16 +22,6 @@ use nnmesh_protocol::{
     tensor::WireTensor,
 };
 use tch::{Device, Kind};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn model_path() -> PathBuf {
-    std::env::var_os("NNMESH_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
-}
 
 type Node = LocalNode;
 
@@ -54,12 +46,6 @@ fn rt() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("runtime")
-}
-
-fn example(name: &str) -> Graph {
-    let text = std::fs::read_to_string(root().join("examples").join(format!("{name}.json")))
-        .expect("example exists");
-    Graph::from_json(&text).expect("example parses")
 }
 
 /// Asserts a mesh outcome equals the single-node outcome; returns how many
@@ -95,9 +81,9 @@ fn assert_same(name: &str, mesh: &MeshOutcome, local: &trace::Outcome) -> usize 
 
 #[test]
 fn three_nodes_give_the_single_node_results_for_the_canonical_experiments() {
-    let model = model_path();
+    let model = common::model_path();
     let nodes = three_nodes(&model);
-    let engine = Engine::load(&model, None, Kind::Float, Device::Cpu).expect("model loads");
+    let engine = common::load_engine();
     let rt = rt();
     let client = rt
         .block_on(MeshClient::connect(std::slice::from_ref(&nodes[0].addr)))
@@ -111,7 +97,7 @@ fn three_nodes_give_the_single_node_results_for_the_canonical_experiments() {
         "ablate-head",
         "attention",
     ] {
-        let graph = example(name);
+        let graph = common::example(name);
         let local = trace::run(&engine, graph.clone(), &Limits::default()).expect("runs locally");
         let mesh = rt
             .block_on(client.run(graph, None))
@@ -136,7 +122,7 @@ fn three_nodes_give_the_single_node_results_for_the_canonical_experiments() {
 /// A copy of the model whose weights differ in one byte (of a tensor that
 /// the 20..30 stage loads), so its model id differs.
 fn foreign_model(dir: &Path) -> PathBuf {
-    let mut bytes = std::fs::read(model_path()).expect("model");
+    let mut bytes = std::fs::read(common::model_path()).expect("model");
     let n = bytes.len();
     bytes[n - 1000] ^= 0x10;
     let p = dir.join("foreign.gguf");
@@ -148,7 +134,7 @@ fn foreign_model(dir: &Path) -> PathBuf {
 fn routes_avoid_foreign_weights_and_use_one_of_two_replicas() {
     let dir = std::env::temp_dir().join(format!("nnmesh-mesh-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp");
-    let model = model_path();
+    let model = common::model_path();
     let nodes = three_nodes(&model);
     let a = nodes[0].addr.clone();
     let replica = node("10..20", Some(&a), &model, &[]);
@@ -172,8 +158,8 @@ fn routes_avoid_foreign_weights_and_use_one_of_two_replicas() {
     let err = choose_route(&peers, Some(foreign_id)).expect_err("foreign model is partial");
     assert!(err.to_string().contains("layers 0..20 unserved"), "{err}");
 
-    let engine = Engine::load(&model, None, Kind::Float, Device::Cpu).expect("model loads");
-    let graph = example("lens");
+    let engine = common::load_engine();
+    let graph = common::example("lens");
     let local = trace::run(&engine, graph.clone(), &Limits::default()).expect("runs");
     let mesh = rt
         .block_on(client.run(graph, None))
@@ -196,7 +182,7 @@ async fn raw(t: &Transport, node: &Node, bytes: Vec<u8>) -> Result<Response, Req
 
 #[test]
 fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
-    let model = model_path();
+    let model = common::model_path();
     let node = node("0..30", None, &model, &["--max-message-mib", "1"]);
     let rt = rt();
     rt.block_on(async {
@@ -302,7 +288,7 @@ fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
             .await
             .expect("connects");
         let out = client
-            .run(example("lens"), None)
+            .run(common::example("lens"), None)
             .await
             .expect("still serving");
         assert_eq!(out.saves.len(), 30);
@@ -318,7 +304,7 @@ fn now_ms() -> u64 {
 
 #[test]
 fn a_dead_stage_is_reported_by_name() {
-    let model = model_path();
+    let model = common::model_path();
     let mut nodes = three_nodes(&model);
     let rt = rt();
     let client = rt
@@ -327,7 +313,7 @@ fn a_dead_stage_is_reported_by_name() {
     let dead = nodes.pop().expect("three nodes");
     drop(dead); // SIGKILL: no goodbye
     let err = rt
-        .block_on(client.run(example("lens"), None))
+        .block_on(client.run(common::example("lens"), None))
         .expect_err("no route without layers 20..30");
     assert!(matches!(err, MeshError::Coverage(_)), "{err}");
     assert!(err.to_string().contains("layers 20..30 unserved"), "{err}");

@@ -2,7 +2,7 @@
 //! (`tests/fixtures/reference.json`, written by `scripts/reference.py`), and
 //! the GGUF dequantizers against llama.cpp's gguf-py (`quants.json`).
 
-use std::path::PathBuf;
+mod common;
 
 use nnmesh_node::{
     engine::{Engine, Padded},
@@ -13,22 +13,9 @@ use nnmesh_node::{
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn model_path() -> PathBuf {
-    std::env::var_os("NNMESH_MODEL")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
-}
-
 thread_local! {
     // tch tensors are not Sync: one engine per test thread.
-    static ENGINE: &'static Engine = Box::leak(Box::new(
-        Engine::load(&model_path(), None, Kind::Float, Device::Cpu)
-            .expect("bundled model loads (run scripts/setup.sh)"),
-    ));
+    static ENGINE: &'static Engine = Box::leak(Box::new(common::load_engine()));
 }
 
 fn engine() -> &'static Engine {
@@ -36,7 +23,7 @@ fn engine() -> &'static Engine {
 }
 
 fn fixture(name: &str) -> Value {
-    let p = root().join("node/tests/fixtures").join(name);
+    let p = common::root().join("node/tests/fixtures").join(name);
     serde_json::from_str(&std::fs::read_to_string(&p).expect("fixture exists"))
         .expect("fixture is JSON")
 }
@@ -142,7 +129,7 @@ fn padded_batch_matches_transformers() {
 #[test]
 fn three_way_split_equals_full_model() {
     let full = engine();
-    let ckpt = nnmesh_node::checkpoint::Checkpoint::open(&model_path()).expect("opens");
+    let ckpt = nnmesh_node::checkpoint::Checkpoint::open(&common::model_path()).expect("opens");
     let stages: Vec<_> = [0..10, 10..20, 20..30]
         .into_iter()
         .map(|r| {
@@ -272,7 +259,7 @@ fn bad_inputs_give_clear_errors() {
     let missing = load(&dir.join("nope.gguf"), None).expect_err("missing file");
     assert!(missing.to_string().contains("does not exist"), "{missing}");
 
-    let bytes = std::fs::read(model_path()).expect("model");
+    let bytes = std::fs::read(common::model_path()).expect("model");
     let truncated = dir.join("truncated.gguf");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).expect("write");
     let err = load(&truncated, None).expect_err("truncated file");
@@ -287,7 +274,7 @@ fn bad_inputs_give_clear_errors() {
     let err = load(&not_gguf, None).expect_err("not gguf");
     assert!(err.to_string().contains("not a GGUF file"), "{err}");
 
-    let err = load(&model_path(), Some(25..31)).expect_err("range outside");
+    let err = load(&common::model_path(), Some(25..31)).expect_err("range outside");
     assert!(
         err.to_string().contains("outside the model's 30 layers"),
         "{err}"
