@@ -29,6 +29,7 @@ use nnmesh_protocol::{
     record::{SignedRecord, StageRecord},
 };
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use crate::{
     cli::ModelArgs,
@@ -329,10 +330,20 @@ fn handle(node: Arc<Node>, inb: Inbound) {
                 );
             };
             reply(inb, &Response::Accepted);
-            tokio::spawn(async move {
-                node.process(*step).await;
-                drop(permit);
-            });
+            let span = tracing::info_span!(
+                "request",
+                request = step.request.0,
+                trace = step.trace,
+                step = step.step,
+                hop = step.hop
+            );
+            tokio::spawn(
+                async move {
+                    node.process(*step).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
         }
     }
 }
@@ -410,27 +421,26 @@ impl Node {
         }
     }
 
+    /// Tells the client a step failed here; logs it when even that fails.
+    async fn report_failure(&self, step: &StepRequest, e: WireError) {
+        tracing::warn!(error = %e, "step failed");
+        if let Err(delivery) = self.report(step, ReportBody::Failed(e)).await {
+            tracing::warn!(error = %delivery, "could not report the failure to the client");
+        }
+    }
+
     /// Runs a step on the stage, reports saves, and pushes the result on.
     async fn process(&self, step: StepRequest) {
         let request = step.request;
-        let span = tracing::info_span!(
-            "request",
-            request = request.0,
-            trace = step.trace,
-            step = step.step,
-            hop = step.hop
-        );
-        let _e = span.enter();
-        let failed = |e: WireError| ReportBody::Failed(e);
         let out = match self.stage.send(RunStep(Box::new(step.clone()))).await {
             Ok(Ok(out)) => out,
             Ok(Err(e)) => {
-                let _ = self.report(&step, failed(e)).await;
+                self.report_failure(&step, e).await;
                 return;
             }
             Err(e) => {
                 let e = WireError::new(ErrorKind::Internal, format!("stage actor: {e}"));
-                let _ = self.report(&step, failed(e)).await;
+                self.report_failure(&step, e).await;
                 return;
             }
         };
@@ -449,7 +459,7 @@ impl Node {
                         s.name, len, self.max_message
                     ),
                 );
-                let _ = self.report(&step, failed(e)).await;
+                self.report_failure(&step, e).await;
                 self.stage.do_send(Close(request));
                 return;
             }
@@ -479,7 +489,7 @@ impl Node {
         let next_hop = step.hop + 1;
         let Some(Hop { peer, addrs, .. }) = step.route.get(next_hop as usize).cloned() else {
             let e = WireError::new(ErrorKind::Internal, "no next hop after a middle stage");
-            let _ = self.report(&step, failed(e)).await;
+            self.report_failure(&step, e).await;
             return;
         };
         let next = StepRequest {
@@ -515,7 +525,7 @@ impl Node {
         };
         if let Err(msg) = result {
             let e = WireError::new(ErrorKind::Internal, msg);
-            let _ = self.report(&step, failed(e)).await;
+            self.report_failure(&step, e).await;
         }
     }
 }
