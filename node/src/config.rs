@@ -56,6 +56,9 @@ pub struct Config {
     /// Whether q/k/v projections have biases (Qwen2 does).
     #[serde(default)]
     pub attention_bias: bool,
+    /// transformers 5 keeps `rope_theta` and the scaling here.
+    #[serde(default)]
+    rope_parameters: Option<serde_json::Value>,
 }
 
 fn default_rope_theta() -> f64 {
@@ -71,15 +74,23 @@ fn llama3_scaling<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<RopeS
     let ty = v
         .get("rope_type")
         .or_else(|| v.get("type"))
-        .and_then(|t| t.as_str());
-    if ty != Some("llama3") {
-        return Err(serde::de::Error::custom(format!(
-            "rope_scaling type {ty:?} is not supported (only \"llama3\")"
-        )));
+        .and_then(|t| t.as_str())
+        .map(str::to_owned);
+    parse_scaling(v, ty.as_deref()).map_err(serde::de::Error::custom)
+}
+
+/// A `rope_scaling` (or transformers 5 `rope_parameters`) object: `None`
+/// for plain RoPE, Llama-3 scaling, or an error naming an unsupported type.
+fn parse_scaling(v: serde_json::Value, ty: Option<&str>) -> Result<Option<RopeScaling>, String> {
+    match ty {
+        None | Some("default") => Ok(None),
+        Some("llama3") => serde_json::from_value(v)
+            .map(Some)
+            .map_err(|e| e.to_string()),
+        Some(other) => Err(format!(
+            "RoPE scaling type {other:?} is not supported (default and llama3 are)"
+        )),
     }
-    serde_json::from_value(v)
-        .map(Some)
-        .map_err(serde::de::Error::custom)
 }
 
 /// A configuration that cannot be used.
@@ -167,6 +178,7 @@ impl Config {
             max_position_embeddings: u("context_length").unwrap_or(2048),
             tie_word_embeddings: !g.tensors.contains_key("output.weight"),
             attention_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
+            rope_parameters: None,
         };
         cfg.check()?;
         Ok(cfg)
@@ -179,6 +191,16 @@ impl Config {
     pub fn from_json(text: &str) -> Result<Self, ConfigError> {
         let mut cfg: Config =
             serde_json::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if let Some(p) = cfg.rope_parameters.take() {
+            if let Some(theta) = p.get("rope_theta").and_then(|t| t.as_f64()) {
+                cfg.rope_theta = theta;
+            }
+            let ty = p
+                .get("rope_type")
+                .and_then(|t| t.as_str())
+                .map(str::to_owned);
+            cfg.rope_scaling = parse_scaling(p, ty.as_deref()).map_err(ConfigError::Invalid)?;
+        }
         if cfg.model_type == "qwen2" {
             cfg.attention_bias = true;
         }

@@ -346,3 +346,56 @@ fn tiny_gguf(arch: &str, ty: u32) -> Vec<u8> {
     out.extend(vec![0u8; 256 * 8 * 4]);
     out
 }
+
+/// Tiny random Hugging Face checkpoints (`scripts/tiny_reference.py`): a
+/// sharded Llama with an index file, Llama-3 RoPE scaling and an untied head,
+/// and a Qwen2 with q/k/v biases and a tied head.
+#[test]
+fn safetensors_checkpoints_match_transformers() {
+    let f = fixture("tiny.json");
+    for arch in ["llama", "qwen2"] {
+        let case = &f[arch];
+        let dir = common::root()
+            .join("node/tests/fixtures")
+            .join(case["path"].as_str().expect("path"));
+        let ckpt = nnmesh_node::checkpoint::Checkpoint::open(&dir).expect("checkpoint opens");
+        let n = ckpt.config.num_hidden_layers;
+        let model = nnmesh_node::llama::Model::load(&ckpt, 0..n, Kind::Float, Device::Cpu)
+            .expect("model loads");
+        let _g = tch::no_grad_guard();
+        for (ids, want) in case["ids"]
+            .as_array()
+            .expect("ids")
+            .iter()
+            .zip(case["logits"].as_array().expect("logits"))
+        {
+            let ids = self::ids(ids);
+            let padded = Padded::new(std::slice::from_ref(&ids), Device::Cpu);
+            let got = model
+                .forward(
+                    Input::Tokens(padded.ids.shallow_clone()),
+                    &padded.batch,
+                    None,
+                    &mut NoHooks,
+                )
+                .expect("forward")
+                .get(0);
+            let want: Vec<f32> = want
+                .as_array()
+                .expect("rows")
+                .iter()
+                .flat_map(|r| floats(r))
+                .collect();
+            let want = Tensor::from_slice(&want).reshape(got.size());
+            let d = (&got - &want).abs().max().double_value(&[]);
+            assert!(d < 1e-4, "{arch}: max |ours - transformers| = {d}");
+        }
+    }
+    // The llama config uses transformers 5's rope_parameters with llama3 scaling.
+    let cfg = nnmesh_node::checkpoint::Checkpoint::open(
+        &common::root().join("node/tests/fixtures/tiny-llama"),
+    )
+    .expect("opens")
+    .config;
+    assert!(cfg.rope_scaling.is_some() && cfg.rope_theta == 50_000.0 && !cfg.tie_word_embeddings);
+}
