@@ -384,7 +384,7 @@ fn safetensors_checkpoints_match_transformers() {
                 .as_array()
                 .expect("rows")
                 .iter()
-                .flat_map(|r| floats(r))
+                .flat_map(floats)
                 .collect();
             let want = Tensor::from_slice(&want).reshape(got.size());
             let d = (&got - &want).abs().max().double_value(&[]);
