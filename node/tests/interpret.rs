@@ -514,3 +514,23 @@ fn examples_are_up_to_date() {
         );
     }
 }
+
+#[test]
+fn reading_the_attention_pattern_changes_logits_only_by_rounding() {
+    // The pattern is materialized with an explicit softmax instead of the
+    // fused attention kernel, so logits agree to rounding, not bit for bit.
+    let e = engine();
+    let plain = e
+        .logits(&[e.encode(LENS).expect("encodes")], &mut NoHooks)
+        .expect("forward");
+    let g = Builder::new();
+    let t = g.trace([LENS]);
+    for l in [0, 14, 29] {
+        g.read(t.at(&format!("model.layers.{l}.self_attn"), Point::Pattern));
+    }
+    g.save("logits", g.read(t.at("lm_head", Point::Output)));
+    let out = run(g.finish());
+    let d = max_diff(out.get("logits").expect("saved"), &plain);
+    eprintln!("max |logits with pattern reads - plain| = {d:e}");
+    assert!(d < 1e-4, "{d}");
+}
