@@ -49,14 +49,15 @@ PY
   say "model unpacked to models/$MODEL_FILE"
 fi
 
-# Extra Python packages for reference fixtures and benchmarks (opt-in).
+# Extra Python packages for reference fixtures and benchmarks (opt-in:
+# scripts/bench.sh and the scripts/*reference.py fixture writers use them).
 if [ "${NNMESH_SETUP_REFERENCE:-0}" = 1 ]; then
-  if "$py" -c 'import transformers, gguf, accelerate' 2>/dev/null; then
-    say "transformers, gguf, accelerate already installed"
+  if "$py" -c 'import transformers, gguf, accelerate, nnsight' 2>/dev/null; then
+    say "transformers, gguf, accelerate, nnsight already installed"
   else
-    say "installing transformers, gguf, accelerate (reference implementation)"
-    "$py" -m pip install --quiet --disable-pip-version-check transformers gguf accelerate \
-      || fail "could not install transformers gguf accelerate from PyPI"
+    say "installing transformers, gguf, accelerate, nnsight (reference implementations)"
+    "$py" -m pip install --quiet --disable-pip-version-check transformers gguf accelerate nnsight \
+      || fail "could not install transformers gguf accelerate nnsight from PyPI"
   fi
 fi
 say "ready"
