@@ -1,6 +1,6 @@
 //! `nnmesh bench`: prefill latency and greedy decode speed beside Hugging
 //! Face transformers, Intervention Graph overhead beside NNsight
-//! ([`graphs`]), and a 3-node loopback mesh against in-process ([`mesh`]),
+//! (`graphs`), and a 3-node loopback mesh against in-process (`mesh`),
 //! each measured side by side in one run and printed as figures and ratios.
 
 mod graphs;

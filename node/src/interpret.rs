@@ -8,6 +8,8 @@
 //! Nodes that feed a write run *eagerly* at their anchor; everything else is
 //! *deferred* to the end of the step, where calls of the same module are
 //! batched into one (a 30-layer logit lens reads `lm_head` once, not 30 times).
+//! Invokes with identical prompts share a batch row until they are first
+//! written ([`Sharing`]).
 
 pub mod ops;
 mod sharing;

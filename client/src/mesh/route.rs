@@ -1,0 +1,111 @@
+//! Choosing a route: which model is fully served, and the cheapest chain of
+//! stages through it (the shared [`find_route`] search over RTT, compute and
+//! load), plus the coverage figures `nnmesh status` prints.
+
+use std::collections::BTreeMap;
+
+use nnmesh_protocol::{
+    ids::ModelId,
+    record::StageRecord,
+    route::{Candidate, find_route},
+};
+
+use super::{MeshError, Peer};
+
+/// Picks the model (the one fully served, unless given) and the cheapest
+/// route through the nodes serving it.
+///
+/// # Errors
+/// When no model, or more than one, is fully served.
+pub fn choose_route(
+    peers: &[Peer],
+    model: Option<ModelId>,
+) -> Result<(ModelId, Vec<&Peer>), MeshError> {
+    let mut by_model: BTreeMap<[u8; 32], Vec<&Peer>> = BTreeMap::new();
+    for p in peers {
+        by_model.entry(p.record.model.0).or_default().push(p);
+    }
+    let mut routes = Vec::new();
+    let mut gaps = Vec::new();
+    for (id, ps) in &by_model {
+        let id = ModelId(*id);
+        if model.is_some_and(|m| m != id) {
+            continue;
+        }
+        let n = ps[0].record.num_layers;
+        let cands: Vec<Candidate> = ps
+            .iter()
+            .map(|p| Candidate {
+                peer: p.peer.to_bytes(),
+                start: p.record.start,
+                end: p.record.end,
+                // Records give tokens/s through the whole span; the router
+                // prices each layer at 1/throughput-per-layer.
+                throughput: p.record.throughput * (p.record.end - p.record.start) as f32,
+                rtt_ms: p.rtt_ms,
+                load: p.record.load,
+            })
+            .collect();
+        match find_route(&cands, n, &[]) {
+            Some(idx) => routes.push((id, idx.into_iter().map(|i| ps[i]).collect::<Vec<_>>())),
+            None => gaps.push(format!(
+                "{} ({}): {}",
+                ps[0].record.model_name,
+                id,
+                coverage_gaps(ps, n)
+            )),
+        }
+    }
+    match routes.len() {
+        1 => Ok(routes.remove(0)),
+        0 => Err(MeshError::Coverage(if gaps.is_empty() {
+            "no node serves the requested model".into()
+        } else {
+            gaps.join("; ")
+        })),
+        _ => Err(MeshError::Ambiguous(
+            routes
+                .iter()
+                .map(|(id, _)| id.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        )),
+    }
+}
+
+/// Layers no node serves, as `a..b` ranges.
+pub fn coverage_gaps(peers: &[&Peer], num_layers: u32) -> String {
+    let holders = holders_per_layer(peers.iter().map(|p| &p.record), num_layers);
+    let mut gaps = Vec::new();
+    let mut l = 0;
+    while l < num_layers {
+        if holders[l as usize] == 0 {
+            let start = l;
+            while l < num_layers && holders[l as usize] == 0 {
+                l += 1;
+            }
+            gaps.push(format!("layers {start}..{l} unserved"));
+        } else {
+            l += 1;
+        }
+    }
+    if gaps.is_empty() {
+        "no contiguous route".into()
+    } else {
+        gaps.join(", ")
+    }
+}
+
+/// How many nodes hold each layer.
+pub fn holders_per_layer<'a>(
+    records: impl Iterator<Item = &'a StageRecord>,
+    num_layers: u32,
+) -> Vec<u32> {
+    let mut holders = vec![0u32; num_layers as usize];
+    for r in records {
+        for l in r.start..r.end.min(num_layers) {
+            holders[l as usize] += 1;
+        }
+    }
+    holders
+}
