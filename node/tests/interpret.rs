@@ -495,14 +495,7 @@ fn validation_errors_reach_the_caller() {
 
 #[test]
 fn examples_are_up_to_date() {
-    for name in [
-        "lens",
-        "patch",
-        "steer",
-        "ablate",
-        "ablate-head",
-        "attention",
-    ] {
+    for name in nnmesh_node::cli::graph_cmds::EXAMPLES {
         let built = nnmesh_node::cli::graph_cmds::example_json(name, 30).expect("known example");
         let file =
             std::fs::read_to_string(common::root().join("examples").join(format!("{name}.json")))

@@ -89,14 +89,7 @@ fn three_nodes_give_the_single_node_results_for_the_canonical_experiments() {
         .block_on(MeshClient::connect(std::slice::from_ref(&nodes[0].addr)))
         .expect("client connects");
     let (mut total, mut identical) = (0, 0);
-    for name in [
-        "lens",
-        "patch",
-        "steer",
-        "ablate",
-        "ablate-head",
-        "attention",
-    ] {
+    for name in nnmesh_node::cli::graph_cmds::EXAMPLES {
         let graph = common::example(name);
         let local = trace::run(&engine, graph.clone(), &Limits::default()).expect("runs locally");
         let mesh = rt

@@ -487,6 +487,16 @@ fn shade(x: f32) -> char {
     [' ', '░', '▒', '▓', '█'][((x * 4.0).round() as usize).min(4)]
 }
 
+/// The built-in experiments that `nnmesh graph NAME` prints (and `examples/` holds).
+pub const EXAMPLES: [&str; 6] = [
+    "lens",
+    "patch",
+    "steer",
+    "ablate",
+    "ablate-head",
+    "attention",
+];
+
 /// `nnmesh graph NAME`: prints a built-in experiment as JSON (to edit, or to run with `trace`).
 ///
 /// # Errors
