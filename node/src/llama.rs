@@ -74,14 +74,6 @@ impl Cache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-
-    /// Keeps only the batch rows in `rows` (generation dropping finished rows, or cloning a session).
-    pub fn select_rows(&mut self, rows: &Tensor) {
-        for (k, v) in self.kv.iter_mut().flatten() {
-            *k = k.index_select(0, rows);
-            *v = v.index_select(0, rows);
-        }
-    }
 }
 
 /// A module call outside the forward pass that cannot be made.
