@@ -79,6 +79,9 @@ struct Session {
     state: State,
     cache: Option<Cache>,
     padded: Option<Padded>,
+    /// The last (trace, step) run here: a step is applied at most once,
+    /// since running it again would append to the KV cache twice.
+    applied: Option<(u32, u32)>,
     last_used: Instant,
 }
 
@@ -174,6 +177,7 @@ impl Stage {
                 format!("trace {} step {} is not in the graph", req.trace, req.step),
             ));
         }
+        session.applied = Some((req.trace, req.step));
         if req.step == 0 {
             let prompts = trace_prompts(&session.graph, trace);
             session.padded = Some(Padded::new(&prompts, device));
@@ -314,6 +318,7 @@ fn open_session<'s>(
                 state,
                 cache: None,
                 padded: None,
+                applied: None,
                 last_used: now,
             })
         }
@@ -336,6 +341,19 @@ impl Handler<RunStep> for Stage {
         );
         let _e = span.enter();
         let t0 = Instant::now();
+        // A duplicate leaves the session as it is (it may be a retry of a
+        // step that did arrive).
+        if let Some(s) = self.sessions.get(&req.request)
+            && s.applied.is_some_and(|a| (req.trace, req.step) <= a)
+        {
+            return Err(err(
+                ErrorKind::Malformed,
+                format!(
+                    "trace {} step {} was already applied to request {} here; a replay needs a new request id",
+                    req.trace, req.step, req.request.0
+                ),
+            ));
+        }
         let out = self.run_step(&req);
         match &out {
             Ok(_) => tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "step done"),

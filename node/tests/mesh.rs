@@ -276,6 +276,43 @@ fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
             other => panic!("expected a failure report, got {other:?}"),
         }
 
+        // A valid step runs once; the same step again is refused, since
+        // running it twice would corrupt the session (its KV cache).
+        let g = Builder::new();
+        let tr = g.trace_tokens(vec![vec![504, 414, 46682]]);
+        g.save("h", g.read(tr.at("model.layers.2", Point::Output)));
+        let good = g.finish();
+        let mut next_report = async || {
+            let inb = tokio::time::timeout(Duration::from_secs(60), inbound.recv())
+                .await
+                .expect("a report arrives")
+                .expect("inbound open");
+            let Ok(Request::Report(report)) = codec::decode::<Request>(&inb.request) else {
+                panic!("a report")
+            };
+            let _ = inb.reply.send(codec::encode(&Response::Ack));
+            report.body
+        };
+        let mut good_step = step(vec![hop(0, 30)], &good);
+        good_step.request = RequestId(8);
+        let msg = codec::encode(&Request::Step(Box::new(good_step)));
+        assert_eq!(
+            raw(&t, &node, msg.clone()).await.expect("answer"),
+            Response::Accepted
+        );
+        assert!(matches!(next_report().await, ReportBody::Saves(s) if s[0].name == "h"));
+        assert!(matches!(next_report().await, ReportBody::Done { .. }));
+        assert_eq!(
+            raw(&t, &node, msg).await.expect("answer"),
+            Response::Accepted
+        );
+        match next_report().await {
+            ReportBody::Failed(e) => {
+                assert!(e.message.contains("already applied"), "{}", e.message)
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+
         // The node still serves a real request.
         let client = MeshClient::connect(std::slice::from_ref(&node.addr))
             .await
