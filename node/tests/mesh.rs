@@ -103,6 +103,17 @@ fn three_nodes_give_the_single_node_results_for_the_canonical_experiments() {
         total += local.saves.len();
     }
     eprintln!("{identical} of {total} saved values bit-identical to the single-node run");
+    // Two clients at once: sessions are per request, so neither disturbs the other.
+    let (lens, steer) = (common::example("lens"), common::example("steer"));
+    let lens_local = trace::run(&engine, lens.clone(), &Limits::default()).expect("runs");
+    let steer_local = trace::run(&engine, steer.clone(), &Limits::default()).expect("runs");
+    let other = rt
+        .block_on(MeshClient::connect(std::slice::from_ref(&nodes[1].addr)))
+        .expect("second client connects");
+    let (a, b) =
+        rt.block_on(async { tokio::join!(client.run(lens, None), other.run(steer, None)) });
+    assert_same("concurrent lens", &a.expect("lens runs"), &lens_local);
+    assert_same("concurrent steer", &b.expect("steer runs"), &steer_local);
     assert_eq!(identical, total, "f32 on CPU should be bit-identical");
     for n in nodes {
         assert!(
