@@ -26,7 +26,8 @@ use nnmesh_protocol::{
     codec,
     ids::{ModelId, RequestId},
     message::{
-        ErrorKind, Hop, ReportBody, Request, Response, Saved, StageReport, StepRequest, WireError,
+        Carried, ErrorKind, Hop, ReportBody, Request, Response, Saved, StageReport, StepRequest,
+        WireError,
     },
     record::{SignedRecord, StageRecord},
     tensor::WireTensor,
@@ -390,6 +391,7 @@ impl MeshClient {
             .collect();
         let graph_bytes = graph.to_postcard();
         let mut saves = Vec::new();
+        let mut relayed = Vec::new();
         let mut generated = Vec::new();
         let result: Result<(), MeshError> = async {
             for (t, trace) in graph.traces.iter().enumerate() {
@@ -415,7 +417,8 @@ impl MeshClient {
                         step,
                         tokens: WireTensor::from_i64(shape, &ids).expect("shape matches ids"),
                         hidden: None,
-                        carry: Vec::new(),
+                        // Values later stages sent back for earlier ones.
+                        carry: std::mem::take(&mut relayed),
                     };
                     match self
                         .call(
@@ -434,7 +437,7 @@ impl MeshClient {
                         }
                     }
                     let done = self
-                        .await_step(&mut rx, t as u32, step, &hops, &mut saves)
+                        .await_step(&mut rx, t as u32, step, &hops, &mut saves, &mut relayed)
                         .await?;
                     if trace.max_new_tokens > 0 && !done.is_empty() {
                         for (row, &id) in tokens.iter_mut().zip(&done) {
@@ -481,6 +484,7 @@ impl MeshClient {
         step: u32,
         hops: &[Hop],
         saves: &mut Vec<Saved>,
+        relayed: &mut Vec<Carried>,
     ) -> Result<Vec<u32>, MeshError> {
         let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
         loop {
@@ -506,7 +510,7 @@ impl MeshClient {
             }
             match report.body {
                 ReportBody::Saves(s) => saves.extend(s),
-                ReportBody::Relay(_) => {}
+                ReportBody::Relay(values) => relayed.extend(values),
                 ReportBody::Done { tokens } => return Ok(tokens),
                 ReportBody::Failed(error) => {
                     let peer = hops

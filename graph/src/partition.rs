@@ -45,6 +45,10 @@ pub struct Fragment {
     pub carry_out: Vec<NodeId>,
     /// Save nodes executed here; their values go straight to the client.
     pub saves: Vec<NodeId>,
+    /// Values this stage sends to the client for an earlier stage that needs
+    /// them in a later trace or step; the client hands them to the first
+    /// stage with its next step, and they travel as carry from there.
+    pub relay_out: Vec<NodeId>,
 }
 
 /// Why a graph cannot be split along a route.
@@ -125,7 +129,9 @@ fn check_route(route: &[StageSpan], num_layers: u32) -> Result<(), PartitionErro
 /// # Errors
 /// [`PartitionError::Coverage`] if the route does not tile `0..num_layers`,
 /// [`PartitionError::Backward`] if a value is needed on an earlier stage than
-/// the one producing it (including across steps and traces), and
+/// the one producing it within the same step (a value needed in a later step
+/// or trace is relayed through the client instead, see
+/// [`Fragment::relay_out`]), and
 /// [`PartitionError::PlanMismatch`]/[`PartitionError::UnknownModule`] for a
 /// plan or graph that did not come from [`validate`](fn@crate::validate).
 pub fn partition(
@@ -162,6 +168,8 @@ pub fn partition(
 
     // Stage of every node except constants (placed with their consumers) and stops.
     let mut stage: Vec<Option<usize>> = vec![None; graph.nodes.len()];
+    // For values relayed through the client: the last stage that needs them.
+    let mut relay_to: Vec<Option<usize>> = vec![None; graph.nodes.len()];
     for (i, node) in graph.nodes.iter().enumerate() {
         let id = NodeId(i as u32);
         let inputs_max = || {
@@ -182,6 +190,15 @@ pub fn partition(
                 if let Some(p) = stage.get(input.index()).copied().flatten()
                     && p > s
                 {
+                    // A value finished before the consumer's step starts can
+                    // go back through the client; within one step it cannot.
+                    let produced = plan.nodes[input.index()].last_moment();
+                    let needed = plan.nodes[i].anchor;
+                    if (needed.trace, needed.step) > (produced.trace, produced.step) {
+                        let r = &mut relay_to[input.index()];
+                        *r = Some(r.map_or(s, |r: usize| r.max(s)));
+                        continue;
+                    }
                     return Err(PartitionError::Backward {
                         node: input,
                         consumer: id,
@@ -221,17 +238,35 @@ pub fn partition(
             carry_in: Vec::new(),
             carry_out: Vec::new(),
             saves: Vec::new(),
+            relay_out: Vec::new(),
         })
         .collect();
 
-    // Consumers' stages of each node, to place constants and compute carry.
+    // Consumers' stages of each node, to place constants and compute carry
+    // (relayed consumers are served from the first stage instead).
     let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); graph.nodes.len()];
     for (i, node) in graph.nodes.iter().enumerate() {
         if let Some(s) = stage[i] {
             for &input in node.inputs() {
+                let producer = stage.get(input.index()).copied().flatten();
+                if producer.is_some_and(|p| p > s) {
+                    continue;
+                }
                 if let Some(c) = consumers.get_mut(input.index()) {
                     c.push(s);
                 }
+            }
+        }
+    }
+    for (i, r) in relay_to.iter().enumerate() {
+        if let (Some(r), Some(p)) = (*r, stage[i]) {
+            let id = NodeId(i as u32);
+            fragments[p].relay_out.push(id);
+            for f in &mut fragments[..=r] {
+                f.carry_in.push(id);
+            }
+            for f in &mut fragments[..r] {
+                f.carry_out.push(id);
             }
         }
     }
@@ -265,6 +300,12 @@ pub fn partition(
                     fragments[s].nodes.push(id);
                 }
             }
+        }
+    }
+    for f in &mut fragments {
+        for list in [&mut f.carry_in, &mut f.carry_out] {
+            list.sort_unstable();
+            list.dedup();
         }
     }
     Ok(fragments)

@@ -480,6 +480,13 @@ impl Node {
                 size = 0;
             }
         }
+        if !out.relay.is_empty()
+            && let Err(e) = self.report(&step, ReportBody::Relay(out.relay)).await
+        {
+            tracing::warn!(error = %e, "could not relay values to the client");
+            self.stage.do_send(Close(request));
+            return;
+        }
         if let Some(tokens) = out.done {
             if let Err(e) = self.report(&step, ReportBody::Done { tokens }).await {
                 tracing::warn!(error = %e, "could not report completion to the client");

@@ -52,6 +52,9 @@ pub struct StepOutput {
     pub carry: Vec<Carried>,
     /// Values saved here, for the client.
     pub saves: Vec<Saved>,
+    /// Values an earlier stage needs in a later step or trace: sent to the
+    /// client, which hands them to the first stage with its next step.
+    pub relay: Vec<Carried>,
     /// On the last hop (or when the forward stopped early): the greedy next
     /// token of each row when the trace generates further, else empty.
     pub done: Option<Vec<u32>>,
@@ -231,19 +234,20 @@ impl Stage {
                 })
             })
             .collect::<Result<Vec<_>, WireError>>()?;
-        let carry = session
-            .fragment
-            .carry_out
-            .iter()
-            .filter(|n| session.state.is_fresh(**n))
-            .map(|n| {
-                let v = session.state.value(*n).expect("fresh values exist");
-                Ok(Carried {
-                    node: n.0,
-                    value: to_wire(v)?,
+        let fresh = |ids: &[NodeId]| {
+            ids.iter()
+                .filter(|n| session.state.is_fresh(**n))
+                .map(|n| {
+                    let v = session.state.value(*n).expect("fresh values exist");
+                    Ok(Carried {
+                        node: n.0,
+                        value: to_wire(v)?,
+                    })
                 })
-            })
-            .collect::<Result<Vec<_>, WireError>>()?;
+                .collect::<Result<Vec<_>, WireError>>()
+        };
+        let carry = fresh(&session.fragment.carry_out)?;
+        let relay = fresh(&session.fragment.relay_out)?;
         let generating = session.graph.traces[trace].max_new_tokens > 0;
         let (hidden, done) = match out {
             None => (None, Some(Vec::new())),
@@ -266,6 +270,7 @@ impl Stage {
             hidden,
             carry,
             saves,
+            relay,
             done,
         })
     }

@@ -13,8 +13,8 @@ use nnmesh_client::{
     mesh::{MeshClient, MeshError, MeshOutcome, choose_route},
     transport::{RequestError, Transport, TransportConfig},
 };
-use nnmesh_graph::{Builder, Graph, Limits, Point};
-use nnmesh_node::{local_mesh::LocalNode, trace, wire::from_wire};
+use nnmesh_graph::{Builder, Graph, IndexItem, IndexItem::*, Limits, Point};
+use nnmesh_node::{experiments, local_mesh::LocalNode, trace, wire::from_wire};
 use nnmesh_protocol::{
     codec,
     ids::RequestId,
@@ -103,6 +103,15 @@ fn three_nodes_give_the_single_node_results_for_the_canonical_experiments() {
         total += local.saves.len();
     }
     eprintln!("{identical} of {total} saved values bit-identical to the single-node run");
+    // Values that flow back to an earlier stage in a later trace or step go
+    // through the client: layer 25 (stage 2) steers layer 5 (stage 0).
+    for graph in [backward_session(), backward_steps()] {
+        let local = trace::run(&engine, graph.clone(), &Limits::default()).expect("runs locally");
+        let mesh = rt
+            .block_on(client.run(graph, None))
+            .expect("runs on the mesh");
+        assert_eq!(assert_same("relayed", &mesh, &local), local.saves.len());
+    }
     // Two clients at once: sessions are per request, so neither disturbs the other.
     let (lens, steer) = (common::example("lens"), common::example("steer"));
     let lens_local = trace::run(&engine, lens.clone(), &Limits::default()).expect("runs");
@@ -121,6 +130,43 @@ fn three_nodes_give_the_single_node_results_for_the_canonical_experiments() {
             "clean exit on SIGTERM"
         );
     }
+}
+
+/// Trace 0 reads layer 25; trace 1 generates with it added to layer 5.
+fn backward_session() -> Graph {
+    let g = Builder::new();
+    let src = g.trace([experiments::prompts::STEER_TOWARD]);
+    let tgt = g.trace([experiments::prompts::STEER]).generate(6);
+    let dir = g
+        .read(src.at("model.layers.25", Point::Output))
+        .index([Full, IndexItem::slice(Some(1), None), Full])
+        .mean([1], false)
+        .scale(0.05);
+    g.save("dir", dir);
+    g.add_at(
+        tgt.at("model.layers.5", Point::Output).all_steps(),
+        [Full, At(-1), Full],
+        dir,
+    );
+    g.finish()
+}
+
+/// One generation: layer 25's last position at step 0 is added to layer 5 at
+/// every later step.
+fn backward_steps() -> Graph {
+    let g = Builder::new();
+    let t = g.trace([experiments::prompts::STEER]).generate(5);
+    let v = g
+        .read(t.at("model.layers.25", Point::Output).step(0))
+        .index([Full, At(-1), Full])
+        .scale(0.1);
+    g.add_at(
+        t.at("model.layers.5", Point::Output).steps(1..5),
+        [Full, At(-1), Full],
+        v,
+    );
+    g.save("v", v);
+    g.finish()
 }
 
 /// A copy of the model whose weights differ in one byte (of a tensor that

@@ -124,6 +124,32 @@ fn backward_values_are_rejected() {
 }
 
 #[test]
+fn values_for_a_later_trace_are_relayed_through_the_client() {
+    // Trace 0 reads layer 3 (stage 1); trace 1 adds it to layer 1 (stage 0).
+    let g = Builder::new();
+    let t0 = g.trace(["x"]);
+    let t1 = g.trace(["y"]);
+    let value = g
+        .read(t0.at("model.layers.3", Point::Output))
+        .index([Full, At(-1), Full]);
+    g.add_at(
+        t1.at("model.layers.1", Point::Output),
+        [Full, At(-1), Full],
+        value,
+    );
+    let v = value.id();
+    let graph = g.finish();
+    let m = tiny();
+    let plan = plan_for(&graph, &m);
+    let f = partition(&graph, &plan, &m, &split(&[(0, 2), (2, 4)])).expect("relayed");
+    assert_eq!(f[1].relay_out, [v]);
+    assert_eq!(f[0].carry_in, [v]);
+    assert!(f[0].carry_out.is_empty() && f[1].carry_in.is_empty());
+    // (Within one step the same flow is an out-of-order write, which
+    // validation rejects; `backward_values_are_rejected` covers the rest.)
+}
+
+#[test]
 fn routes_must_cover_the_layers() {
     let g = Builder::new();
     g.trace(["x"]);
