@@ -399,41 +399,26 @@ fn attention_pattern_rows_sum_to_one_and_match_direct_hooks() {
 
 #[test]
 fn invoke_views_strip_padding() {
+    // The short prompt's layer output and attention pattern, read as one
+    // invoke of a left-padded batch and alone.
+    let views = |prompts: &[&str], invoke: u32| {
+        let g = Builder::new();
+        let t = g.trace(prompts.iter().copied());
+        let at = |m: &str, p| g.read(t.invoke(invoke).at(m, p));
+        g.save("h", at("model.layers.4", Point::Output));
+        g.save("pattern", at("model.layers.4.self_attn", Point::Pattern));
+        run(g.finish())
+    };
     let short = "Hello, my name is";
-    let g = Builder::new();
-    let t = g.trace([LENS, short]);
-    g.save(
-        "batched",
-        g.read(t.invoke(1).at("model.layers.4", Point::Output)),
-    );
-    g.save(
-        "pattern",
-        g.read(t.invoke(1).at("model.layers.4.self_attn", Point::Pattern)),
-    );
-    let together = run(g.finish());
-    let g = Builder::new();
-    let t = g.trace([short]);
-    g.save(
-        "alone",
-        g.read(t.invoke(0).at("model.layers.4", Point::Output)),
-    );
-    g.save(
-        "pattern",
-        g.read(t.invoke(0).at("model.layers.4.self_attn", Point::Pattern)),
-    );
-    let alone = run(g.finish());
-    let (a, b) = (
-        together.get("batched").expect("saved"),
-        alone.get("alone").expect("saved"),
-    );
-    assert_eq!(a.size(), b.size());
-    assert!(max_diff(a, b) < 1e-4, "{}", max_diff(a, b));
-    let (a, b) = (
-        together.get("pattern").expect("saved"),
-        alone.get("pattern").expect("saved"),
-    );
-    assert_eq!(a.size(), b.size());
-    assert!(max_diff(a, b) < 1e-5);
+    let (together, alone) = (views(&[LENS, short], 1), views(&[short], 0));
+    for (name, tol) in [("h", 1e-4), ("pattern", 1e-5)] {
+        let (a, b) = (
+            together.get(name).expect("saved"),
+            alone.get(name).expect("saved"),
+        );
+        assert_eq!(a.size(), b.size(), "{name}");
+        assert!(max_diff(a, b) < tol, "{name}: {}", max_diff(a, b));
+    }
 }
 
 #[test]

@@ -317,15 +317,18 @@ fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
         .await
         .expect("answer");
         assert_eq!(accepted, Response::Accepted);
-        let inb = tokio::time::timeout(Duration::from_secs(60), inbound.recv())
-            .await
-            .expect("a report arrives")
-            .expect("inbound open");
-        let Ok(Request::Report(report)) = codec::decode::<Request>(&inb.request) else {
-            panic!("a report")
+        let mut next_report = async || {
+            let inb = tokio::time::timeout(Duration::from_secs(60), inbound.recv())
+                .await
+                .expect("a report arrives")
+                .expect("inbound open");
+            let Ok(Request::Report(report)) = codec::decode::<Request>(&inb.request) else {
+                panic!("a report")
+            };
+            let _ = inb.reply.send(codec::encode(&Response::Ack));
+            report.body
         };
-        let _ = inb.reply.send(codec::encode(&Response::Ack));
-        match report.body {
+        match next_report().await {
             ReportBody::Failed(e) => {
                 assert_eq!(e.kind, ErrorKind::Validation);
                 assert!(e.message.contains("model.layers.40"), "{}", e.message);
@@ -339,17 +342,6 @@ fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
         let tr = g.trace_tokens(vec![vec![504, 414, 46682]]);
         g.save("h", g.read(tr.at("model.layers.2", Point::Output)));
         let good = g.finish();
-        let mut next_report = async || {
-            let inb = tokio::time::timeout(Duration::from_secs(60), inbound.recv())
-                .await
-                .expect("a report arrives")
-                .expect("inbound open");
-            let Ok(Request::Report(report)) = codec::decode::<Request>(&inb.request) else {
-                panic!("a report")
-            };
-            let _ = inb.reply.send(codec::encode(&Response::Ack));
-            report.body
-        };
         let mut good_step = step(vec![hop(0, 30)], &good);
         good_step.request = RequestId(8);
         let msg = codec::encode(&Request::Step(Box::new(good_step)));
