@@ -1,14 +1,22 @@
 //! Numerics against Hugging Face transformers on the same GGUF
-//! (`tests/fixtures/reference.json`, written by `scripts/reference.py`), and
-//! the GGUF dequantizers against llama.cpp's gguf-py (`quants.json`).
+//! (`tests/fixtures/reference.{json,safetensors}`, written by
+//! `scripts/reference.py`), the tiny safetensors checkpoints (`tiny.json`,
+//! `scripts/tiny_reference.py`), and the GGUF dequantizers against
+//! llama.cpp's gguf-py (`quants.json`). Logits are compared with the scaled
+//! tolerances of `common` (why those figures: see there), and
+//! `planted_bugs_fail_the_checks` shows the same checks fail for real bugs.
 
 mod common;
 
+use std::collections::HashMap;
+
+use common::{LOGITS, TINY_LOGITS, Tolerance, Worst};
 use nnmesh_node::{
+    checkpoint::Checkpoint,
     engine::{Engine, Padded},
     gguf,
     hooks::NoHooks,
-    llama::Input,
+    llama::{Input, Model},
 };
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
@@ -28,6 +36,31 @@ fn fixture(name: &str) -> Value {
         .expect("fixture is JSON")
 }
 
+/// `reference.json` and its logits from `reference.safetensors`.
+struct Reference {
+    json: Value,
+    tensors: HashMap<String, Tensor>,
+}
+
+impl Reference {
+    fn load() -> Self {
+        let json = fixture("reference.json");
+        let file = json["tensors"].as_str().expect("tensors file named");
+        let tensors =
+            Tensor::read_safetensors(common::root().join("node/tests/fixtures").join(file))
+                .expect("reference.safetensors reads")
+                .into_iter()
+                .collect();
+        Reference { json, tensors }
+    }
+
+    fn tensor(&self, name: &str) -> &Tensor {
+        self.tensors
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} in reference.safetensors"))
+    }
+}
+
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
         .expect("ids")
@@ -44,42 +77,114 @@ fn floats(v: &Value) -> Vec<f32> {
         .collect()
 }
 
-/// Checks `logits` ([t, vocab] for one prompt) against one fixture case.
-fn check_case(case: &Value, logits: &Tensor, tol: f32) {
+/// The f64 sum of a last row's 49,152 logits, relative to Σ|logit| (rounding
+/// in a sum is bounded relative to Σ|x|, not |Σx|, which can cancel). Part of
+/// the per-logit drift is a shift of the whole row, so the sums moved by up to
+/// 2.0 between kernel sets (AVX-512 vs SSE4.2, on a row summing to 609,568),
+/// 3.3e-6 of Σ|logit|, and by 0.19 on a row whose logits nearly cancel (sum
+/// 21,770, Σ|logit| 116,899). 1e-5 of Σ|logit| is 3x the worst.
+const SUM_RTOL_OF_ABS: f64 = 1e-5;
+
+/// Compares `logits` ([t, vocab] for one prompt) with one fixture case, part
+/// by part: `compare(what, ours, reference, tolerance)`.
+fn compare_case(
+    case: &Value,
+    reference: &Reference,
+    logits: &Tensor,
+    compare: &mut dyn FnMut(&str, &Tensor, &Tensor, Tolerance),
+) {
     let prompt = case["prompt"].as_str().expect("prompt");
-    let slice_w = case["slice"][0].as_array().expect("slice").len() as i64;
-    let ours = logits.narrow(1, 0, slice_w);
-    let rows = case["slice"].as_array().expect("slice");
+    let name = case["tensors"].as_str().expect("tensors");
     assert_eq!(
-        rows.len() as i64,
         logits.size()[0],
-        "{prompt}: sequence length"
+        ids(&case["ids"]).len() as i64,
+        "{prompt:?}: sequence length"
     );
-    let mut worst = 0f32;
-    for (p, row) in rows.iter().enumerate() {
-        let ours = Vec::<f32>::try_from(&ours.get(p as i64)).expect("f32 row");
-        for (a, b) in ours.iter().zip(floats(row)) {
-            worst = worst.max((a - b).abs());
-        }
-    }
-    let last = logits.get(-1);
-    for (&id, want) in ids(&case["last_top_ids"])
-        .iter()
-        .zip(floats(&case["last_top_logits"]))
-    {
-        let got = last.double_value(&[i64::from(id)]) as f32;
-        worst = worst.max((got - want).abs());
-    }
-    assert!(
-        worst <= tol,
-        "{prompt}: max |ours - transformers| = {worst} > {tol}"
+    let columns = reference.tensor("columns");
+    compare(
+        &format!(
+            "{prompt:?}: {} hashed columns, every position",
+            columns.size()[0]
+        ),
+        &logits.index_select(1, columns),
+        reference.tensor(&format!("{name}.columns")),
+        LOGITS,
     );
-    let (_, top) = last.topk(1, -1, true, true);
+    compare(
+        &format!("{prompt:?}: top logits, every position"),
+        &logits.gather(1, reference.tensor(&format!("{name}.top_ids")), false),
+        reference.tensor(&format!("{name}.top_logits")),
+        LOGITS,
+    );
+    let want_last = reference.tensor(&format!("{name}.last"));
+    compare(
+        &format!("{prompt:?}: whole last row"),
+        &logits.get(-1),
+        want_last,
+        LOGITS,
+    );
+    let sum = case["last_logits_sum"].as_f64().expect("last_logits_sum");
+    let abs_sum = want_last.abs().sum(Kind::Double).double_value(&[]);
+    compare(
+        &format!("{prompt:?}: sum of the last row"),
+        &logits.get(-1).sum(Kind::Double).reshape([1]),
+        &Tensor::from_slice(&[sum]),
+        Tolerance {
+            atol: SUM_RTOL_OF_ABS * abs_sum,
+            rtol: 0.0,
+        },
+    );
+}
+
+/// Asserts `logits` ([t, vocab] for one prompt) match one fixture case.
+fn check_case(case: &Value, reference: &Reference, logits: &Tensor) {
+    compare_case(case, reference, logits, &mut |what, ours, want, tol| {
+        common::assert_close(what, ours, want, tol);
+    });
+    let prompt = case["prompt"].as_str().expect("prompt");
+    let (_, top) = logits.get(-1).topk(1, -1, true, true);
     assert_eq!(
         top.int64_value(&[0]) as u32,
         ids(&case["last_top_ids"])[0],
-        "{prompt}: top-1 token"
+        "{prompt:?}: top-1 token"
     );
+}
+
+/// Keeps in `worst` whichever of it and `(what, w)` is further outside its bound.
+fn keep_worst(worst: &mut Option<(String, Worst)>, what: &str, w: Worst) {
+    if worst
+        .as_ref()
+        .is_none_or(|(_, old)| w.ratio() > old.ratio())
+    {
+        *worst = Some((what.to_string(), w));
+    }
+}
+
+/// `model`'s logits ([t, vocab]) for one unpadded prompt.
+fn forward_one(model: &Model, ids: &[u32]) -> Tensor {
+    let _g = tch::no_grad_guard();
+    let padded = Padded::new(&[ids.to_vec()], Device::Cpu);
+    model
+        .forward(
+            Input::Tokens(padded.ids.shallow_clone()),
+            &padded.batch,
+            None,
+            &mut NoHooks,
+        )
+        .expect("forward")
+        .get(0)
+}
+
+/// The worst violation over every part of every case, for a model that should fail.
+fn worst_over_cases(reference: &Reference, model: &Model) -> (String, Worst) {
+    let mut worst: Option<(String, Worst)> = None;
+    for case in reference.json["prompts"].as_array().expect("prompts") {
+        let logits = forward_one(model, &ids(&case["ids"]));
+        compare_case(case, reference, &logits, &mut |what, ours, want, tol| {
+            keep_worst(&mut worst, what, common::closeness(what, ours, want, tol));
+        });
+    }
+    worst.expect("the fixture has cases")
 }
 
 #[test]
@@ -103,45 +208,42 @@ fn tokenizer_ids_match_transformers() {
 #[test]
 fn logits_match_transformers() {
     let e = engine();
-    let f = fixture("reference.json");
-    for case in f["prompts"].as_array().expect("prompts") {
+    let r = Reference::load();
+    for case in r.json["prompts"].as_array().expect("prompts") {
         let logits = e
             .logits(&[ids(&case["ids"])], &mut NoHooks)
             .expect("forward");
-        check_case(case, &logits.get(0), 1e-4);
+        check_case(case, &r, &logits.get(0));
     }
 }
 
 #[test]
 fn padded_batch_matches_transformers() {
     let e = engine();
-    let f = fixture("reference.json");
-    let cases = f["batch"].as_array().expect("batch");
+    let r = Reference::load();
+    let cases = r.json["batch"].as_array().expect("batch");
     let prompts: Vec<Vec<u32>> = cases.iter().map(|c| ids(&c["ids"])).collect();
     let logits = e.logits(&prompts, &mut NoHooks).expect("forward");
     let t = logits.size()[1];
     for (row, case) in cases.iter().enumerate() {
         let len = prompts[row].len() as i64;
-        check_case(case, &logits.get(row as i64).narrow(0, t - len, len), 1e-4);
+        check_case(case, &r, &logits.get(row as i64).narrow(0, t - len, len));
     }
 }
 
 #[test]
 fn three_way_split_equals_full_model() {
     let full = engine();
-    let ckpt = nnmesh_node::checkpoint::Checkpoint::open(&common::model_path()).expect("opens");
+    let ckpt = Checkpoint::open(&common::model_path()).expect("opens");
     let stages: Vec<_> = [0..10, 10..20, 20..30]
         .into_iter()
-        .map(|r| {
-            nnmesh_node::llama::Model::load(&ckpt, r, Kind::Float, Device::Cpu)
-                .expect("stage loads")
-        })
+        .map(|r| Model::load(&ckpt, r, Kind::Float, Device::Cpu).expect("stage loads"))
         .collect();
     assert!(stages[0].is_first() && !stages[0].is_last());
     assert!(!stages[1].is_first() && !stages[1].is_last());
     assert!(stages[2].is_last());
-    let f = fixture("reference.json");
-    let prompts: Vec<Vec<u32>> = f["batch"]
+    let r = Reference::load();
+    let prompts: Vec<Vec<u32>> = r.json["batch"]
         .as_array()
         .expect("batch")
         .iter()
@@ -166,9 +268,14 @@ fn three_way_split_equals_full_model() {
     );
     // And each case still matches transformers.
     let t = split.size()[1];
-    for (row, case) in f["batch"].as_array().expect("batch").iter().enumerate() {
+    for (row, case) in r.json["batch"]
+        .as_array()
+        .expect("batch")
+        .iter()
+        .enumerate()
+    {
         let len = prompts[row].len() as i64;
-        check_case(case, &split.get(row as i64).narrow(0, t - len, len), 1e-4);
+        check_case(case, &r, &split.get(row as i64).narrow(0, t - len, len));
     }
 }
 
@@ -298,9 +405,9 @@ fn bad_inputs_give_clear_errors() {
     );
     let quant = dir.join("quant.gguf");
     std::fs::write(&quant, tiny_gguf("llama", 13)).expect("write");
-    let ckpt = nnmesh_node::checkpoint::Checkpoint::open(&quant).expect("header parses");
-    let err = nnmesh_node::llama::Model::load(&ckpt, 0..1, Kind::Float, Device::Cpu)
-        .expect_err("unsupported quantization");
+    let ckpt = Checkpoint::open(&quant).expect("header parses");
+    let err =
+        Model::load(&ckpt, 0..1, Kind::Float, Device::Cpu).expect_err("unsupported quantization");
     assert!(err.to_string().contains("Q5_K"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -347,55 +454,141 @@ fn tiny_gguf(arch: &str, ty: u32) -> Vec<u8> {
     out
 }
 
+#[test]
+fn closeness_finds_the_element_furthest_outside_its_bound() {
+    let reference = [1.0f32, 100.0, -3.0, 0.0, 5.0, 6.0];
+    let tol = Tolerance {
+        atol: 1e-3,
+        rtol: 1e-2,
+    };
+    let t = |v: [f32; 6]| Tensor::from_slice(&v).reshape([2, 3]);
+    let worst = |ours: [f32; 6]| common::closeness("t", &t(ours), &t(reference), tol);
+    // 100 may move by 1.001, 1 only by 0.011: +0.9 at [0, 1] is inside its
+    // bound, +0.5 at [0, 0] is 45x outside.
+    let w = worst([1.5, 100.9, -3.0, 0.0, 5.0, 6.0]);
+    assert_eq!(w.index, [0, 0]);
+    assert!(
+        w.violated() && (w.ratio() - 0.5 / 0.011).abs() < 1e-3,
+        "{w}"
+    );
+    let w = worst([1.0, 100.9, -3.0, 0.0, 5.0, 6.0]);
+    assert_eq!(w.index, [0, 1]);
+    assert!(!w.violated(), "{w}");
+    // A NaN is the worst violation of all.
+    let w = worst([1.5, 100.9, -3.0, 0.0, 5.0, f32::NAN]);
+    assert_eq!(w.index, [1, 2]);
+    assert!(w.violated() && w.ratio().is_infinite(), "{w}");
+    // Equal values pass even a zero bound.
+    let zero = Tolerance {
+        atol: 0.0,
+        rtol: 0.0,
+    };
+    assert!(!common::closeness("t", &t(reference), &t(reference), zero).violated());
+}
+
+/// A tiny checkpoint of `tiny.json` (`"llama"` or `"qwen2"`), opened.
+fn tiny_checkpoint(arch: &str) -> Checkpoint {
+    let path = fixture("tiny.json")[arch]["path"]
+        .as_str()
+        .expect("path")
+        .to_string();
+    Checkpoint::open(&common::root().join("node/tests/fixtures").join(path))
+        .expect("checkpoint opens")
+}
+
+/// Runs `tiny.json`'s prompts for `arch` through a model loaded from `ckpt`:
+/// `compare(what, ours, reference)` for each prompt's logits.
+fn compare_tiny(arch: &str, ckpt: &Checkpoint, compare: &mut dyn FnMut(&str, &Tensor, &Tensor)) {
+    let f = fixture("tiny.json");
+    let case = &f[arch];
+    let n = ckpt.config.num_hidden_layers;
+    let model = Model::load(ckpt, 0..n, Kind::Float, Device::Cpu).expect("model loads");
+    for (i, (ids, want)) in case["ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .zip(case["logits"].as_array().expect("logits"))
+        .enumerate()
+    {
+        let got = forward_one(&model, &self::ids(ids));
+        let want: Vec<f32> = want
+            .as_array()
+            .expect("rows")
+            .iter()
+            .flat_map(floats)
+            .collect();
+        let want = Tensor::from_slice(&want).reshape(got.size());
+        compare(&format!("tiny {arch}, prompt {i}"), &got, &want);
+    }
+}
+
 /// Tiny random Hugging Face checkpoints (`scripts/tiny_reference.py`): a
 /// sharded Llama with an index file, Llama-3 RoPE scaling and an untied head,
-/// and a Qwen2 with q/k/v biases and a tied head.
+/// and a Qwen2 with q/k/v biases and a tied head; both with random biases and
+/// norm weights.
 #[test]
 fn safetensors_checkpoints_match_transformers() {
-    let f = fixture("tiny.json");
     for arch in ["llama", "qwen2"] {
-        let case = &f[arch];
-        let dir = common::root()
-            .join("node/tests/fixtures")
-            .join(case["path"].as_str().expect("path"));
-        let ckpt = nnmesh_node::checkpoint::Checkpoint::open(&dir).expect("checkpoint opens");
-        let n = ckpt.config.num_hidden_layers;
-        let model = nnmesh_node::llama::Model::load(&ckpt, 0..n, Kind::Float, Device::Cpu)
-            .expect("model loads");
-        let _g = tch::no_grad_guard();
-        for (ids, want) in case["ids"]
-            .as_array()
-            .expect("ids")
-            .iter()
-            .zip(case["logits"].as_array().expect("logits"))
-        {
-            let ids = self::ids(ids);
-            let padded = Padded::new(std::slice::from_ref(&ids), Device::Cpu);
-            let got = model
-                .forward(
-                    Input::Tokens(padded.ids.shallow_clone()),
-                    &padded.batch,
-                    None,
-                    &mut NoHooks,
-                )
-                .expect("forward")
-                .get(0);
-            let want: Vec<f32> = want
-                .as_array()
-                .expect("rows")
-                .iter()
-                .flat_map(floats)
-                .collect();
-            let want = Tensor::from_slice(&want).reshape(got.size());
-            let d = (&got - &want).abs().max().double_value(&[]);
-            assert!(d < 1e-4, "{arch}: max |ours - transformers| = {d}");
-        }
+        compare_tiny(arch, &tiny_checkpoint(arch), &mut |what, ours, want| {
+            common::assert_close(what, ours, want, TINY_LOGITS);
+        });
     }
     // The llama config uses transformers 5's rope_parameters with llama3 scaling.
-    let cfg = nnmesh_node::checkpoint::Checkpoint::open(
-        &common::root().join("node/tests/fixtures/tiny-llama"),
-    )
-    .expect("opens")
-    .config;
+    let cfg = tiny_checkpoint("llama").config;
     assert!(cfg.rope_scaling.is_some() && cfg.rope_theta == 50_000.0 && !cfg.tie_word_embeddings);
+    // The qwen2 checkpoint really has biases for the checks above to test.
+    let qwen = tiny_checkpoint("qwen2");
+    let bias = qwen
+        .tensor(
+            "model.layers.0.self_attn.k_proj.bias",
+            Kind::Float,
+            Device::Cpu,
+        )
+        .expect("k bias");
+    assert!(qwen.config.attention_bias && bias.abs().max().double_value(&[]) > 0.1);
+}
+
+/// The tolerances are loose enough for any CPU's kernels, but not for a bug:
+/// each planted bug below must fail the same checks the tests above pass.
+#[test]
+fn planted_bugs_fail_the_checks() {
+    let fails = |what: &str, worst: (String, Worst)| {
+        eprintln!("{what} fails: {}: {}", worst.0, worst.1);
+        assert!(
+            worst.1.violated(),
+            "{what} passed the checks: {}: {}",
+            worst.0,
+            worst.1
+        );
+    };
+    let reference = Reference::load();
+    let smollm = Checkpoint::open(&common::model_path()).expect("opens");
+    assert_eq!(smollm.config.rope_theta, 100_000.0);
+    let n = smollm.config.num_hidden_layers;
+    for (theta, what) in [
+        (10_000.0, "SmolLM2 with RoPE base 1e4 instead of 1e5"),
+        (101_000.0, "SmolLM2 with RoPE base 1.01e5 instead of 1e5"),
+    ] {
+        let mut ckpt = Checkpoint::open(&common::model_path()).expect("opens");
+        ckpt.config.rope_theta = theta;
+        let model = Model::load(&ckpt, 0..n, Kind::Float, Device::Cpu).expect("loads");
+        fails(what, worst_over_cases(&reference, &model));
+    }
+
+    // Qwen2 without its q/k/v biases: the loader skips them when the
+    // config says there are none.
+    let mut qwen = tiny_checkpoint("qwen2");
+    qwen.config.attention_bias = false;
+    let mut worst: Option<(String, Worst)> = None;
+    compare_tiny("qwen2", &qwen, &mut |what, ours, want| {
+        keep_worst(
+            &mut worst,
+            what,
+            common::closeness(what, ours, want, TINY_LOGITS),
+        );
+    });
+    fails(
+        "tiny Qwen2 without q/k/v biases",
+        worst.expect("tiny prompts ran"),
+    );
 }
