@@ -7,4 +7,6 @@ scripts/setup.sh
 echo "[test] building (release)"
 cargo build --release --workspace --all-targets
 echo "[test] running tests"
-cargo test --release --workspace -- --test-threads=1
+# --no-fail-fast: run every test binary even when one fails, so one run
+# reports every failure.
+cargo test --release --workspace --no-fail-fast -- --test-threads=1
