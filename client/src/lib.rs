@@ -33,4 +33,4 @@
 pub mod mesh;
 pub mod transport;
 
-pub use transport::{Inbound, RequestError, Transport, TransportConfig, TransportError};
+pub use transport::{Inbound, PeerEvent, RequestError, Transport, TransportConfig, TransportError};

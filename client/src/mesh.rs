@@ -2,11 +2,21 @@
 //! them, and collect what each stage saved.
 //!
 //! [`MeshClient::run`] tokenizes a graph's prompts on the first stage,
-//! validates and partitions the graph locally (so a bad graph fails before
-//! anything is sent), then drives each step of each trace: the first hop gets
-//! a `Step`, every hop pushes hidden state and carry to the next, saves come
-//! back as reports, and the last hop reports the step done (with the greedy
-//! next tokens when the trace generates).
+//! validates and partitions the graph locally against the route's own
+//! limits (so a bad graph fails before anything is sent), then drives each
+//! step of each trace: the first hop gets a `Step`, every hop pushes hidden
+//! state and carry to the next, saves come back as reports, and the last hop
+//! reports the step done (with the greedy next tokens when the trace
+//! generates).
+//!
+//! The client trusts no report blindly: a report must come from the stage of
+//! the route it names, carry only the saves that stage's fragment produces,
+//! and a step only ends when every save the graph declares for it has
+//! arrived ([`MeshError::MissingSaves`] otherwise). A stage that dies is
+//! named within seconds ([`MeshError::StageLost`]): connection loss and
+//! unanswered pings are watched, and a step that makes no progress within a
+//! deadline derived from the stages' advertised throughput gets every stage
+//! probed.
 
 // Errors are the cold path and carry the context a user needs (peer ids,
 // validation details); boxing them would only add noise.
@@ -18,106 +28,26 @@ use std::{
 };
 
 use libp2p::{Multiaddr, PeerId, identity::Keypair};
-use nnmesh_graph::{
-    Graph, Inputs, Limits, Manifest, PartitionError, Prompt, StageSpan, ValidateError, partition,
-    validate,
-};
+use nnmesh_graph::{Graph, Manifest, Prompt};
 use nnmesh_protocol::{
     codec,
     ids::{ModelId, RequestId},
-    message::{
-        Carried, ErrorKind, Hop, ReportBody, Request, Response, Saved, StageReport, StepRequest,
-        WireError,
-    },
+    message::{ErrorKind, Request, Response, Saved, StageReport, WireError},
     record::{SignedRecord, StageRecord},
-    tensor::WireTensor,
 };
 use tokio::sync::mpsc;
 
-use crate::transport::{Inbound, RequestError, Transport, TransportConfig, TransportError};
+use crate::transport::{Inbound, Transport, TransportConfig};
 
+mod error;
+mod request;
 mod route;
 
+pub use error::{MeshError, StageName};
 pub use route::{choose_route, coverage_gaps, holders_per_layer};
 
 /// The DHT provider key every stage-serving node announces.
 pub const STAGES_KEY: &[u8] = b"nnmesh/stages/v1";
-
-/// How long one step may take end to end before the client gives up.
-const STEP_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// What went wrong talking to the mesh.
-#[derive(Debug, thiserror::Error)]
-pub enum MeshError {
-    /// The client's own transport failed.
-    #[error(transparent)]
-    Transport(#[from] TransportError),
-    /// A request got no answer.
-    #[error("request to {peer} failed: {source}")]
-    Request {
-        /// The peer asked.
-        peer: PeerId,
-        /// Why (and what is known about remote side effects).
-        source: RequestError,
-    },
-    /// A peer refused a request.
-    #[error("{peer} answered with an error: {error}")]
-    Remote {
-        /// The peer.
-        peer: PeerId,
-        /// Its error.
-        error: WireError,
-    },
-    /// A peer's answer made no sense.
-    #[error("{peer} sent an unexpected or undecodable answer: {detail}")]
-    Protocol {
-        /// The peer.
-        peer: PeerId,
-        /// What was wrong.
-        detail: String,
-    },
-    /// Discovery found nobody.
-    #[error("no stage-serving node found in the mesh")]
-    NoPeers,
-    /// No model has every layer served.
-    #[error("no model is fully served: {0}")]
-    Coverage(String),
-    /// More than one model is fully served and none was chosen.
-    #[error("several models are fully served ({0}); choose one with --model-id")]
-    Ambiguous(String),
-    /// The graph failed validation against the model's manifest.
-    #[error("invalid graph: {0}")]
-    Validate(#[from] ValidateError),
-    /// The graph cannot run along the route.
-    #[error("cannot split the graph along the route: {0}")]
-    Partition(#[from] PartitionError),
-    /// A stage reported a failure; earlier stages may have run the step.
-    #[error("stage {hop} ({peer}) failed at trace {trace}, step {step}: {error}")]
-    Stage {
-        /// The hop's index in the route.
-        hop: u32,
-        /// The hop's peer.
-        peer: String,
-        /// The trace.
-        trace: u32,
-        /// The step.
-        step: u32,
-        /// The stage's error.
-        error: WireError,
-    },
-    /// A step did not finish in time.
-    #[error(
-        "no answer for trace {trace}, step {step} within {secs} s (the stages may still be working)"
-    )]
-    Timeout {
-        /// The trace.
-        trace: u32,
-        /// The step.
-        step: u32,
-        /// The time waited.
-        secs: u64,
-    },
-}
 
 /// A node found in the mesh, with its verified record.
 #[derive(Debug, Clone)]
@@ -158,8 +88,17 @@ pub struct MeshOutcome {
     pub model: ModelId,
 }
 
-type Pending = Arc<Mutex<HashMap<RequestId, mpsc::Sender<StageReport>>>>;
+/// A running request's report queue, and the peers allowed to report to
+/// it (its route, by hop).
+struct Pending {
+    reports: mpsc::Sender<StageReport>,
+    route: Vec<PeerId>,
+}
+
+type PendingMap = Arc<Mutex<HashMap<RequestId, Pending>>>;
 type Known = Arc<Mutex<Option<(Instant, Vec<Peer>)>>>;
+/// Peers found dead, and when.
+type Dead = Arc<Mutex<HashMap<PeerId, Instant>>>;
 
 /// A client of the mesh. Holds a libp2p transport that also receives the
 /// stages' reports.
@@ -167,14 +106,26 @@ type Known = Arc<Mutex<Option<(Instant, Vec<Peer>)>>>;
 pub struct MeshClient {
     transport: Transport,
     bootstrap: Vec<PeerId>,
-    pending: Pending,
+    pending: PendingMap,
     /// Peers from the last discovery, reused for [`DISCOVERY_TTL`].
     known: Known,
+    /// Peers that were found dead, left out of discovery for [`DEAD_TTL`].
+    dead: Dead,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("route", &self.route)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How long a discovery result is reused before the mesh is asked again
 /// (records are re-verified then; a failed run forgets it at once).
 const DISCOVERY_TTL: Duration = Duration::from_secs(20);
+/// How long a peer found dead is left out of discovery.
+const DEAD_TTL: Duration = Duration::from_secs(60);
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -197,8 +148,8 @@ pub fn verified_records(records: &[SignedRecord], now_ms: u64) -> Vec<StageRecor
 }
 
 impl MeshClient {
-    /// Starts a client transport (listening on loopback for reports) and
-    /// dials the given mesh addresses.
+    /// Starts a client transport (a fresh identity, listening on loopback
+    /// for reports) and dials the given mesh addresses.
     ///
     /// # Errors
     /// When the transport cannot start or no address can be dialled.
@@ -216,6 +167,15 @@ impl MeshClient {
     ) -> Result<Self, MeshError> {
         let mut cfg = TransportConfig::new(Keypair::generate_ed25519());
         cfg.listen = listen;
+        Self::start(cfg, mesh).await
+    }
+
+    /// Starts a client with the transport settings `cfg` (its identity, a
+    /// private mesh's key, listen addresses for reports) and dials `mesh`.
+    ///
+    /// # Errors
+    /// When the transport cannot start or no address can be dialled.
+    pub async fn start(mut cfg: TransportConfig, mesh: &[Multiaddr]) -> Result<Self, MeshError> {
         cfg.bootstrap = mesh.to_vec();
         let (transport, inbound) = Transport::start(cfg).await?;
         let mut bootstrap = Vec::new();
@@ -231,13 +191,14 @@ impl MeshClient {
         {
             return Err(e.into());
         }
-        let pending: Pending = Arc::default();
+        let pending: PendingMap = Arc::default();
         tokio::spawn(serve_reports(inbound, pending.clone()));
         Ok(MeshClient {
             transport,
             bootstrap,
             pending,
             known: Arc::default(),
+            dead: Arc::default(),
         })
     }
 
@@ -267,8 +228,24 @@ impl MeshClient {
         }
     }
 
+    fn is_dead(&self, peer: &PeerId) -> bool {
+        let mut dead = self.dead.lock().expect("not poisoned");
+        dead.retain(|_, at| at.elapsed() < DEAD_TTL);
+        dead.contains_key(peer)
+    }
+
+    fn mark_dead(&self, peer: PeerId) {
+        self.dead
+            .lock()
+            .expect("not poisoned")
+            .insert(peer, Instant::now());
+        *self.known.lock().expect("not poisoned") = None;
+    }
+
     /// Finds the stage-serving nodes (the DHT's providers of [`STAGES_KEY`]
-    /// plus the dialled peers) and asks each for its signed record.
+    /// plus the dialled peers) and asks each for its signed record. Peers
+    /// that do not answer, or were found dead within the last minute, are
+    /// left out.
     ///
     /// # Errors
     /// When no node answers.
@@ -288,10 +265,19 @@ impl MeshClient {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let mut peers = Vec::new();
-        for id in ids {
+        ids.retain(|p| !self.is_dead(p));
+        let answers = futures::future::join_all(ids.into_iter().map(|id| async move {
             let t0 = Instant::now();
-            let (records, manifest) = match self.call(id, Vec::new(), &Request::Info).await {
+            (
+                id,
+                self.call(id, Vec::new(), &Request::Info).await,
+                t0.elapsed(),
+            )
+        }))
+        .await;
+        let mut peers = Vec::new();
+        for (id, answer, rtt) in answers {
+            let (records, manifest) = match answer {
                 Ok(Response::Info { records, manifest }) => (records, manifest),
                 Ok(other) => {
                     tracing::warn!(peer = %id, ?other, "unexpected Info answer");
@@ -302,7 +288,6 @@ impl MeshClient {
                     continue;
                 }
             };
-            let rtt_ms = t0.elapsed().as_secs_f32() * 1e3;
             let Ok(manifest) = postcard::from_bytes::<Manifest>(&manifest) else {
                 tracing::warn!(peer = %id, "undecodable manifest");
                 continue;
@@ -317,7 +302,7 @@ impl MeshClient {
                     peer: id,
                     addrs: record.addrs.iter().filter_map(|a| a.parse().ok()).collect(),
                     record,
-                    rtt_ms,
+                    rtt_ms: rtt.as_secs_f32() * 1e3,
                     manifest: manifest.clone(),
                 });
             }
@@ -328,15 +313,8 @@ impl MeshClient {
         Ok(peers)
     }
 
-    /// Runs a graph through the mesh and collects its saves.
-    ///
-    /// # Errors
-    /// Discovery, validation, partitioning, or a stage failure (naming the stage).
-    pub async fn run(
-        &self,
-        mut graph: Graph,
-        model: Option<ModelId>,
-    ) -> Result<MeshOutcome, MeshError> {
+    /// The peers of the last discovery, or a new discovery when it is stale.
+    async fn peers(&self) -> Result<Vec<Peer>, MeshError> {
         let cached = self
             .known
             .lock()
@@ -344,189 +322,27 @@ impl MeshClient {
             .as_ref()
             .filter(|(at, _)| at.elapsed() < DISCOVERY_TTL)
             .map(|(_, peers)| peers.clone());
-        let peers = match cached {
-            Some(p) => p,
+        match cached {
+            Some(p) => Ok(p),
             None => {
                 let p = self.discover().await?;
                 *self.known.lock().expect("not poisoned") = Some((Instant::now(), p.clone()));
-                p
+                Ok(p)
             }
-        };
-        let (model, route) = choose_route(&peers, model)?;
-        let manifest = route[0].manifest.clone();
-        let hops: Vec<Hop> = route
-            .iter()
-            .map(|p| Hop {
-                peer: p.peer.to_bytes(),
-                addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
-                start: p.record.start,
-                end: p.record.end,
-            })
-            .collect();
-        let first = route[0];
-        self.tokenize_prompts(first, model, &mut graph).await?;
-        let inputs = Inputs::from_tokens(&graph).expect("prompts were tokenized");
-        let plan = validate(&graph, &manifest, &inputs, &Limits::default())?;
-        let spans: Vec<StageSpan> = hops
-            .iter()
-            .map(|h| StageSpan {
-                start: h.start,
-                end: h.end,
-            })
-            .collect();
-        partition(&graph, &plan, &manifest, &spans)?;
-
-        let request = RequestId(rand_u64());
-        let (tx, mut rx) = mpsc::channel(64);
-        self.pending
-            .lock()
-            .expect("not poisoned")
-            .insert(request, tx);
-        let client_addrs: Vec<String> = self
-            .transport
-            .listen_addrs()
-            .await
-            .iter()
-            .map(|a| a.to_string())
-            .collect();
-        let graph_bytes = graph.to_postcard();
-        let mut saves = Vec::new();
-        let mut relayed = Vec::new();
-        let mut generated = Vec::new();
-        let result: Result<(), MeshError> = async {
-            for (t, trace) in graph.traces.iter().enumerate() {
-                let rows = trace.invokes.len();
-                let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); rows];
-                let mut last: Vec<u32> = Vec::new();
-                for step in 0..plan.steps[t] {
-                    let ids: Vec<i64> = last.iter().map(|&i| i64::from(i)).collect();
-                    let shape = if step == 0 {
-                        vec![0, 0]
-                    } else {
-                        vec![rows as u64, 1]
-                    };
-                    let msg = StepRequest {
-                        request,
-                        client: self.transport.peer_id().to_bytes(),
-                        client_addrs: client_addrs.clone(),
-                        model,
-                        route: hops.clone(),
-                        hop: 0,
-                        graph: (step == 0).then(|| graph_bytes.clone()),
-                        trace: t as u32,
-                        step,
-                        tokens: WireTensor::from_i64(shape, &ids).expect("shape matches ids"),
-                        hidden: None,
-                        // Values later stages sent back for earlier ones.
-                        carry: std::mem::take(&mut relayed),
-                    };
-                    match self
-                        .call(
-                            first.peer,
-                            first.addrs.clone(),
-                            &Request::Step(Box::new(msg)),
-                        )
-                        .await?
-                    {
-                        Response::Accepted => {}
-                        other => {
-                            return Err(MeshError::Protocol {
-                                peer: first.peer,
-                                detail: format!("Step answered {other:?}"),
-                            });
-                        }
-                    }
-                    let done = self
-                        .await_step(&mut rx, t as u32, step, &hops, &mut saves, &mut relayed)
-                        .await?;
-                    if trace.max_new_tokens > 0 && !done.is_empty() {
-                        for (row, &id) in tokens.iter_mut().zip(&done) {
-                            row.push(id);
-                        }
-                        last = done;
-                    }
-                }
-                generated.push(tokens);
-            }
-            Ok(())
         }
-        .await;
-        self.pending.lock().expect("not poisoned").remove(&request);
-        let close = Request::Close { request };
-        let closes = route
-            .iter()
-            .map(|p| self.call(p.peer, p.addrs.clone(), &close));
-        futures::future::join_all(closes).await;
-        if result.is_err() {
-            // The mesh may have changed under us: look again next time.
-            *self.known.lock().expect("not poisoned") = None;
-        }
-        result?;
-        Ok(MeshOutcome {
-            saves,
-            generated,
-            route: route
-                .iter()
-                .map(|p| RouteHop {
-                    peer: p.peer,
-                    start: p.record.start,
-                    end: p.record.end,
-                })
-                .collect(),
-            model,
-        })
     }
 
-    async fn await_step(
+    /// Runs a graph through the mesh and collects its saves.
+    ///
+    /// # Errors
+    /// Discovery, validation, partitioning, a stage failure or a lost stage
+    /// (naming it), or a result that would be partial.
+    pub async fn run(
         &self,
-        rx: &mut mpsc::Receiver<StageReport>,
-        trace: u32,
-        step: u32,
-        hops: &[Hop],
-        saves: &mut Vec<Saved>,
-        relayed: &mut Vec<Carried>,
-    ) -> Result<Vec<u32>, MeshError> {
-        let deadline = tokio::time::Instant::now() + STEP_TIMEOUT;
-        loop {
-            let report = tokio::time::timeout_at(deadline, rx.recv())
-                .await
-                .map_err(|_| MeshError::Timeout {
-                    trace,
-                    step,
-                    secs: STEP_TIMEOUT.as_secs(),
-                })?
-                .ok_or(MeshError::Timeout {
-                    trace,
-                    step,
-                    secs: 0,
-                })?;
-            if (report.trace, report.step) != (trace, step) {
-                tracing::warn!(
-                    report.trace,
-                    report.step,
-                    "report for another step; ignored"
-                );
-                continue;
-            }
-            match report.body {
-                ReportBody::Saves(s) => saves.extend(s),
-                ReportBody::Relay(values) => relayed.extend(values),
-                ReportBody::Done { tokens } => return Ok(tokens),
-                ReportBody::Failed(error) => {
-                    let peer = hops
-                        .get(report.hop as usize)
-                        .and_then(|h| PeerId::from_bytes(&h.peer).ok())
-                        .map_or_else(|| "?".to_string(), |p| p.to_string());
-                    return Err(MeshError::Stage {
-                        hop: report.hop,
-                        peer,
-                        trace,
-                        step,
-                        error,
-                    });
-                }
-            }
-        }
+        graph: Graph,
+        model: Option<ModelId>,
+    ) -> Result<MeshOutcome, MeshError> {
+        request::run(self, graph, model).await
     }
 
     async fn tokenize_prompts(
@@ -547,6 +363,7 @@ impl MeshClient {
         if texts.is_empty() {
             return Ok(());
         }
+        let count = texts.len();
         let ids = match self
             .call(
                 first.peer,
@@ -555,21 +372,20 @@ impl MeshClient {
             )
             .await?
         {
-            Response::Tokens(ids) => ids,
+            Response::Tokens(ids) if ids.len() == count => ids,
             other => {
                 return Err(MeshError::Protocol {
                     peer: first.peer,
-                    detail: format!("Tokenize answered {other:?}"),
+                    detail: format!("Tokenize of {count} texts answered {other:?}"),
                 });
             }
         };
         let mut ids = ids.into_iter();
         for inv in graph.traces.iter_mut().flat_map(|t| &mut t.invokes) {
-            if matches!(inv.prompt, Prompt::Text(_)) {
-                inv.prompt = Prompt::Tokens(ids.next().ok_or_else(|| MeshError::Protocol {
-                    peer: first.peer,
-                    detail: "fewer tokenized prompts than sent".into(),
-                })?);
+            if matches!(inv.prompt, Prompt::Text(_))
+                && let Some(tokens) = ids.next()
+            {
+                inv.prompt = Prompt::Tokens(tokens);
             }
         }
         Ok(())
@@ -589,21 +405,38 @@ fn rand_u64() -> u64 {
     h.finish()
 }
 
-/// Answers the stages' reports: each goes to the run waiting for its request.
-async fn serve_reports(mut inbound: mpsc::Receiver<Inbound>, pending: Pending) {
+/// Answers the stages' reports: each goes to the run waiting for its
+/// request, if it comes from the stage of that request's route it names.
+async fn serve_reports(mut inbound: mpsc::Receiver<Inbound>, pending: PendingMap) {
     while let Some(inb) = inbound.recv().await {
         let answer = match codec::decode::<Request>(&inb.request) {
             Ok(Request::Report(report)) => {
-                let tx = pending
+                let target = pending
                     .lock()
                     .expect("not poisoned")
                     .get(&report.request)
-                    .cloned();
-                match tx {
-                    Some(tx) if tx.send(*report).await.is_ok() => Response::Ack,
-                    _ => Response::Error(WireError::new(
+                    .map(|p| (p.reports.clone(), p.route.get(report.hop as usize).copied()));
+                match target {
+                    None => Response::Error(WireError::new(
                         ErrorKind::UnknownRequest,
                         "no such request here",
+                    )),
+                    Some((_, hop))
+                        if hop != Some(inb.peer) || report.peer != inb.peer.to_bytes() =>
+                    {
+                        tracing::warn!(peer = %inb.peer, hop = report.hop, "report from a peer off the route");
+                        Response::Error(WireError::new(
+                            ErrorKind::Forbidden,
+                            format!(
+                                "{} is not hop {} of request {}'s route",
+                                inb.peer, report.hop, report.request
+                            ),
+                        ))
+                    }
+                    Some((tx, _)) if tx.send(*report).await.is_ok() => Response::Ack,
+                    Some(_) => Response::Error(WireError::new(
+                        ErrorKind::UnknownRequest,
+                        "the request has ended",
                     )),
                 }
             }

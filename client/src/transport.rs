@@ -15,12 +15,20 @@
 pub mod behaviour;
 pub mod codec;
 mod event_loop;
+pub mod keys;
 
 use std::{collections::HashMap, time::Duration};
 
-use libp2p::{Multiaddr, PeerId, identity::Keypair, noise, tcp, yamux};
+use libp2p::{
+    Multiaddr, PeerId, Swarm, Transport as _,
+    core::upgrade::Version,
+    identity::Keypair,
+    noise,
+    pnet::{PnetConfig, PreSharedKey},
+    tcp, yamux,
+};
 use nnmesh_protocol::codec::MAX_MESSAGE;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{Instrument, info, info_span};
 
 use self::{
@@ -32,6 +40,9 @@ use self::{
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Capacity of the handle → swarm command channel.
 const COMMAND_CAPACITY: usize = 256;
+/// Capacity of the peer-event broadcast; a subscriber that falls further
+/// behind is told it lagged.
+const PEER_EVENT_CAPACITY: usize = 256;
 
 /// Settings of a [`Transport`].
 #[derive(Debug, Clone)]
@@ -55,12 +66,21 @@ pub struct TransportConfig {
     /// Capacity of the inbound request queue; further requests are answered
     /// with [`ErrorKind::Overloaded`](nnmesh_protocol::message::ErrorKind::Overloaded).
     pub inbound_capacity: usize,
+    /// A private mesh's pre-shared key: only peers with the same key can
+    /// connect (libp2p's pnet, below noise).
+    pub psk: Option<PreSharedKey>,
+    /// How often each connection is pinged.
+    pub ping_interval: Duration,
+    /// A ping unanswered for this long closes the connection and reports
+    /// the peer [`PeerEvent::Unresponsive`].
+    pub ping_timeout: Duration,
 }
 
 impl TransportConfig {
     /// A configuration with defaults: listen on `127.0.0.1` port 0, no
     /// bootstrap, [`MAX_MESSAGE`], a 60 s request timeout, no mDNS, nothing
-    /// provided, 64 queued inbound requests.
+    /// provided, 64 queued inbound requests, no pre-shared key, and a ping
+    /// every 2 s that fails after 8 s (so a hung peer is noticed within 10 s).
     pub fn new(keypair: Keypair) -> TransportConfig {
         TransportConfig {
             keypair,
@@ -71,6 +91,9 @@ impl TransportConfig {
             mdns: false,
             provide: None,
             inbound_capacity: 64,
+            psk: None,
+            ping_interval: Duration::from_secs(2),
+            ping_timeout: Duration::from_secs(8),
         }
     }
 }
@@ -87,6 +110,26 @@ pub struct Inbound {
     /// [`ErrorKind::Internal`](nnmesh_protocol::message::ErrorKind::Internal)
     /// error.
     pub reply: oneshot::Sender<Vec<u8>>,
+}
+
+/// A change in a peer's reachability, as seen by this transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerEvent {
+    /// The last connection to the peer closed (it may reconnect; an idle
+    /// connection also closes, so a caller that needs the peer should dial it
+    /// again to tell).
+    Disconnected(PeerId),
+    /// A ping to the peer went unanswered: its connection was closed.
+    Unresponsive(PeerId),
+}
+
+impl PeerEvent {
+    /// The peer concerned.
+    pub fn peer(&self) -> PeerId {
+        match *self {
+            PeerEvent::Disconnected(p) | PeerEvent::Unresponsive(p) => p,
+        }
+    }
 }
 
 /// A failure of the transport itself.
@@ -190,6 +233,7 @@ pub(crate) enum Command {
         key: Vec<u8>,
         reply: oneshot::Sender<Vec<PeerId>>,
     },
+    StopProviding(oneshot::Sender<()>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -201,6 +245,7 @@ pub struct Transport {
     peer_id: PeerId,
     max_message: usize,
     commands: mpsc::Sender<Command>,
+    peer_events: broadcast::Sender<PeerEvent>,
 }
 
 impl std::fmt::Debug for Command {
@@ -212,6 +257,7 @@ impl std::fmt::Debug for Command {
                 write!(f, "Request({peer}, {} bytes)", bytes.len())
             }
             Command::Providers { .. } => f.write_str("Providers"),
+            Command::StopProviding(_) => f.write_str("StopProviding"),
             Command::Shutdown(_) => f.write_str("Shutdown"),
         }
     }
@@ -234,29 +280,17 @@ impl Transport {
         let max_message = cfg.max_message.min(u32::MAX as usize);
         let server = !cfg.listen.is_empty();
         let (request_timeout, mdns) = (cfg.request_timeout, cfg.mdns);
-        let mut swarm = libp2p::SwarmBuilder::with_existing_identity(cfg.keypair.clone())
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default().nodelay(true),
-                noise::Config::new,
-                yamux::Config::default,
+        let behaviour = |key: &Keypair| {
+            Behaviour::new(
+                key,
+                max_message,
+                request_timeout,
+                mdns,
+                server,
+                (cfg.ping_interval, cfg.ping_timeout),
             )
-            .map_err(|e| TransportError::Build(e.to_string()))?
-            .with_behaviour(
-                |key| -> Result<Behaviour, Box<dyn std::error::Error + Send + Sync>> {
-                    Ok(Behaviour::new(
-                        key,
-                        max_message,
-                        request_timeout,
-                        mdns,
-                        server,
-                    )?)
-                },
-            )
-            .map_err(|e| TransportError::Build(e.to_string()))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
-            .build();
-
+        };
+        let mut swarm = build_swarm(cfg.keypair.clone(), cfg.psk, behaviour)?;
         let mut listeners = HashMap::new();
         for addr in &cfg.listen {
             let id = swarm
@@ -269,6 +303,7 @@ impl Transport {
         }
 
         let (commands, command_rx) = mpsc::channel(COMMAND_CAPACITY);
+        let (peer_events, _) = broadcast::channel(PEER_EVENT_CAPACITY);
         let (inbound_tx, inbound_rx) = mpsc::channel(cfg.inbound_capacity.max(1));
         let (ready_tx, ready_rx) = oneshot::channel();
         let event_loop = EventLoop::new(
@@ -276,6 +311,7 @@ impl Transport {
             command_rx,
             inbound_tx,
             ready_tx,
+            peer_events.clone(),
             Settings {
                 max_message,
                 request_timeout,
@@ -303,6 +339,7 @@ impl Transport {
                 peer_id,
                 max_message,
                 commands,
+                peer_events,
             },
             inbound_rx,
         ))
@@ -385,6 +422,21 @@ impl Transport {
         rx.await.map_err(|_| TransportError::Shutdown)
     }
 
+    /// Subscribes to changes in peers' reachability (connections lost,
+    /// pings unanswered).
+    pub fn peer_events(&self) -> broadcast::Receiver<PeerEvent> {
+        self.peer_events.subscribe()
+    }
+
+    /// Withdraws the provider record announced for
+    /// [`TransportConfig::provide`], so discovery stops finding this node.
+    pub async fn stop_providing(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::StopProviding(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
     /// Stops the swarm: closes connections and listeners, fails pending
     /// requests with [`RequestError::Shutdown`]. Idempotent.
     pub async fn shutdown(&self) {
@@ -393,4 +445,42 @@ impl Transport {
             let _ = rx.await;
         }
     }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Builds the swarm: TCP (with the pre-shared key handshake first, for a
+/// private mesh), noise, yamux, and `behaviour`.
+fn build_swarm(
+    keypair: Keypair,
+    psk: Option<PreSharedKey>,
+    behaviour: impl FnOnce(&Keypair) -> std::io::Result<Behaviour>,
+) -> Result<Swarm<Behaviour>, TransportError> {
+    let build = |e: &dyn std::fmt::Display| TransportError::Build(e.to_string());
+    let tcp_config = tcp::Config::default().nodelay(true);
+    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(60));
+    let builder = libp2p::SwarmBuilder::with_existing_identity(keypair).with_tokio();
+    Ok(match psk {
+        None => builder
+            .with_tcp(tcp_config, noise::Config::new, yamux::Config::default)
+            .map_err(|e| build(&e))?
+            .with_behaviour(|key| -> Result<Behaviour, BoxError> { Ok(behaviour(key)?) })
+            .map_err(|e| build(&e))?
+            .with_swarm_config(idle)
+            .build(),
+        Some(psk) => builder
+            .with_other_transport(|key| -> Result<_, BoxError> {
+                let noise = noise::Config::new(key)?;
+                Ok(tcp::tokio::Transport::new(tcp_config)
+                    .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                    .upgrade(Version::V1Lazy)
+                    .authenticate(noise)
+                    .multiplex(yamux::Config::default()))
+            })
+            .map_err(|e| build(&e))?
+            .with_behaviour(|key| -> Result<Behaviour, BoxError> { Ok(behaviour(key)?) })
+            .map_err(|e| build(&e))?
+            .with_swarm_config(idle)
+            .build(),
+    })
 }

@@ -317,7 +317,7 @@ async fn garbage_is_delivered_raw_and_decoding_reports_it() -> Result<()> {
     let (client, _i) = start(config(31)).await?;
     let addrs = server.listen_addrs().await;
 
-    let garbage = vec![1, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+    let garbage = [&codec::WIRE_VERSION.to_le_bytes()[..], &[0xff; 6], &[0x01]].concat();
     assert!(matches!(
         codec::decode::<Request>(&garbage),
         Err(CodecError::Malformed(_))

@@ -1,6 +1,7 @@
 //! The two encodings of a graph (JSON for people, postcard for the wire) and
 //! its content hash.
 
+use nnmesh_protocol::limits::Limits;
 use serde::Deserialize;
 
 use crate::ir::{FORMAT_VERSION, Graph};
@@ -31,6 +32,24 @@ pub enum DecodeError {
     Postcard {
         /// What went wrong.
         message: String,
+    },
+    /// A list of the graph is longer than the limit; decoding stopped there.
+    #[error("the graph has {} {what}; the limit is {limit}", count.map_or_else(|| "more".to_string(), |c| c.to_string()))]
+    TooMany {
+        /// Which list: `nodes`, `traces` or `invokes`.
+        what: &'static str,
+        /// Its length, when the encoding says it up front (postcard does).
+        count: Option<usize>,
+        /// The limit.
+        limit: usize,
+    },
+    /// The encoded graph is larger than the limit; nothing was decoded.
+    #[error("the graph is {bytes} bytes; the limit is {limit} (max_graph_bytes)")]
+    TooLarge {
+        /// The graph's encoded size.
+        bytes: u64,
+        /// The limit.
+        limit: u64,
     },
 }
 
@@ -118,9 +137,164 @@ impl Graph {
         Ok(graph)
     }
 
+    /// [`Graph::from_postcard`] for bytes from a stranger: refuses more than
+    /// `limits.max_graph_bytes` before looking at them, and more nodes,
+    /// traces or invokes than the limits allow while decoding, before those
+    /// lists are built (so a small message cannot claim a huge allocation).
+    /// The rest of the limits are checked by [`validate`](crate::validate()).
+    ///
+    /// # Errors
+    /// As [`Graph::from_postcard`], plus [`DecodeError::TooLarge`] and
+    /// [`DecodeError::TooMany`].
+    ///
+    /// ```
+    /// use nnmesh_graph::{Builder, DecodeError, Graph, Limits};
+    /// let g = Builder::new();
+    /// g.trace(["a", "b", "c"]);
+    /// let bytes = g.finish().to_postcard();
+    /// let two = Limits { max_invokes: 2, ..Limits::default() };
+    /// assert!(Graph::from_postcard_limited(&bytes, &Limits::default()).is_ok());
+    /// let e = Graph::from_postcard_limited(&bytes, &two).unwrap_err();
+    /// assert_eq!(e.to_string(), "the graph has 3 invokes; the limit is 2");
+    /// ```
+    pub fn from_postcard_limited(bytes: &[u8], limits: &Limits) -> Result<Graph, DecodeError> {
+        if bytes.len() as u64 > limits.max_graph_bytes {
+            return Err(DecodeError::TooLarge {
+                bytes: bytes.len() as u64,
+                limit: limits.max_graph_bytes,
+            });
+        }
+        bounded::with(limits, || Graph::from_postcard(bytes))
+    }
+
+    /// [`Graph::from_json`] with the same limits as
+    /// [`Graph::from_postcard_limited`].
+    ///
+    /// # Errors
+    /// As [`Graph::from_json`], plus [`DecodeError::TooLarge`] and
+    /// [`DecodeError::TooMany`].
+    pub fn from_json_limited(text: &str, limits: &Limits) -> Result<Graph, DecodeError> {
+        if text.len() as u64 > limits.max_graph_bytes {
+            return Err(DecodeError::TooLarge {
+                bytes: text.len() as u64,
+                limit: limits.max_graph_bytes,
+            });
+        }
+        bounded::with(limits, || Graph::from_json(text))
+    }
+
     /// blake3 of [`Graph::to_postcard`]: equal graphs have equal hashes.
     pub fn content_hash(&self) -> GraphHash {
         GraphHash(*blake3::hash(&self.to_postcard()).as_bytes())
+    }
+}
+
+/// Length limits on the graph's lists while they are decoded.
+///
+/// serde builds a `Vec` element by element, so a message whose length prefix
+/// claims ten million nodes would be decoded in full (at many times its wire
+/// size in memory) before validation could count them. The `Vec` fields of
+/// the IR that can be long are read through these functions, which stop at
+/// the limit of the decode in progress on this thread (none outside
+/// [`with`]).
+pub(crate) mod bounded {
+    use std::{cell::Cell, fmt, marker::PhantomData};
+
+    use serde::de::{Deserialize, Deserializer, Error, SeqAccess, Visitor};
+
+    use super::{DecodeError, Graph, Limits};
+    use crate::ir::{Invoke, Node, Trace};
+
+    type Over = (&'static str, Option<usize>, usize);
+
+    thread_local! {
+        /// (nodes, traces, invokes) allowed in the decode in progress.
+        static LIMITS: Cell<Option<(usize, usize, usize)>> = const { Cell::new(None) };
+        /// The first list found over its limit (postcard drops the text of
+        /// custom errors, so the decode error is rebuilt from this).
+        static OVER: Cell<Option<Over>> = const { Cell::new(None) };
+    }
+
+    /// Runs `decode` with `limits` in force on this thread; a list over its
+    /// limit makes it fail with [`DecodeError::TooMany`].
+    pub(crate) fn with(
+        limits: &Limits,
+        decode: impl FnOnce() -> Result<Graph, DecodeError>,
+    ) -> Result<Graph, DecodeError> {
+        struct Reset(Option<(usize, usize, usize)>);
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                LIMITS.with(|l| l.set(self.0));
+                OVER.with(|o| o.set(None));
+            }
+        }
+        let limits = (limits.max_nodes, limits.max_traces, limits.max_invokes);
+        let _reset = Reset(LIMITS.with(|l| l.replace(Some(limits))));
+        OVER.with(|o| o.set(None));
+        let result = decode();
+        match OVER.with(Cell::take) {
+            Some((what, count, limit)) => Err(DecodeError::TooMany { what, count, limit }),
+            None => result,
+        }
+    }
+
+    struct Bounded<T> {
+        what: &'static str,
+        limit: Option<usize>,
+        item: PhantomData<T>,
+    }
+
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for Bounded<T> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a list of {}", self.what)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            let limit = self.limit.unwrap_or(usize::MAX);
+            let over = |count: Option<usize>| {
+                OVER.with(|o| o.set(Some((self.what, count, limit))));
+                A::Error::custom(format_args!("more {} than the limit of {limit}", self.what))
+            };
+            // postcard knows the exact length up front: refuse before reading.
+            if let Some(n) = seq.size_hint().filter(|&n| n > limit) {
+                return Err(over(Some(n)));
+            }
+            let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1024));
+            while let Some(item) = seq.next_element()? {
+                if out.len() == limit {
+                    return Err(over(None));
+                }
+                out.push(item);
+            }
+            Ok(out)
+        }
+    }
+
+    fn bounded<'de, D: Deserializer<'de>, T: Deserialize<'de>>(
+        de: D,
+        what: &'static str,
+        pick: fn((usize, usize, usize)) -> usize,
+    ) -> Result<Vec<T>, D::Error> {
+        let limit = LIMITS.with(Cell::get).map(pick);
+        de.deserialize_seq(Bounded {
+            what,
+            limit,
+            item: PhantomData,
+        })
+    }
+
+    pub(crate) fn nodes<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<Node>, D::Error> {
+        bounded(de, "nodes", |l| l.0)
+    }
+
+    pub(crate) fn traces<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<Trace>, D::Error> {
+        bounded(de, "traces", |l| l.1)
+    }
+
+    pub(crate) fn invokes<'de, D: Deserializer<'de>>(de: D) -> Result<Vec<Invoke>, D::Error> {
+        bounded(de, "invokes", |l| l.2)
     }
 }
 
@@ -368,6 +542,85 @@ mod tests {
         long.push(0);
         let err = Graph::from_postcard(&long).expect_err("trailing");
         assert!(err.to_string().contains("trailing"), "{err}");
+    }
+
+    #[test]
+    fn limits_stop_decoding_before_long_lists_are_built() {
+        let limits = Limits {
+            max_nodes: 3,
+            ..Limits::default()
+        };
+        // A node list that claims a billion nodes in a few bytes fails as
+        // truncated without reserving memory for them (postcard itself
+        // only trusts a length the remaining bytes could hold).
+        let mut bytes = FORMAT_VERSION.to_le_bytes().to_vec();
+        bytes.extend([1, 0]); // version 1 (varint), no traces
+        bytes.extend([0x80, 0x94, 0xeb, 0xdc, 0x03]); // 1_000_000_000 (varint)
+        assert!(matches!(
+            Graph::from_postcard_limited(&bytes, &limits),
+            Err(DecodeError::Postcard { .. })
+        ));
+        // Real nodes over the limit are refused from the length prefix,
+        // before any is decoded.
+        let g = Builder::new();
+        let t = g.trace(["x"]);
+        for l in 0..5 {
+            g.read(t.at(&format!("model.layers.{l}"), Point::Output));
+        }
+        assert_eq!(
+            Graph::from_postcard_limited(&g.finish().to_postcard(), &limits),
+            Err(DecodeError::TooMany {
+                what: "nodes",
+                count: Some(5),
+                limit: 3
+            })
+        );
+        let g = snapshot_graph();
+        let ok = Limits {
+            max_nodes: g.nodes.len(),
+            ..Limits::default()
+        };
+        assert_eq!(
+            Graph::from_postcard_limited(&g.to_postcard(), &ok),
+            Ok(g.clone())
+        );
+        assert_eq!(Graph::from_json_limited(&g.to_json(), &ok), Ok(g.clone()));
+        let fewer = Limits {
+            max_nodes: g.nodes.len() - 1,
+            ..Limits::default()
+        };
+        let e = Graph::from_json_limited(&g.to_json(), &fewer).expect_err("JSON too");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "the graph has more nodes; the limit is {}",
+                g.nodes.len() - 1
+            )
+        );
+        // Traces and invokes are bounded the same way.
+        let one = Limits {
+            max_traces: 1,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            Graph::from_postcard_limited(&g.to_postcard(), &one),
+            Err(DecodeError::TooMany {
+                what: "traces",
+                count: Some(2),
+                limit: 1
+            })
+        ));
+        // The byte limit is checked first.
+        let tiny = Limits {
+            max_graph_bytes: 8,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            Graph::from_postcard_limited(&g.to_postcard(), &tiny),
+            Err(DecodeError::TooLarge { limit: 8, .. })
+        ));
+        // The limits end with the decode: later decodes are unlimited.
+        assert_eq!(Graph::from_postcard(&g.to_postcard()), Ok(g));
     }
 
     proptest! {

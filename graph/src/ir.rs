@@ -19,8 +19,10 @@ pub struct Graph {
     /// Format version, always [`FORMAT_VERSION`] for graphs this crate writes.
     pub version: u32,
     /// The forward passes (or generations) of the session, run in this order.
+    #[serde(deserialize_with = "crate::encode::bounded::traces")]
     pub traces: Vec<Trace>,
     /// The nodes; a node may only name earlier nodes as inputs.
+    #[serde(deserialize_with = "crate::encode::bounded::nodes")]
     pub nodes: Vec<Node>,
 }
 
@@ -42,6 +44,7 @@ impl Default for Graph {
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub struct Trace {
     /// The prompts of the batch, one per batch row.
+    #[serde(deserialize_with = "crate::encode::bounded::invokes")]
     pub invokes: Vec<Invoke>,
     /// Number of tokens to generate greedily; 0 means a single forward pass.
     #[serde(default)]

@@ -82,7 +82,9 @@ pub use ir::{
 pub use manifest::{ApplyError, Manifest, Module, POINTS_PER_LAYER, Site};
 pub use op::{Arity, Op, OpError, TensorMeta, infer};
 pub use partition::{Fragment, PartitionError, StageSpan, partition};
-pub use validate::{Anchor, Inputs, Limits, NodePlan, Plan, StepSet, ValidateError, validate};
+pub use validate::{
+    Anchor, Inputs, Limits, NodePlan, Plan, StepSet, TraceCost, ValidateError, validate,
+};
 
 #[cfg(test)]
 pub(crate) mod strategies;

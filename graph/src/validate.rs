@@ -36,35 +36,7 @@ use crate::{
     op::{Arity, TensorMeta},
 };
 
-/// Per-request limits a node enforces before running a graph.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
-    /// Most nodes in a graph.
-    pub max_nodes: usize,
-    /// Most bytes of saved values, over all steps.
-    pub max_saved_bytes: u64,
-    /// Most bytes of constants.
-    pub max_const_bytes: u64,
-    /// Most traces in a session.
-    pub max_traces: usize,
-    /// Most invokes (batch rows) in one trace.
-    pub max_invokes: usize,
-    /// Most tokens one trace may generate.
-    pub max_new_tokens: u32,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            max_nodes: 10_000,
-            max_saved_bytes: 1 << 30,
-            max_const_bytes: 256 << 20,
-            max_traces: 16,
-            max_invokes: 256,
-            max_new_tokens: 1024,
-        }
-    }
-}
+pub use nnmesh_protocol::limits::Limits;
 
 /// What the node learned by tokenizing: the token count of each invoke of each trace.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -189,6 +161,8 @@ pub struct Plan {
     pub saved_bytes: u64,
     /// Total bytes of constants.
     pub const_bytes: u64,
+    /// What each trace costs a node, as checked against the [`Limits`].
+    pub costs: Vec<TraceCost>,
     /// Metas of per-step nodes at decode steps whose shape differs from the
     /// first step's, keyed by (node, step); see [`Plan::meta_at`].
     step_metas: BTreeMap<(u32, u32), TensorMeta>,
@@ -552,6 +526,20 @@ pub enum ValidateError {
         /// The limit.
         limit: u64,
     },
+    /// A trace needs more of a node's resources than its limits allow.
+    #[error("trace {trace} needs {needed} {what}; this node's limit is {limit} ({limit_name})")]
+    OverBudget {
+        /// The trace.
+        trace: u32,
+        /// What is over (e.g. "batch tokens").
+        what: &'static str,
+        /// How much the trace needs (estimated for bytes of activations).
+        needed: u64,
+        /// The limit.
+        limit: u64,
+        /// The name of the [`Limits`] field, e.g. `max_batch_tokens`.
+        limit_name: &'static str,
+    },
     /// Two saves with the same name.
     #[error("node {node} saves under {name:?}, which an earlier save already uses")]
     DuplicateSave {
@@ -586,7 +574,118 @@ pub fn validate(
         });
     }
     check_traces(graph, manifest, inputs, limits)?;
-    scan::scan(graph, manifest, inputs, limits)
+    let costs = check_budget(graph, manifest, inputs, limits)?;
+    let mut plan = scan::scan(graph, manifest, inputs, limits)?;
+    plan.costs = costs;
+    Ok(plan)
+}
+
+/// What one trace costs a node: the size of its forward and of its KV cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TraceCost {
+    /// Batch rows (invokes).
+    pub rows: u64,
+    /// Tokens of the longest prompt (the padded length of step 0).
+    pub prompt_tokens: u64,
+    /// `rows × prompt_tokens`: the tokens of the largest forward.
+    pub batch_tokens: u64,
+    /// Estimated bytes of activations of the largest forward (step 0).
+    pub activation_bytes: u64,
+    /// Bytes of KV cache one decoder layer holds at the trace's last step.
+    pub kv_bytes_per_layer: u64,
+}
+
+impl TraceCost {
+    /// The cost of a trace of `rows` prompts padded to `prompt_tokens`,
+    /// running `steps` steps, on the model of `manifest`.
+    ///
+    /// Activations are estimated as the tensors live at the widest point of
+    /// a forward, in the model's dtype: four hidden states, q/k/v, one
+    /// attention-score matrix (the softmax path materializes it), three MLP
+    /// intermediates and the `[rows, tokens, vocab]` logits. It is an
+    /// estimate for admission, not an allocator's count.
+    pub fn estimate(manifest: &Manifest, rows: u64, prompt_tokens: u64, steps: u32) -> TraceCost {
+        let e = dtype_bytes(manifest.dtype);
+        let m = |a: u64, b: u64| a.saturating_mul(b);
+        let bt = m(rows, prompt_tokens);
+        let (h, i, v) = (
+            u64::from(manifest.hidden),
+            u64::from(manifest.intermediate),
+            u64::from(manifest.vocab),
+        );
+        let (heads, kv, hd) = (
+            u64::from(manifest.heads),
+            u64::from(manifest.kv_heads),
+            u64::from(manifest.head_dim),
+        );
+        let per_token = m(4, h)
+            .saturating_add(m(heads + 2 * kv, hd))
+            .saturating_add(m(3, i))
+            .saturating_add(v);
+        let scores = m(m(rows, heads), m(prompt_tokens, prompt_tokens));
+        let activation_bytes = m(e, m(bt, per_token).saturating_add(scores));
+        let kv_tokens = prompt_tokens.saturating_add(u64::from(steps).saturating_sub(1));
+        TraceCost {
+            rows,
+            prompt_tokens,
+            batch_tokens: bt,
+            activation_bytes,
+            kv_bytes_per_layer: m(e, m(m(2, rows), m(kv_tokens, m(kv, hd)))),
+        }
+    }
+}
+
+fn dtype_bytes(d: DType) -> u64 {
+    match d {
+        DType::F32 => 4,
+        DType::F16 | DType::Bf16 => 2,
+        DType::I64 => 8,
+        DType::Bool => 1,
+    }
+}
+
+/// Estimates each trace's cost and checks it against the limits.
+fn check_budget(
+    graph: &Graph,
+    manifest: &Manifest,
+    inputs: &Inputs,
+    limits: &Limits,
+) -> Result<Vec<TraceCost>, ValidateError> {
+    let mut costs = Vec::with_capacity(graph.traces.len());
+    for (t, (trace, lens)) in graph.traces.iter().zip(&inputs.traces).enumerate() {
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        let cost = TraceCost::estimate(
+            manifest,
+            lens.len() as u64,
+            u64::from(longest),
+            trace.steps(),
+        );
+        let over = |what, needed, limit, limit_name| ValidateError::OverBudget {
+            trace: t as u32,
+            what,
+            needed,
+            limit,
+            limit_name,
+        };
+        if cost.batch_tokens > limits.max_batch_tokens {
+            return Err(over(
+                "batch tokens (rows × longest prompt)",
+                cost.batch_tokens,
+                limits.max_batch_tokens,
+                "max_batch_tokens",
+            ));
+        }
+        if cost.activation_bytes > limits.max_activation_bytes {
+            return Err(over(
+                "bytes of activations (estimated, logits included)",
+                cost.activation_bytes,
+                limits.max_activation_bytes,
+                "max_activation_bytes",
+            ));
+        }
+        costs.push(cost);
+    }
+    Ok(costs)
 }
 
 /// Checks traces, prompts and token counts against the model and limits.

@@ -151,12 +151,32 @@ pub enum Command {
     Node(crate::serve::NodeArgs),
     /// Show the mesh: peers, block coverage per model, throughput, load.
     Status {
-        /// A mesh node's address (repeatable).
-        #[arg(long, required = true)]
-        mesh: Vec<libp2p::Multiaddr>,
+        #[command(flatten)]
+        mesh: graph_cmds::MeshArgs,
+    },
+    /// Create key files: a peer identity (prints its peer id, for
+    /// allow-lists) or a private mesh's pre-shared key.
+    Keygen {
+        #[command(subcommand)]
+        what: Keygen,
     },
     /// Benchmark prefill and decode, beside Hugging Face transformers when available.
     Bench(crate::cli::BenchArgs),
+}
+
+/// What `nnmesh keygen` creates.
+#[derive(Debug, Subcommand)]
+pub enum Keygen {
+    /// An identity key file (loaded, not replaced, if it exists); prints its peer id.
+    Identity {
+        /// The file.
+        file: PathBuf,
+    },
+    /// A new pre-shared key file for a private mesh (`--psk`); never overwrites.
+    Psk {
+        /// The file.
+        file: PathBuf,
+    },
 }
 
 /// Flags of `nnmesh bench`.
@@ -211,6 +231,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Experiment(e) => graph_cmds::experiment(e),
         Command::Node(args) => crate::serve::run(args),
         Command::Status { mesh } => status(&mesh),
+        Command::Keygen { what } => keygen(what),
         Command::Bench(args) => crate::bench::run(&args),
     }
 }
@@ -379,16 +400,36 @@ fn forward(args: &ModelArgs, prompt: &str, k: i64, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn status(mesh: &[libp2p::Multiaddr]) -> Result<()> {
-    use nnmesh_client::mesh::{MeshClient, holders_per_layer};
+fn keygen(what: Keygen) -> Result<()> {
+    use nnmesh_client::transport::keys;
+    match what {
+        Keygen::Identity { file } => {
+            let key = keys::load_or_create_identity(&file)?;
+            println!("{}", key.public().to_peer_id());
+        }
+        Keygen::Psk { file } => {
+            let psk = keys::create_psk(&file)?;
+            eprintln!(
+                "wrote {} (fingerprint {}); give it to every node and client of the mesh",
+                file.display(),
+                psk.fingerprint()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn status(mesh: &graph_cmds::MeshArgs) -> Result<()> {
+    use nnmesh_client::mesh::holders_per_layer;
+    if mesh.mesh.is_empty() {
+        bail!("nnmesh status needs --mesh ADDR");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let peers = rt.block_on(async {
-        let client = MeshClient::connect(mesh).await?;
-        client.discover().await
-    })?;
+    let client = mesh.connect(&rt)?;
+    let peers = rt.block_on(client.discover())?;
     println!("{} stage nodes\n", peers.len());
     println!(
         "{:<54} {:>8} {:>11} {:>6} {:>8}  addresses",

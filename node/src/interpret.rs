@@ -275,6 +275,13 @@ impl<'a> Executor<'a> {
         };
     }
 
+    /// Physical batch rows when the model's first hosted layer starts, for
+    /// the step begun (fewer than the invokes when identical prompts share
+    /// rows).
+    pub fn rows(&self) -> usize {
+        self.st.rows
+    }
+
     fn sharing(&self) -> Option<&Sharing> {
         self.st.sharing.get(self.st.trace as usize)?.as_ref()
     }
@@ -471,6 +478,9 @@ impl<'a> Executor<'a> {
     fn run_levels(&mut self, levels: &[&[NodeId]]) -> Result<(), HookError> {
         for &level in levels {
             // Group Applies by (module, value shape past the batch dimension).
+            // A 1-D value has no batch dimension (norm, lm_head and the
+            // projections read its only dimension as features), so 1-D
+            // values of one shape are stacked into a new one instead.
             let mut groups: Vec<(Module, Vec<i64>, Vec<NodeId>)> = Vec::new();
             for &id in level {
                 if let Node::Apply { args, .. } = &self.graph.nodes[id.index()] {
@@ -480,10 +490,15 @@ impl<'a> Executor<'a> {
                         self.compute(id)?;
                         continue;
                     }
-                    match groups
-                        .iter_mut()
-                        .find(|(gm, gs, _)| *gm == m && gs[1..] == shape[1..])
-                    {
+                    let stacked = shape.len() == 1 && m != Module::Embed;
+                    let key = |gs: &[i64]| {
+                        if stacked {
+                            gs == shape.as_slice()
+                        } else {
+                            gs.len() == shape.len() && gs[1..] == shape[1..]
+                        }
+                    };
+                    match groups.iter_mut().find(|(gm, gs, _)| *gm == m && key(gs)) {
                         Some(g) => g.2.push(id),
                         None => groups.push((m, shape, vec![id])),
                     }
@@ -491,25 +506,40 @@ impl<'a> Executor<'a> {
                     self.compute(id)?;
                 }
             }
-            for (m, _, ids) in groups {
+            for (m, shape, ids) in groups {
                 if ids.len() == 1 {
                     self.compute(ids[0])?;
                     continue;
                 }
+                let stacked = shape.len() == 1 && m != Module::Embed;
+                let err = |e: tch::TchError| failed(format!("node {}: {e}", ids[0]));
                 let xs = ids
                     .iter()
                     .map(|&id| match &self.graph.nodes[id.index()] {
-                        Node::Apply { args, .. } => self.input(id, args[0]),
+                        Node::Apply { args, .. } => {
+                            let x = self.input(id, args[0])?;
+                            if stacked {
+                                x.f_unsqueeze(0).map_err(err)
+                            } else {
+                                Ok(x.shallow_clone())
+                            }
+                        }
                         _ => unreachable!("groups hold Apply nodes"),
                     })
                     .collect::<Result<Vec<_>, _>>()?;
                 let sizes: Vec<i64> = xs.iter().map(|x| x.size()[0]).collect();
-                let batch = Tensor::cat(&xs, 0);
+                let batch = Tensor::f_cat(&xs, 0).map_err(err)?;
                 let out = self
                     .model
                     .apply(m, &batch)
                     .map_err(|e| failed(format!("node {}: {e}", ids[0])))?;
-                for (id, part) in ids.iter().zip(out.split_with_sizes(&sizes, 0)) {
+                let parts = out.f_split_with_sizes(&sizes, 0).map_err(err)?;
+                for (id, part) in ids.iter().zip(parts) {
+                    let part = if stacked {
+                        part.f_squeeze_dim(0).map_err(err)?
+                    } else {
+                        part
+                    };
                     self.set(*id, part);
                 }
             }

@@ -1,39 +1,51 @@
 //! `nnmesh node`: serve a block range of a model on the mesh.
 //!
-//! The node loads its stage in an actix `SyncArbiter` actor (its own thread),
+//! The node loads its stage on a thread of its own ([`stage::spawn`]),
 //! starts a libp2p transport, announces itself as a provider of
-//! [`STAGES_KEY`] in the DHT, answers `Info` with a freshly signed record, and
-//! runs `Step` requests: admitted through a bounded semaphore, answered
-//! `Accepted` at once, computed on the stage thread, then pushed on to the
-//! next hop (hidden state + carry) while saves go straight to the client.
+//! [`STAGES_KEY`] in the DHT, answers `Info` with a freshly signed record,
+//! and runs `Step` requests: admitted through a bounded semaphore (refused
+//! as overloaded beyond it), answered `Accepted` at once, computed on the
+//! stage thread, then pushed on to the next hop (hidden state + carry)
+//! while saves go straight to the client. A compute permit is never held
+//! across a network call.
+//!
+//! What the node checks before anything reaches the stage: the message
+//! decodes, names this node's model and layers and this node as the hop, and
+//! comes from whom it must (the client itself at hop 0, the previous hop
+//! after that); with `--allow-peers`, that the requester and the client are
+//! listed. The stage then checks the step's contents (see [`crate::stage`]).
 
 use std::{
+    collections::HashSet,
     ops::Range,
-    sync::{Arc, Mutex},
+    path::PathBuf,
+    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use actix::{Addr, SyncArbiter};
+use actix::Addr;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use libp2p::{Multiaddr, PeerId, identity::Keypair};
 use nnmesh_client::{
     mesh::STAGES_KEY,
-    transport::{Inbound, Transport, TransportConfig},
+    transport::{Inbound, RequestError, Transport, TransportConfig, keys},
 };
 use nnmesh_graph::Limits;
 use nnmesh_protocol::{
     codec,
     ids::ModelId,
-    message::{ErrorKind, Hop, ReportBody, Request, Response, StageReport, StepRequest, WireError},
+    message::{
+        ErrorKind, Hop, ReportBody, Request, Response, Saved, StageReport, StepRequest, WireError,
+    },
     record::{SignedRecord, StageRecord},
 };
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, mpsc};
 use tracing::Instrument;
 
 use crate::{
     cli::ModelArgs,
-    stage::{self, Close, RunStep, Stage},
+    stage::{self, Close, Next, RunStep, StageActor},
 };
 
 /// Flags of `nnmesh node`.
@@ -52,15 +64,69 @@ pub struct NodeArgs {
     /// A mesh node to join through (repeatable).
     #[arg(long)]
     pub bootstrap: Vec<Multiaddr>,
+    /// The node's identity key file, created on first use (a stable peer id
+    /// across restarts, for allow-lists); a fresh identity without it.
+    #[arg(long)]
+    pub identity: Option<PathBuf>,
+    /// A private mesh's pre-shared key file (`nnmesh keygen psk FILE`):
+    /// peers without the same key cannot connect.
+    #[arg(long)]
+    pub psk: Option<PathBuf>,
+    /// Serve only the peers listed in this file (one peer id per line):
+    /// clients, and the nodes that forward steps to this one.
+    #[arg(long)]
+    pub allow_peers: Option<PathBuf>,
     /// Step requests admitted at once (running + queued); more are refused as overloaded.
     #[arg(long, default_value_t = 8)]
     pub queue: usize,
+    /// Most sessions (requests) open at once; more are refused as overloaded.
+    #[arg(long, default_value_t = 64)]
+    pub max_sessions: usize,
+    /// KV cache the open sessions may reserve, in MiB; a request that would
+    /// exceed it is refused as overloaded.
+    #[arg(long, default_value_t = 2048)]
+    pub kv_cache_mib: u64,
+    /// Sessions unused for this many seconds are dropped.
+    #[arg(long, default_value_t = 600)]
+    pub session_ttl_secs: u64,
+    /// Per request: most batch tokens (rows × longest prompt) of a forward.
+    #[arg(long, default_value_t = Limits::default().max_batch_tokens)]
+    pub max_batch_tokens: u64,
+    /// Per request: most MiB of activations of a forward (estimated, logits included).
+    #[arg(long, default_value_t = Limits::default().max_activation_bytes >> 20)]
+    pub max_activation_mib: u64,
+    /// Per request: most MiB of saved values.
+    #[arg(long, default_value_t = Limits::default().max_saved_bytes >> 20)]
+    pub max_saved_mib: u64,
+    /// Per request: most graph nodes.
+    #[arg(long, default_value_t = Limits::default().max_nodes)]
+    pub max_nodes: usize,
+    /// Per request: most tokens a trace may generate.
+    #[arg(long, default_value_t = Limits::default().max_new_tokens)]
+    pub max_new_tokens: u32,
     /// Also discover peers on the LAN with mDNS.
     #[arg(long)]
     pub mdns: bool,
     /// Largest message accepted or sent, in MiB.
     #[arg(long, default_value_t = 256)]
     pub max_message_mib: usize,
+}
+
+impl NodeArgs {
+    fn limits(&self) -> Limits {
+        Limits {
+            max_batch_tokens: self.max_batch_tokens,
+            max_activation_bytes: self.max_activation_mib << 20,
+            max_saved_bytes: self.max_saved_mib << 20,
+            max_nodes: self.max_nodes,
+            max_new_tokens: self.max_new_tokens,
+            // A graph must fit in a message.
+            max_graph_bytes: Limits::default()
+                .max_graph_bytes
+                .min((self.max_message_mib as u64) << 20),
+            ..Limits::default()
+        }
+    }
 }
 
 /// Parses `A..B`.
@@ -85,8 +151,10 @@ pub fn parse_blocks(s: &str) -> Result<Range<usize>> {
     Ok(a..b)
 }
 
-/// The blake3 id of a model's weights: the GGUF file, or a checkpoint
-/// folder's `*.safetensors` files in name order.
+/// The blake3 id of a model: the GGUF file (weights, tokenizer and
+/// configuration in one), or a checkpoint folder's `config.json`,
+/// `tokenizer.json` and `*.safetensors` files (name order), so nodes that
+/// tokenize or configure the model differently never share an id.
 ///
 /// # Errors
 /// When the files cannot be read.
@@ -97,7 +165,9 @@ pub fn model_id(path: &std::path::Path) -> Result<ModelId> {
             .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
             .collect();
         f.sort();
-        f
+        let mut all = vec![path.join("config.json"), path.join("tokenizer.json")];
+        all.extend(f);
+        all
     } else {
         vec![path.to_path_buf()]
     };
@@ -106,7 +176,7 @@ pub fn model_id(path: &std::path::Path) -> Result<ModelId> {
 
 struct Node {
     transport: Transport,
-    stage: Addr<Stage>,
+    stage: Addr<StageActor>,
     keypair: Keypair,
     model: ModelId,
     model_name: String,
@@ -114,10 +184,13 @@ struct Node {
     num_layers: u32,
     span: Range<usize>,
     throughput: f32,
+    limits: Limits,
     addrs: Vec<String>,
     admit: Arc<Semaphore>,
     queue: usize,
     max_message: usize,
+    allow: Option<HashSet<PeerId>>,
+    fatal: mpsc::Sender<String>,
 }
 
 fn now_ms() -> u64 {
@@ -129,7 +202,8 @@ fn now_ms() -> u64 {
 /// Runs `nnmesh node` until Ctrl-C (or SIGTERM).
 ///
 /// # Errors
-/// Bad flags, a model that cannot be loaded, or a transport that cannot start.
+/// Bad flags, a model that cannot be loaded, a transport that cannot start,
+/// or a stage that can no longer compute.
 pub fn run(args: NodeArgs) -> Result<()> {
     let layers = parse_blocks(&args.blocks)?;
     let path = args.model.path();
@@ -154,8 +228,10 @@ pub fn run(args: NodeArgs) -> Result<()> {
         layers: layers.clone(),
         kind,
         device,
-        limits: Limits::default(),
-        session_ttl: Duration::from_secs(600),
+        limits: args.limits(),
+        session_ttl: Duration::from_secs(args.session_ttl_secs),
+        max_sessions: args.max_sessions,
+        max_kv_bytes: args.kv_cache_mib << 20,
     };
     actix::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
@@ -167,41 +243,33 @@ pub fn run(args: NodeArgs) -> Result<()> {
 }
 
 async fn serve(args: NodeArgs, cfg: stage::Config, model: ModelId, num_layers: u32) -> Result<()> {
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let tx = Mutex::new(Some(tx));
-    let stage_cfg = cfg.clone();
+    let keypair = match &args.identity {
+        Some(path) => keys::load_or_create_identity(path)?,
+        None => Keypair::generate_ed25519(),
+    };
+    let psk = args.psk.as_deref().map(keys::read_psk).transpose()?;
+    let allow = args
+        .allow_peers
+        .as_deref()
+        .map(keys::read_allow_list)
+        .transpose()?;
     eprintln!(
         "loading layers {}..{} of {} ...",
         cfg.layers.start,
         cfg.layers.end,
         cfg.model.display()
     );
-    // The factory runs on the stage thread: weights (and any CUDA context)
-    // live there.
-    let stage = SyncArbiter::start(1, move || match Stage::load(&stage_cfg) {
-        Ok(s) => {
-            let info = (s.manifest().clone(), s.throughput());
-            if let Some(tx) = tx.lock().expect("not poisoned").take() {
-                let _ = tx.send(Ok(info));
-            }
-            s
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            std::process::exit(1);
-        }
-    });
-    let (manifest, throughput): (nnmesh_graph::Manifest, f32) = rx
+    let (fatal_tx, mut fatal) = mpsc::channel(1);
+    let (stage, info) = stage::spawn(cfg.clone(), fatal_tx.clone())
         .await
-        .context("the stage thread died while loading")?
-        .map_err(|e: String| anyhow::anyhow!(e))?;
-    let keypair = Keypair::generate_ed25519();
+        .with_context(|| format!("loading {}", cfg.model.display()))?;
     let mut tcfg = TransportConfig::new(keypair.clone());
     tcfg.listen = args.listen.clone();
     tcfg.bootstrap = args.bootstrap.clone();
     tcfg.provide = Some(STAGES_KEY.to_vec());
     tcfg.mdns = args.mdns;
     tcfg.max_message = args.max_message_mib << 20;
+    tcfg.psk = psk;
     let (transport, mut inbound) = Transport::start(tcfg).await?;
     let listen = transport.listen_addrs().await;
     let node = Arc::new(Node {
@@ -209,43 +277,54 @@ async fn serve(args: NodeArgs, cfg: stage::Config, model: ModelId, num_layers: u
         stage,
         keypair,
         model,
-        model_name: manifest.model.clone(),
-        manifest: postcard::to_allocvec(&manifest).context("encoding the manifest")?,
+        model_name: info.manifest.model.clone(),
+        manifest: postcard::to_allocvec(&info.manifest).context("encoding the manifest")?,
         num_layers,
         span: cfg.layers.clone(),
-        throughput,
+        throughput: info.throughput,
+        limits: cfg.limits.clone(),
         addrs: listen.iter().map(|a| a.to_string()).collect(),
         admit: Arc::new(Semaphore::new(args.queue)),
         queue: args.queue,
         max_message: args.max_message_mib << 20,
+        allow,
+        fatal: fatal_tx,
     });
     for a in &listen {
         println!("listening {a}");
     }
     println!(
-        "node {} serves layers {}..{} of {} (model id {model}, {throughput:.0} tokens/s)",
+        "node {} serves layers {}..{} of {} (model id {model}, {:.0} tokens/s)",
         transport.peer_id(),
         cfg.layers.start,
         cfg.layers.end,
-        cfg.model.display()
+        cfg.model.display(),
+        info.throughput
     );
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
-    loop {
+    let outcome = loop {
         tokio::select! {
             inb = inbound.recv() => match inb {
                 Some(inb) => handle(node.clone(), inb),
-                None => break,
+                None => break Ok(()),
             },
+            reason = fatal.recv() => {
+                // Withdraw first, so clients stop routing here, then go.
+                let reason = reason.unwrap_or_else(|| "the stage stopped".into());
+                eprintln!("error: {reason}; withdrawing from the mesh");
+                transport.stop_providing().await;
+                break Err(anyhow::anyhow!(reason));
+            }
             _ = &mut shutdown => {
                 eprintln!("shutting down");
-                break;
+                break Ok(());
             }
         }
-    }
+    };
     transport.shutdown().await;
     actix::System::current().stop();
-    Ok(())
+    outcome
 }
 
 async fn shutdown_signal() {
@@ -284,6 +363,13 @@ fn handle(node: Arc<Node>, inb: Inbound) {
             return refuse(inb, kind, e.to_string());
         }
     };
+    // Anyone may ask who we are; everything else is for listed peers only.
+    if !matches!(req, Request::Info)
+        && let Err(e) = node.check_allowed(&inb.peer)
+    {
+        tracing::warn!(peer = %inb.peer, error = %e, "request refused");
+        return reply(inb, &Response::Error(e));
+    }
     match req {
         Request::Info => {
             let record = node.record();
@@ -303,31 +389,40 @@ fn handle(node: Arc<Node>, inb: Inbound) {
                     format!("this node serves model {}, not {model}", node.model),
                 );
             }
-            let stage = node.stage.clone();
+            let Ok(permit) = node.admit.clone().try_acquire_owned() else {
+                return refuse(inb, ErrorKind::Overloaded, node.overloaded());
+            };
             tokio::spawn(async move {
-                match stage.send(stage::Tokenize(texts)).await {
+                let answer = node.stage.send(stage::Tokenize(texts)).await;
+                drop(permit);
+                match answer {
                     Ok(Ok(ids)) => reply(inb, &Response::Tokens(ids)),
-                    Ok(Err(e)) => refuse(inb, ErrorKind::Malformed, e),
-                    Err(e) => refuse(inb, ErrorKind::Internal, e.to_string()),
+                    Ok(Err(e)) => reply(inb, &Response::Error(e)),
+                    Err(e) => {
+                        node.stage_gone(&e);
+                        refuse(inb, ErrorKind::Internal, format!("stage actor: {e}"));
+                    }
                 }
             });
         }
         Request::Close { request } => {
-            node.stage.do_send(Close(request));
-            reply(inb, &Response::Ack);
+            // Only the request's own client may close it (the stage checks).
+            match node.stage.try_send(Close {
+                request,
+                client: inb.peer.to_bytes(),
+            }) {
+                Ok(()) => reply(inb, &Response::Ack),
+                Err(_) => refuse(inb, ErrorKind::Overloaded, node.overloaded()),
+            }
         }
         Request::Report(_) => refuse(inb, ErrorKind::UnknownRequest, "nodes do not take reports"),
         Request::Step(step) => {
-            if let Err(e) = node.check_step(&step) {
+            if let Err(e) = node.check_step(&inb.peer, &step) {
                 tracing::warn!(peer = %inb.peer, error = %e, "step refused");
                 return reply(inb, &Response::Error(e));
             }
             let Ok(permit) = node.admit.clone().try_acquire_owned() else {
-                return refuse(
-                    inb,
-                    ErrorKind::Overloaded,
-                    format!("{} step requests already queued", node.queue),
-                );
+                return refuse(inb, ErrorKind::Overloaded, node.overloaded());
             };
             reply(inb, &Response::Accepted);
             let span = tracing::info_span!(
@@ -339,8 +434,7 @@ fn handle(node: Arc<Node>, inb: Inbound) {
             );
             tokio::spawn(
                 async move {
-                    node.process(*step).await;
-                    drop(permit);
+                    node.process(*step, permit).await;
                 }
                 .instrument(span),
             );
@@ -361,12 +455,32 @@ impl Node {
             end: self.span.end as u32,
             throughput: self.throughput,
             load: in_use as f32 / self.queue as f32,
+            limits: self.limits.clone(),
             expires_at_ms: now_ms() + 120_000,
         };
         SignedRecord::sign(&record, &self.keypair)
     }
 
-    fn check_step(&self, s: &StepRequest) -> Result<(), WireError> {
+    fn overloaded(&self) -> String {
+        format!(
+            "{} requests are already admitted here; retry later or elsewhere (nothing was run)",
+            self.queue
+        )
+    }
+
+    fn check_allowed(&self, peer: &PeerId) -> Result<(), WireError> {
+        match &self.allow {
+            Some(allow) if !allow.contains(peer) => Err(WireError::new(
+                ErrorKind::Forbidden,
+                format!("{peer} is not on this node's allow-list"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks a step's addressing: this model, this node as the hop, sent
+    /// by whom it must come from, for an allowed client.
+    fn check_step(&self, from: &PeerId, s: &StepRequest) -> Result<(), WireError> {
         if s.model != self.model {
             return Err(WireError::new(
                 ErrorKind::NotServed,
@@ -376,7 +490,11 @@ impl Node {
         let hop = s.route.get(s.hop as usize).ok_or_else(|| {
             WireError::new(
                 ErrorKind::Malformed,
-                format!("hop {} is not in the route", s.hop),
+                format!(
+                    "hop {} is not in the route of {} hops",
+                    s.hop,
+                    s.route.len()
+                ),
             )
         })?;
         if (hop.start as usize, hop.end as usize) != (self.span.start, self.span.end)
@@ -390,7 +508,35 @@ impl Node {
                 ),
             ));
         }
-        Ok(())
+        let sender = match s.hop.checked_sub(1) {
+            None => s.client.clone(),
+            Some(prev) => s.route[prev as usize].peer.clone(),
+        };
+        if from.to_bytes() != sender {
+            return Err(WireError::new(
+                ErrorKind::Forbidden,
+                format!(
+                    "hop {} takes steps from {} only, not from {from}",
+                    s.hop,
+                    if s.hop == 0 {
+                        "the request's client"
+                    } else {
+                        "the previous hop"
+                    }
+                ),
+            ));
+        }
+        let client = PeerId::from_bytes(&s.client).map_err(|e| {
+            WireError::new(ErrorKind::Malformed, format!("bad client peer id: {e}"))
+        })?;
+        self.check_allowed(&client)
+    }
+
+    /// The stage actor is gone: nothing can be served any more.
+    fn stage_gone(&self, e: &actix::MailboxError) {
+        let _ = self
+            .fatal
+            .try_send(format!("the stage actor stopped ({e})"));
     }
 
     async fn report(&self, step: &StepRequest, body: ReportBody) -> Result<(), String> {
@@ -429,110 +575,133 @@ impl Node {
         }
     }
 
-    /// Runs a step on the stage, reports saves, and pushes the result on.
-    async fn process(&self, step: StepRequest) {
-        let request = step.request;
-        let out = match self.stage.send(RunStep(Box::new(step.clone()))).await {
+    fn close(&self, step: &StepRequest) {
+        let _ = self.stage.try_send(Close {
+            request: step.request,
+            client: step.client.clone(),
+        });
+    }
+
+    /// Runs a step on the stage (holding `permit` for the compute only),
+    /// reports saves, and pushes the result on.
+    async fn process(&self, step: StepRequest, permit: tokio::sync::OwnedSemaphorePermit) {
+        let out = self.stage.send(RunStep(Box::new(step.clone()))).await;
+        drop(permit);
+        let out = match out {
             Ok(Ok(out)) => out,
-            Ok(Err(e)) => {
-                self.report_failure(&step, e).await;
-                return;
-            }
+            Ok(Err(e)) => return self.report_failure(&step, e).await,
             Err(e) => {
+                self.stage_gone(&e);
                 let e = WireError::new(ErrorKind::Internal, format!("stage actor: {e}"));
-                self.report_failure(&step, e).await;
-                return;
+                return self.report_failure(&step, e).await;
             }
         };
-        // Saves go in reports of at most half the message limit each.
-        let budget = self.max_message / 2;
-        let mut batch: Vec<nnmesh_protocol::message::Saved> = Vec::new();
-        let mut size = 0;
-        let mut saves = out.saves.into_iter().peekable();
-        while let Some(s) = saves.next() {
-            let len = s.value.data.len() + s.name.len() + 64;
-            if len > budget {
-                let e = WireError::new(
-                    ErrorKind::TooLarge,
-                    format!(
-                        "saved value {:?} is {} bytes, over this node's message limit of {} bytes",
-                        s.name, len, self.max_message
-                    ),
-                );
-                self.report_failure(&step, e).await;
-                self.stage.do_send(Close(request));
-                return;
-            }
-            size += len;
-            batch.push(s);
-            let full = saves
-                .peek()
-                .is_none_or(|n| size + n.value.data.len() + n.name.len() + 64 > budget);
-            if full {
-                if let Err(e) = self
-                    .report(&step, ReportBody::Saves(std::mem::take(&mut batch)))
-                    .await
-                {
-                    tracing::warn!(error = %e, "could not send saves to the client");
-                    self.stage.do_send(Close(request));
-                    return;
-                }
-                size = 0;
-            }
+        if let Err(e) = self.send_saves(&step, out.saves).await {
+            tracing::warn!(error = %e, "could not send saves to the client");
+            return self.close(&step);
         }
         if !out.relay.is_empty()
             && let Err(e) = self.report(&step, ReportBody::Relay(out.relay)).await
         {
             tracing::warn!(error = %e, "could not relay values to the client");
-            self.stage.do_send(Close(request));
-            return;
+            return self.close(&step);
         }
-        if let Some(tokens) = out.done {
-            if let Err(e) = self.report(&step, ReportBody::Done { tokens }).await {
-                tracing::warn!(error = %e, "could not report completion to the client");
+        let hidden = match out.next {
+            Next::Done(tokens) => {
+                if let Err(e) = self.report(&step, ReportBody::Done { tokens }).await {
+                    tracing::warn!(error = %e, "could not report completion to the client");
+                }
+                return;
             }
-            return;
-        }
-        let next_hop = step.hop + 1;
-        let Some(Hop { peer, addrs, .. }) = step.route.get(next_hop as usize).cloned() else {
-            let e = WireError::new(ErrorKind::Internal, "no next hop after a middle stage");
-            self.report_failure(&step, e).await;
-            return;
+            Next::Hidden(h) => Some(h),
+            Next::Stopped => None,
         };
         let next = StepRequest {
-            hop: next_hop,
-            hidden: out.hidden,
+            hop: step.hop + 1,
+            hidden,
             carry: out.carry,
             ..step.clone()
         };
-        let result = match PeerId::from_bytes(&peer) {
-            Err(e) => Err(format!("bad peer id for hop {next_hop}: {e}")),
-            Ok(peer_id) => {
-                let addrs: Vec<Multiaddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
-                match self
-                    .transport
-                    .request(
-                        peer_id,
-                        addrs,
-                        codec::encode(&Request::Step(Box::new(next))),
-                    )
-                    .await
-                {
-                    Ok(bytes) => match codec::decode::<Response>(&bytes) {
-                        Ok(Response::Accepted) => Ok(()),
-                        Ok(Response::Error(e)) => {
-                            Err(format!("hop {next_hop} ({peer_id}) refused the step: {e}"))
-                        }
-                        Ok(other) => Err(format!("hop {next_hop} ({peer_id}) answered {other:?}")),
-                        Err(e) => Err(format!("hop {next_hop} ({peer_id}): {e}")),
-                    },
-                    Err(e) => Err(format!("hop {next_hop} ({peer_id}): {e}")),
-                }
-            }
-        };
-        if let Err(msg) = result {
-            let e = WireError::new(ErrorKind::Internal, msg);
+        if let Err(e) = self.push(next).await {
             self.report_failure(&step, e).await;
+        }
+    }
+
+    /// Sends saves in reports of at most half the message limit each.
+    async fn send_saves(&self, step: &StepRequest, saves: Vec<Saved>) -> Result<(), String> {
+        let budget = self.max_message / 2;
+        let mut batch: Vec<Saved> = Vec::new();
+        let mut size = 0;
+        let mut saves = saves.into_iter().peekable();
+        let len = |s: &Saved| s.value.data.len() + s.name.len() + 64;
+        while let Some(s) = saves.next() {
+            if len(&s) > budget {
+                let e = WireError::new(
+                    ErrorKind::TooLarge,
+                    format!(
+                        "saved value {:?} is {} bytes, over this node's message limit of {} bytes",
+                        s.name,
+                        len(&s),
+                        self.max_message
+                    ),
+                );
+                self.report_failure(step, e).await;
+                return Err("a saved value is over the message limit".into());
+            }
+            size += len(&s);
+            batch.push(s);
+            if saves.peek().is_none_or(|n| size + len(n) > budget) {
+                self.report(step, ReportBody::Saves(std::mem::take(&mut batch)))
+                    .await?;
+                size = 0;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands the step on to the next hop; an error names it.
+    async fn push(&self, next: StepRequest) -> Result<(), WireError> {
+        let Some(Hop { peer, addrs, .. }) = next.route.get(next.hop as usize).cloned() else {
+            return Err(WireError::new(
+                ErrorKind::Internal,
+                "no next hop after a middle stage",
+            ));
+        };
+        let hop = next.hop;
+        let peer = PeerId::from_bytes(&peer).map_err(|e| {
+            WireError::new(
+                ErrorKind::Malformed,
+                format!("bad peer id for hop {hop}: {e}"),
+            )
+        })?;
+        let addrs: Vec<Multiaddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        let bytes = self
+            .transport
+            .request(peer, addrs, codec::encode(&Request::Step(Box::new(next))))
+            .await
+            .map_err(|e| {
+                let kind = match e {
+                    RequestError::DialFailure { .. }
+                    | RequestError::ConnectionClosed { .. }
+                    | RequestError::Timeout { .. } => ErrorKind::Unreachable,
+                    _ => ErrorKind::Internal,
+                };
+                WireError::new(kind, format!("hop {hop} ({peer}): {e}"))
+            })?;
+        match codec::decode::<Response>(&bytes) {
+            Ok(Response::Accepted) => Ok(()),
+            Ok(Response::Error(e)) => Err(WireError::new(
+                e.kind,
+                format!("hop {hop} ({peer}) refused the step: {}", e.message),
+            )),
+            Ok(other) => Err(WireError::new(
+                ErrorKind::Internal,
+                format!("hop {hop} ({peer}) answered {other:?}"),
+            )),
+            Err(e) => Err(WireError::new(
+                ErrorKind::Internal,
+                format!("hop {hop} ({peer}): {e}"),
+            )),
         }
     }
 }

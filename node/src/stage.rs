@@ -1,38 +1,57 @@
-//! A hosted pipeline stage as an actix actor: it owns the stage's weights and
-//! runs each step of each request's graph fragment on its own thread
-//! (`SyncArbiter`), keeping one session per request (graph, plan, the
-//! interpreter's values, the KV cache of the current trace).
+//! A hosted pipeline stage: its weights, and one session per request.
+//!
+//! [`Stage`] is the logic, usable without actix (the fuzz harness drives it
+//! directly). [`StageActor`] puts it on a thread of its own as an actix
+//! actor with a bounded mailbox; [`spawn`] loads the weights on that thread
+//! (CUDA contexts are thread-bound) and returns the actor's address, or why
+//! the stage could not start.
+//!
+//! # Containment
+//! A stage serves strangers, so one request can never take it down:
+//! [`Stage::step`] checks every field a peer sent before it reaches a tensor
+//! op (see [`session`]), runs the step under `catch_unwind`, and on any
+//! failure drops that request's session and answers with a [`WireError`].
+//! The next request is served as if nothing happened. Only when a probe
+//! forward fails after a contained panic (the stage itself is broken, not
+//! the request) does the actor report a fatal error, and the node withdraws
+//! its record and exits.
+
+mod session;
 
 use std::{
     collections::HashMap,
+    ops::Range,
+    panic::AssertUnwindSafe,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
-use actix::{Actor, Handler, Message, SyncContext};
-use nnmesh_graph::{Fragment, Graph, Limits, Manifest, NodeId, Plan, StageSpan, partition};
+use actix::{Actor, Addr, Arbiter, AsyncContext, Context, Handler, Message};
+use nnmesh_graph::{Limits, Manifest};
 use nnmesh_protocol::{
     ids::RequestId,
     message::{Carried, ErrorKind, Saved, StepRequest, WireError},
     tensor::WireTensor,
 };
 use tch::{Device, Kind, Tensor};
+use tokio::sync::{mpsc, oneshot};
 
+use self::session::Session;
 use crate::{
-    engine::{Engine, Padded},
-    interpret::{Executor, State},
-    llama::{Cache, Input},
-    trace::{forward_step, trace_prompts},
-    wire::{from_wire, to_wire},
+    engine::{Engine, EngineError},
+    llama::Input,
 };
 
-/// How a stage is loaded.
+/// Capacity of a stage actor's mailbox: senders wait (backpressure) beyond it.
+pub const MAILBOX: usize = 16;
+
+/// How a stage is loaded and what it admits.
 #[derive(Debug, Clone)]
 pub struct Config {
     /// Model file or folder.
     pub model: PathBuf,
     /// Decoder layers hosted.
-    pub layers: std::ops::Range<usize>,
+    pub layers: Range<usize>,
     /// Compute dtype.
     pub kind: Kind,
     /// Device.
@@ -41,13 +60,18 @@ pub struct Config {
     pub limits: Limits,
     /// Sessions unused for this long are dropped.
     pub session_ttl: Duration,
+    /// Most sessions open at once; more are refused as overloaded.
+    pub max_sessions: usize,
+    /// Most bytes of KV cache reserved by open sessions; a session that
+    /// would exceed it is refused as overloaded (live ones are never evicted).
+    pub max_kv_bytes: u64,
 }
 
 /// What one step produced on this stage.
 #[derive(Debug)]
 pub struct StepOutput {
-    /// Hidden state for the next hop (`None` on the last hop or after an early stop).
-    pub hidden: Option<WireTensor>,
+    /// What happens next: the next hop's input, or the end of the step.
+    pub next: Next,
     /// Values the next hop needs.
     pub carry: Vec<Carried>,
     /// Values saved here, for the client.
@@ -55,47 +79,34 @@ pub struct StepOutput {
     /// Values an earlier stage needs in a later step or trace: sent to the
     /// client, which hands them to the first stage with its next step.
     pub relay: Vec<Carried>,
-    /// On the last hop (or when the forward stopped early): the greedy next
-    /// token of each row when the trace generates further, else empty.
-    pub done: Option<Vec<u32>>,
 }
 
-/// Run one step of a request on this stage.
-#[derive(Debug, Message)]
-#[rtype(result = "Result<StepOutput, WireError>")]
-pub struct RunStep(pub Box<StepRequest>);
-
-/// Tokenize texts with the model's tokenizer.
-#[derive(Debug, Message)]
-#[rtype(result = "Result<Vec<Vec<u32>>, String>")]
-pub struct Tokenize(pub Vec<String>);
-
-/// Drop a request's session.
-#[derive(Debug, Message)]
-#[rtype(result = "()")]
-pub struct Close(pub RequestId);
-
-struct Session {
-    graph: Graph,
-    plan: Plan,
-    fragment: Fragment,
-    state: State,
-    cache: Option<Cache>,
-    padded: Option<Padded>,
-    /// The last (trace, step) run here: a step is applied at most once,
-    /// since running it again would append to the KV cache twice.
-    applied: Option<(u32, u32)>,
-    last_used: Instant,
+/// Where a step goes after this stage.
+#[derive(Debug)]
+pub enum Next {
+    /// The hidden state for the next hop.
+    Hidden(WireTensor),
+    /// The graph stopped the forward at or before this stage; later hops
+    /// still run the nodes placed on them (applies, ops, saves) without a
+    /// forward.
+    Stopped,
+    /// This was the last hop: the step is done. The greedy next token of
+    /// each row when the trace generates further, else empty.
+    Done(Vec<u32>),
 }
 
-/// The stage actor.
+/// A pipeline stage: the model's layers `layers` and the sessions of the
+/// requests running through them.
 pub struct Stage {
     engine: Engine,
     manifest: Manifest,
     limits: Limits,
     ttl: Duration,
+    max_sessions: usize,
+    max_kv_bytes: u64,
     sessions: HashMap<RequestId, Session>,
     throughput: f32,
+    panics: u64,
 }
 
 impl std::fmt::Debug for Stage {
@@ -103,35 +114,63 @@ impl std::fmt::Debug for Stage {
         f.debug_struct("Stage")
             .field("layers", &self.engine.model.layers())
             .field("sessions", &self.sessions.len())
-            .finish()
+            .finish_non_exhaustive()
     }
-}
-
-impl Actor for Stage {
-    type Context = SyncContext<Self>;
 }
 
 fn err(kind: ErrorKind, msg: impl Into<String>) -> WireError {
     WireError::new(kind, msg)
 }
 
+/// The message of a caught panic, first line only (libtorch errors carry a
+/// C++ backtrace after it).
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let msg = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic without a message");
+    let first = msg.lines().next().unwrap_or_default();
+    first.chars().take(400).collect()
+}
+
+/// Runs `f`, turning a panic into an [`ErrorKind::Internal`] error.
+fn contain<T>(what: &str, f: impl FnOnce() -> Result<T, WireError>) -> Result<T, WireError> {
+    std::panic::catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        Err(err(
+            ErrorKind::Internal,
+            format!("{what} failed: {}", panic_message(payload.as_ref())),
+        ))
+    })
+}
+
 impl Stage {
-    /// Loads the stage (on the calling thread: call it on the actor's thread).
+    /// Loads the stage (on the calling thread: call it on the thread that
+    /// will run it).
     ///
     /// # Errors
     /// When the model cannot be loaded.
-    pub fn load(cfg: &Config) -> Result<Self, crate::engine::EngineError> {
+    pub fn load(cfg: &Config) -> Result<Stage, EngineError> {
         let engine = Engine::load(&cfg.model, Some(cfg.layers.clone()), cfg.kind, cfg.device)?;
+        Ok(Stage::new(engine, cfg))
+    }
+
+    /// A stage over an already loaded engine (`cfg.model`, `layers`, `kind`
+    /// and `device` are not used).
+    pub fn new(engine: Engine, cfg: &Config) -> Stage {
         let manifest = crate::engine::manifest(engine.model.config(), engine.model.kind());
         let throughput = measure_throughput(&engine);
-        Ok(Stage {
+        Stage {
             engine,
             manifest,
             limits: cfg.limits.clone(),
             ttl: cfg.session_ttl,
+            max_sessions: cfg.max_sessions,
+            max_kv_bytes: cfg.max_kv_bytes,
             sessions: HashMap::new(),
             throughput,
-        })
+            panics: 0,
+        }
     }
 
     /// Tokens per second through this stage, measured at load (a 64-token prefill).
@@ -144,198 +183,344 @@ impl Stage {
         &self.manifest
     }
 
-    fn run_step(&mut self, req: &StepRequest) -> Result<StepOutput, WireError> {
-        let model_layers = self.engine.model.layers();
+    /// The per-request limits this stage enforces.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Open sessions.
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+
+    /// Bytes of KV cache reserved by the open sessions.
+    pub fn kv_reserved(&self) -> u64 {
+        self.sessions.values().map(Session::kv_bytes).sum()
+    }
+
+    /// Panics caught (and contained) so far.
+    pub fn panics(&self) -> u64 {
+        self.panics
+    }
+
+    /// Runs one step of a request, creating its session at its first step.
+    ///
+    /// Refusals that do not concern the session's own progress (a step of
+    /// another client's request, a repeated or skipped step, a full node)
+    /// leave an existing session as it is; any failure while running the
+    /// step drops the session, whose KV cache may be half-written.
+    ///
+    /// # Errors
+    /// A [`WireError`] naming what was wrong; [`ErrorKind::Internal`] for a
+    /// failure (or a caught panic) inside the step.
+    pub fn step(&mut self, req: &StepRequest) -> Result<StepOutput, WireError> {
+        let layers = self.engine.model.layers();
         let hop = req.route.get(req.hop as usize).ok_or_else(|| {
             err(
                 ErrorKind::Malformed,
-                format!("hop {} is not in the route", req.hop),
+                format!(
+                    "hop {} is not in the route of {} hops",
+                    req.hop,
+                    req.route.len()
+                ),
             )
         })?;
-        if (hop.start as usize, hop.end as usize) != (model_layers.start, model_layers.end) {
+        if (hop.start as usize, hop.end as usize) != (layers.start, layers.end) {
             return Err(err(
                 ErrorKind::NotServed,
                 format!(
-                    "this node serves layers {}..{}, not {}..{}",
-                    model_layers.start, model_layers.end, hop.start, hop.end
+                    "this stage serves layers {}..{}, not {}..{}",
+                    layers.start, layers.end, hop.start, hop.end
                 ),
             ));
         }
-        let is_last = req.hop as usize + 1 == req.route.len();
-        let _guard = tch::no_grad_guard();
+        let now = Instant::now();
+        if let Some(session) = self.sessions.get(&req.request) {
+            session.check_next(req)?;
+        } else {
+            let session = self.open(req)?;
+            self.sessions.insert(req.request, session);
+        }
         let Stage {
             engine,
             manifest,
-            limits,
-            ttl,
             sessions,
             ..
         } = self;
-        let device = engine.model.device();
-        let session = open_session(sessions, engine, manifest, limits, *ttl, req)?;
-        let trace = req.trace as usize;
-        if trace >= session.graph.traces.len() || req.step >= session.plan.steps[trace] {
-            return Err(err(
-                ErrorKind::Malformed,
-                format!("trace {} step {} is not in the graph", req.trace, req.step),
-            ));
+        let session = sessions
+            .get_mut(&req.request)
+            .expect("the session was found or opened above");
+        session.touch(now);
+        let out = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let _guard = tch::no_grad_guard();
+            session.run(engine, manifest, req)
+        }));
+        let out = match out {
+            Ok(out) => out,
+            Err(payload) => {
+                self.panics += 1;
+                Err(err(
+                    ErrorKind::Internal,
+                    format!(
+                        "trace {} step {} failed on this stage: {}",
+                        req.trace,
+                        req.step,
+                        panic_message(payload.as_ref())
+                    ),
+                ))
+            }
+        };
+        if out.is_err() {
+            self.sessions.remove(&req.request);
         }
-        session.applied = Some((req.trace, req.step));
-        if req.step == 0 {
-            let prompts = trace_prompts(&session.graph, trace);
-            session.padded = Some(Padded::new(&prompts, device));
-            session.cache = Some(engine.model.new_cache());
-        }
-        let (Some(padded), Some(cache)) = (&session.padded, &mut session.cache) else {
+        out
+    }
+
+    /// A new session for `req`, if the node has room for it.
+    fn open(&self, req: &StepRequest) -> Result<Session, WireError> {
+        if self.sessions.len() >= self.max_sessions {
             return Err(err(
-                ErrorKind::Malformed,
+                ErrorKind::Overloaded,
                 format!(
-                    "trace {} step {} arrived before its step 0",
-                    req.trace, req.step
+                    "{} sessions are open, this node's limit; retry later or elsewhere",
+                    self.sessions.len()
                 ),
             ));
-        };
-        let input = if engine.model.is_first() {
-            if req.step == 0 {
-                Input::Tokens(padded.ids.shallow_clone())
-            } else {
-                Input::Tokens(from_wire(&req.tokens, device)?)
-            }
-        } else {
-            let h = req
-                .hidden
-                .as_ref()
-                .ok_or_else(|| err(ErrorKind::Malformed, "no hidden state for a middle stage"))?;
-            Input::Hidden(from_wire(h, device)?)
-        };
-        let lens = padded.lens.clone();
-        let mut exec = Executor::new(
-            &session.graph,
-            &session.plan,
-            manifest,
-            &engine.model,
-            &mut session.state,
-        );
-        exec.begin(req.trace, req.step, &lens);
-        for c in &req.carry {
-            exec.insert(NodeId(c.node), from_wire(&c.value, device)?);
         }
-        let out = forward_step(&engine.model, &mut exec, padded, req.step, input, cache)
-            .map_err(|e| err(ErrorKind::Internal, e.to_string()))?;
-        let saves = session
-            .state
-            .take_saves()
-            .into_iter()
-            .map(|s| {
-                Ok(Saved {
-                    name: s.name,
-                    step: s.step,
-                    value: to_wire(&s.value)?,
+        let session = contain("opening the session", || {
+            Session::open(&self.engine, &self.manifest, &self.limits, req)
+        })?;
+        let (need, reserved) = (session.kv_bytes(), self.kv_reserved());
+        if need > self.max_kv_bytes {
+            return Err(err(
+                ErrorKind::Validation,
+                format!(
+                    "the request needs {need} bytes of KV cache on this stage; its limit is {} (--kv-cache-mib)",
+                    self.max_kv_bytes
+                ),
+            ));
+        }
+        if reserved + need > self.max_kv_bytes {
+            return Err(err(
+                ErrorKind::Overloaded,
+                format!(
+                    "the request needs {need} bytes of KV cache and {} of this stage's {} are in use; retry later or elsewhere",
+                    reserved, self.max_kv_bytes
+                ),
+            ));
+        }
+        Ok(session)
+    }
+
+    /// Tokenizes texts with the model's tokenizer.
+    ///
+    /// # Errors
+    /// [`ErrorKind::TooLarge`] for more texts or bytes than the limits allow
+    /// a graph; [`ErrorKind::Malformed`] if the tokenizer fails.
+    pub fn tokenize(&self, texts: &[String]) -> Result<Vec<Vec<u32>>, WireError> {
+        let max_texts = self
+            .limits
+            .max_invokes
+            .saturating_mul(self.limits.max_traces);
+        let bytes: u64 = texts.iter().map(|t| t.len() as u64).sum();
+        if texts.len() > max_texts || bytes > self.limits.max_graph_bytes {
+            return Err(err(
+                ErrorKind::TooLarge,
+                format!(
+                    "{} texts of {bytes} bytes; this node tokenizes at most {max_texts} texts of {} bytes",
+                    texts.len(),
+                    self.limits.max_graph_bytes
+                ),
+            ));
+        }
+        contain("tokenizing", || {
+            texts
+                .iter()
+                .map(|t| {
+                    self.engine
+                        .encode(t)
+                        .map_err(|e| err(ErrorKind::Malformed, e.to_string()))
                 })
-            })
-            .collect::<Result<Vec<_>, WireError>>()?;
-        let fresh = |ids: &[NodeId]| {
-            ids.iter()
-                .filter(|n| session.state.is_fresh(**n))
-                .map(|n| {
-                    let v = session.state.value(*n).expect("fresh values exist");
-                    Ok(Carried {
-                        node: n.0,
-                        value: to_wire(v)?,
-                    })
-                })
-                .collect::<Result<Vec<_>, WireError>>()
-        };
-        let carry = fresh(&session.fragment.carry_out)?;
-        let relay = fresh(&session.fragment.relay_out)?;
-        let generating = session.graph.traces[trace].max_new_tokens > 0;
-        let (hidden, done) = match out {
-            None => (None, Some(Vec::new())),
-            Some(logits) if is_last => {
-                let tokens = if generating {
-                    let next = logits.select(1, -1).argmax(-1, false);
-                    Vec::<i64>::try_from(&next)
-                        .map_err(|e| err(ErrorKind::Internal, e.to_string()))?
-                        .into_iter()
-                        .map(|i| i as u32)
-                        .collect()
-                } else {
-                    Vec::new()
-                };
-                (None, Some(tokens))
-            }
-            Some(h) => (Some(to_wire(&h)?), None),
-        };
-        Ok(StepOutput {
-            hidden,
-            carry,
-            saves,
-            relay,
-            done,
+                .collect()
         })
+    }
+
+    /// Drops a request's session, if `client` (peer id bytes) is its client.
+    pub fn close(&mut self, request: RequestId, client: &[u8]) {
+        if self
+            .sessions
+            .get(&request)
+            .is_some_and(|s| s.client() == client)
+        {
+            self.sessions.remove(&request);
+        }
+    }
+
+    /// Drops the sessions unused for longer than the session TTL; returns
+    /// how many.
+    pub fn evict_idle(&mut self, now: Instant) -> usize {
+        let before = self.sessions.len();
+        let ttl = self.ttl;
+        self.sessions.retain(|_, s| !s.idle_for(now, ttl));
+        before - self.sessions.len()
+    }
+
+    /// Checks that the stage can still compute: a one-token forward.
+    ///
+    /// # Errors
+    /// What failed.
+    pub fn probe(&self) -> Result<(), String> {
+        contain("the probe forward", || {
+            let _guard = tch::no_grad_guard();
+            forward_zeros(&self.engine, 1)
+                .map(|_| ())
+                .map_err(|e| err(ErrorKind::Internal, e))
+        })
+        .map_err(|e| e.message)
     }
 }
 
-/// The session of `req`, created from the graph it carries when new.
-fn open_session<'s>(
-    sessions: &'s mut HashMap<RequestId, Session>,
-    engine: &Engine,
-    manifest: &Manifest,
-    limits: &Limits,
-    ttl: Duration,
-    req: &StepRequest,
-) -> Result<&'s mut Session, WireError> {
-    let now = Instant::now();
-    sessions.retain(|_, s| now.duration_since(s.last_used) < ttl);
-    let session = match sessions.entry(req.request) {
-        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-        std::collections::hash_map::Entry::Vacant(slot) => {
-            let bytes = req.graph.as_ref().ok_or_else(|| {
-                err(
-                    ErrorKind::Malformed,
-                    format!(
-                        "request {} has no session here and the step carries no graph",
-                        req.request.0
-                    ),
-                )
-            })?;
-            let graph = Graph::from_postcard(bytes)
-                .map_err(|e| err(ErrorKind::Malformed, format!("graph: {e}")))?;
-            let plan = crate::trace::plan(&graph, manifest, limits)
-                .map_err(|e| err(ErrorKind::Validation, e.to_string()))?;
-            let route: Vec<StageSpan> = req
-                .route
-                .iter()
-                .map(|h| StageSpan {
-                    start: h.start,
-                    end: h.end,
-                })
-                .collect();
-            let mut fragments = partition(&graph, &plan, manifest, &route)
-                .map_err(|e| err(ErrorKind::Validation, e.to_string()))?;
-            let fragment = fragments.swap_remove(req.hop as usize);
-            let state = State::new(&graph, manifest, &engine.model, Some(&fragment.nodes))
-                .map_err(|e| err(ErrorKind::Validation, e.to_string()))?;
-            slot.insert(Session {
-                graph,
-                plan,
-                fragment,
-                state,
-                cache: None,
-                padded: None,
-                applied: None,
-                last_used: now,
-            })
-        }
+/// A forward of `t` zero tokens (or zero hidden states) through the stage.
+fn forward_zeros(engine: &Engine, t: i64) -> Result<Tensor, String> {
+    let model = &engine.model;
+    let device = model.device();
+    let batch = crate::llama::Batch::contiguous(1, t, 0, device);
+    let input = if model.is_first() {
+        Input::Tokens(Tensor::zeros([1, t], (Kind::Int64, device)))
+    } else {
+        let h = model.config().hidden_size as i64;
+        Input::Hidden(Tensor::zeros([1, t, h], (model.kind(), device)))
     };
-    session.last_used = now;
-    Ok(session)
+    model
+        .forward(input, &batch, None, &mut crate::hooks::NoHooks)
+        .map_err(|e| e.to_string())
 }
 
-impl Handler<RunStep> for Stage {
+/// Times a 64-token forward through the stage (best of three).
+fn measure_throughput(engine: &Engine) -> f32 {
+    let _guard = tch::no_grad_guard();
+    let t = 64;
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let t0 = Instant::now();
+        if forward_zeros(engine, t).is_err() {
+            return 0.0;
+        }
+        best = best.min(t0.elapsed().as_secs_f64());
+    }
+    (t as f64 / best) as f32
+}
+
+/// A [`Stage`] as an actix actor on its own thread.
+pub struct StageActor {
+    stage: Stage,
+    fatal: mpsc::Sender<String>,
+}
+
+impl std::fmt::Debug for StageActor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.stage.fmt(f)
+    }
+}
+
+impl Actor for StageActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(MAILBOX);
+        let every = (self.stage.ttl / 4).max(Duration::from_secs(1));
+        ctx.run_interval(every, |actor, _| {
+            let dropped = actor.stage.evict_idle(Instant::now());
+            if dropped > 0 {
+                tracing::info!(dropped, "idle sessions dropped");
+            }
+        });
+    }
+}
+
+/// What a started stage tells the node.
+#[derive(Debug, Clone)]
+pub struct Info {
+    /// The model manifest.
+    pub manifest: Manifest,
+    /// Measured throughput, tokens per second.
+    pub throughput: f32,
+}
+
+/// Why a stage did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The model could not be loaded.
+    #[error(transparent)]
+    Load(#[from] EngineError),
+    /// Loading panicked (a corrupt file that slipped past the checks).
+    #[error("loading the stage failed: {0}")]
+    Panicked(String),
+    /// The stage thread ended before reporting.
+    #[error("the stage thread ended while loading")]
+    Thread,
+}
+
+/// Starts a stage actor on a new thread and loads its weights there.
+/// `fatal` receives the reason if the stage later finds it can no longer
+/// compute.
+///
+/// Must be called inside an actix system.
+///
+/// # Errors
+/// See [`StartError`]; the thread is stopped then.
+pub async fn spawn(
+    cfg: Config,
+    fatal: mpsc::Sender<String>,
+) -> Result<(Addr<StageActor>, Info), StartError> {
+    let arbiter = Arbiter::new();
+    let (tx, rx) = oneshot::channel();
+    arbiter.spawn_fn(move || {
+        let loaded = std::panic::catch_unwind(|| Stage::load(&cfg));
+        let started = match loaded {
+            Ok(Ok(stage)) => {
+                let info = Info {
+                    manifest: stage.manifest.clone(),
+                    throughput: stage.throughput,
+                };
+                Ok((StageActor { stage, fatal }.start(), info))
+            }
+            Ok(Err(e)) => Err(StartError::Load(e)),
+            Err(payload) => Err(StartError::Panicked(panic_message(payload.as_ref()))),
+        };
+        let failed = started.is_err();
+        let _ = tx.send(started);
+        if failed {
+            Arbiter::current().stop();
+        }
+    });
+    rx.await.map_err(|_| StartError::Thread)?
+}
+
+/// Run one step of a request on this stage.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<StepOutput, WireError>")]
+pub struct RunStep(pub Box<StepRequest>);
+
+/// Tokenize texts with the model's tokenizer.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Vec<Vec<u32>>, WireError>")]
+pub struct Tokenize(pub Vec<String>);
+
+/// Drop a request's session, if `client` (peer id bytes) is its client.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Close {
+    /// The request.
+    pub request: RequestId,
+    /// Who asks: only the request's own client may close it.
+    pub client: Vec<u8>,
+}
+
+impl Handler<RunStep> for StageActor {
     type Result = Result<StepOutput, WireError>;
 
-    fn handle(&mut self, msg: RunStep, _: &mut Self::Context) -> Self::Result {
+    fn handle(&mut self, msg: RunStep, _: &mut Context<Self>) -> Self::Result {
         let req = msg.0;
         let span = tracing::info_span!(
             "step",
@@ -346,73 +531,37 @@ impl Handler<RunStep> for Stage {
         );
         let _e = span.enter();
         let t0 = Instant::now();
-        // A duplicate leaves the session as it is (it may be a retry of a
-        // step that did arrive).
-        if let Some(s) = self.sessions.get(&req.request)
-            && s.applied.is_some_and(|a| (req.trace, req.step) <= a)
-        {
-            return Err(err(
-                ErrorKind::Malformed,
-                format!(
-                    "trace {} step {} was already applied to request {} here; a replay needs a new request id",
-                    req.trace, req.step, req.request.0
-                ),
-            ));
-        }
-        let out = self.run_step(&req);
+        let panics = self.stage.panics();
+        let out = self.stage.step(&req);
         match &out {
             Ok(_) => tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "step done"),
-            Err(e) => {
-                tracing::warn!(error = %e, "step failed");
-                self.sessions.remove(&req.request);
-            }
+            Err(e) => tracing::warn!(error = %e, "step failed"),
+        }
+        if self.stage.panics() > panics
+            && let Err(reason) = self.stage.probe()
+        {
+            // The request's failure broke the stage itself: stop serving.
+            let _ = self.fatal.try_send(format!(
+                "the stage cannot compute any more ({reason}) after: {}",
+                out.as_ref().err().map_or("", |e| e.message.as_str())
+            ));
         }
         out
     }
 }
 
-impl Handler<Tokenize> for Stage {
-    type Result = Result<Vec<Vec<u32>>, String>;
+impl Handler<Tokenize> for StageActor {
+    type Result = Result<Vec<Vec<u32>>, WireError>;
 
-    fn handle(&mut self, msg: Tokenize, _: &mut Self::Context) -> Self::Result {
-        msg.0
-            .iter()
-            .map(|t| self.engine.encode(t).map_err(|e| e.to_string()))
-            .collect()
+    fn handle(&mut self, msg: Tokenize, _: &mut Context<Self>) -> Self::Result {
+        self.stage.tokenize(&msg.0)
     }
 }
 
-/// Times a 64-token forward through the stage (best of three).
-fn measure_throughput(engine: &Engine) -> f32 {
-    let _guard = tch::no_grad_guard();
-    let model = &engine.model;
-    let t = 64;
-    let device = model.device();
-    let batch = crate::llama::Batch::contiguous(1, t, 0, device);
-    let mut best = f64::INFINITY;
-    for _ in 0..3 {
-        let input = if model.is_first() {
-            Input::Tokens(Tensor::zeros([1, t], (Kind::Int64, device)))
-        } else {
-            let h = model.config().hidden_size as i64;
-            Input::Hidden(Tensor::zeros([1, t, h], (model.kind(), device)))
-        };
-        let t0 = Instant::now();
-        if model
-            .forward(input, &batch, None, &mut crate::hooks::NoHooks)
-            .is_err()
-        {
-            return 0.0;
-        }
-        best = best.min(t0.elapsed().as_secs_f64());
-    }
-    (t as f64 / best) as f32
-}
-
-impl Handler<Close> for Stage {
+impl Handler<Close> for StageActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Close, _: &mut Self::Context) {
-        self.sessions.remove(&msg.0);
+    fn handle(&mut self, msg: Close, _: &mut Context<Self>) {
+        self.stage.close(msg.request, &msg.client);
     }
 }

@@ -245,9 +245,13 @@ fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
         };
 
         let (k, msg) = kind(
-            raw(&t, &node, b"\x01\x00garbage bytes".to_vec())
-                .await
-                .expect("answer"),
+            raw(
+                &t,
+                &node,
+                [&codec::WIRE_VERSION.to_le_bytes()[..], b"garbage bytes"].concat(),
+            )
+            .await
+            .expect("answer"),
         );
         assert_eq!(k, ErrorKind::Malformed, "{msg}");
         let mut wrong_version = codec::encode(&Request::Info);

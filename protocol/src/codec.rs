@@ -8,7 +8,7 @@
 use serde::{Serialize, de::DeserializeOwned};
 
 /// Version of the encoding, the first two bytes (LE) of every message.
-pub const WIRE_VERSION: u16 = 1;
+pub const WIRE_VERSION: u16 = 2;
 
 /// Default maximum size of one encoded message, 256 MiB.
 pub const MAX_MESSAGE: usize = 256 << 20;
@@ -143,6 +143,8 @@ mod tests {
             Just(ErrorKind::Overloaded),
             Just(ErrorKind::Internal),
             Just(ErrorKind::UnknownRequest),
+            Just(ErrorKind::Forbidden),
+            Just(ErrorKind::Unreachable),
         ]
     }
 
@@ -426,22 +428,22 @@ mod tests {
         ]
     }
 
-    const SNAP_INFO: &str = "010000";
+    const SNAP_INFO: &str = "020000";
     const SNAP_TOKENIZE: &str =
-        "010001111111111111111111111111111111111111111111111111111111111111111101026869";
-    const SNAP_STEP: &str = "010002ac0202c1c201022f61abababababababababababababababababababababababababababababababab01010101022f68001e00010199010203020102100700000000000000ffffffffffffffff000105000101040000803f";
+        "020001111111111111111111111111111111111111111111111111111111111111111101026869";
+    const SNAP_STEP: &str = "020002ac0202c1c201022f61abababababababababababababababababababababababababababababababab01010101022f68001e00010199010203020102100700000000000000ffffffffffffffff000105000101040000803f";
     const SNAP_REPORT_SAVES: &str =
-        "010003090101ee000300010178010403020102100700000000000000ffffffffffffffff";
+        "020003090101ee000300010178010403020102100700000000000000ffffffffffffffff";
     const SNAP_REPORT_RELAY: &str =
-        "010003090101ee000301010203020102100700000000000000ffffffffffffffff";
-    const SNAP_REPORT_DONE: &str = "010003090101ee0003020201c801";
-    const SNAP_REPORT_FAILED: &str = "010003090101ee000303050462757379";
-    const SNAP_CLOSE: &str = "01000401";
-    const SNAP_RESP_INFO: &str = "0100000102010201030204050106";
-    const SNAP_RESP_TOKENS: &str = "0100010202010200";
-    const SNAP_RESP_ACCEPTED: &str = "010002";
-    const SNAP_RESP_ACK: &str = "010003";
-    const SNAP_RESP_ERROR: &str = "010004050462757379";
+        "020003090101ee000301010203020102100700000000000000ffffffffffffffff";
+    const SNAP_REPORT_DONE: &str = "020003090101ee0003020201c801";
+    const SNAP_REPORT_FAILED: &str = "020003090101ee000303050462757379";
+    const SNAP_CLOSE: &str = "02000401";
+    const SNAP_RESP_INFO: &str = "0200000102010201030204050106";
+    const SNAP_RESP_TOKENS: &str = "0200010202010200";
+    const SNAP_RESP_ACCEPTED: &str = "020002";
+    const SNAP_RESP_ACK: &str = "020003";
+    const SNAP_RESP_ERROR: &str = "020004050462757379";
 
     #[test]
     fn snapshots_are_stable() {
@@ -500,7 +502,7 @@ mod tests {
 
     #[test]
     fn garbage_is_malformed() {
-        let garbage = [1u8, 0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff];
+        let garbage = [&WIRE_VERSION.to_le_bytes()[..], &[0xff; 6]].concat();
         assert!(matches!(
             decode::<Request>(&garbage),
             Err(CodecError::Malformed(_))

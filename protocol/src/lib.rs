@@ -8,6 +8,7 @@
 //!
 //! - [`ids`]: [`RequestId`], [`ModelId`] (blake3 of the weight files).
 //! - [`tensor`]: [`WireTensor`], raw little-endian bytes with dtype and shape.
+//! - [`limits`]: [`Limits`], what one request may ask of a node.
 //! - [`record`]: [`StageRecord`] announcements, signed and expiring.
 //! - [`message`]: [`Request`] / [`Response`] of [`STAGE_PROTOCOL`].
 //! - [`codec`]: [`encode`] / [`decode`], a `u16` version then postcard.
@@ -49,6 +50,7 @@
 
 pub mod codec;
 pub mod ids;
+pub mod limits;
 pub mod message;
 pub mod record;
 pub mod route;
@@ -56,6 +58,7 @@ pub mod tensor;
 
 pub use codec::{CodecError, MAX_MESSAGE, WIRE_VERSION, decode, encode};
 pub use ids::{ModelId, ParseModelIdError, RequestId};
+pub use limits::Limits;
 pub use message::{
     Carried, ErrorKind, Hop, ReportBody, Request, Response, STAGE_PROTOCOL, Saved, StageReport,
     StepRequest, WireError,

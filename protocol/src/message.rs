@@ -16,7 +16,7 @@ use crate::{
 
 /// libp2p protocol id of the stage protocol. The version in it changes
 /// together with [`crate::codec::WIRE_VERSION`].
-pub const STAGE_PROTOCOL: &str = "/nnmesh/stage/1";
+pub const STAGE_PROTOCOL: &str = "/nnmesh/stage/2";
 
 /// One hop of a route: a peer and the layers `[start, end)` it runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -201,4 +201,9 @@ pub enum ErrorKind {
     Internal,
     /// The referenced request is unknown to the node.
     UnknownRequest,
+    /// The requester is not allowed to use this node (`--allow-peers`).
+    Forbidden,
+    /// The sender could not hand the step on to the next hop, whose peer the
+    /// message names: that hop is likely down. Nothing ran there.
+    Unreachable,
 }

@@ -9,11 +9,11 @@
 use libp2p_identity::{Keypair, PublicKey};
 use serde::{Deserialize, Serialize};
 
-use crate::ids::ModelId;
+use crate::{ids::ModelId, limits::Limits};
 
 /// Domain separator prepended to the record bytes before signing, so a
 /// record signature can never be replayed as a signature of anything else.
-pub const RECORD_DOMAIN: &[u8] = b"nnmesh-record-v1";
+pub const RECORD_DOMAIN: &[u8] = b"nnmesh-record-v2";
 
 /// What a node announces about one stage it serves.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -37,6 +37,8 @@ pub struct StageRecord {
     pub throughput: f32,
     /// Queue fullness, 0 (idle) to 1 (full).
     pub load: f32,
+    /// The per-request limits the node enforces.
+    pub limits: Limits,
     /// Unix time in milliseconds after which the record is void.
     pub expires_at_ms: u64,
 }
@@ -152,6 +154,7 @@ mod tests {
             end: 15,
             throughput: 120.5,
             load: 0.25,
+            limits: Limits::default(),
             expires_at_ms: 1_000,
         }
     }

@@ -57,6 +57,7 @@ impl Behaviour {
         request_timeout: Duration,
         mdns: bool,
         server: bool,
+        (ping_interval, ping_timeout): (Duration, Duration),
     ) -> std::io::Result<Behaviour> {
         let peer_id = keypair.public().to_peer_id();
         let identify = identify::Behaviour::new(
@@ -101,7 +102,11 @@ impl Behaviour {
 
         Ok(Behaviour {
             identify,
-            ping: ping::Behaviour::default(),
+            ping: ping::Behaviour::new(
+                ping::Config::new()
+                    .with_interval(ping_interval)
+                    .with_timeout(ping_timeout),
+            ),
             kad,
             mdns: Toggle::from(mdns),
             stage,

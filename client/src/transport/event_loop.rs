@@ -20,11 +20,11 @@ use nnmesh_protocol::{
     codec::encode,
     message::{ErrorKind, Response, WireError},
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, trace, warn};
 
 use super::{
-    Command, Inbound, RequestError, TransportError,
+    Command, Inbound, PeerEvent, RequestError, TransportError,
     behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL},
     codec,
 };
@@ -65,6 +65,7 @@ pub(super) struct EventLoop {
     dials: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, TransportError>>)>,
     providers: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
     bootstrapped: bool,
+    peer_events: broadcast::Sender<PeerEvent>,
 }
 
 fn overloaded() -> Vec<u8> {
@@ -93,6 +94,7 @@ impl EventLoop {
         commands: mpsc::Receiver<Command>,
         inbound: mpsc::Sender<Inbound>,
         ready: oneshot::Sender<Result<(), TransportError>>,
+        peer_events: broadcast::Sender<PeerEvent>,
         settings: Settings,
     ) -> EventLoop {
         EventLoop {
@@ -111,6 +113,7 @@ impl EventLoop {
             dials: HashMap::new(),
             providers: HashMap::new(),
             bootstrapped: false,
+            peer_events,
         }
     }
 
@@ -250,6 +253,14 @@ impl EventLoop {
                     .kad
                     .get_providers(kad::RecordKey::new(&key));
                 self.providers.insert(id, (HashSet::new(), reply));
+            }
+            Command::StopProviding(done) => {
+                if let Some(key) = self.provide.take() {
+                    self.swarm.behaviour_mut().kad.stop_providing(&key);
+                    self.reprovide_at = None;
+                    info!("provider record withdrawn");
+                }
+                let _ = done.send(());
             }
             Command::Shutdown(_) => unreachable!("handled in run"),
         }
@@ -424,8 +435,17 @@ impl EventLoop {
                     }));
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
-                debug!(peer = %peer_id, cause = ?cause, "disconnected");
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                cause,
+                num_established,
+                ..
+            } => {
+                debug!(peer = %peer_id, cause = ?cause, num_established, "disconnected");
+                if num_established == 0 {
+                    // No subscriber is fine: nobody is watching.
+                    let _ = self.peer_events.send(PeerEvent::Disconnected(peer_id));
+                }
             }
             SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
             _ => {}
@@ -444,6 +464,17 @@ impl EventLoop {
                 }
             }
             BehaviourEvent::Kad(event) => self.on_kad_event(event),
+            BehaviourEvent::Ping(libp2p::ping::Event {
+                peer,
+                connection,
+                result: Err(error),
+            }) => {
+                // libp2p's ping only reports; a peer that stopped answering
+                // is cut off here, so requests to it fail instead of waiting.
+                warn!(%peer, %error, "ping failed; closing the connection");
+                let _ = self.peer_events.send(PeerEvent::Unresponsive(peer));
+                self.swarm.close_connection(connection);
+            }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
                     debug!(%peer, %addr, "mdns discovered");

@@ -695,6 +695,7 @@ pub(super) fn scan(
         stops,
         saved_bytes,
         const_bytes,
+        costs: Vec::new(),
         step_metas,
     })
 }

@@ -663,6 +663,62 @@ fn const_and_save_errors() {
 }
 
 #[test]
+fn budgets_name_the_limit() {
+    let m = tiny();
+    // 4 invokes of 10 tokens: 40 batch tokens.
+    let g = Graph {
+        traces: vec![Trace {
+            invokes: (0..4)
+                .map(|_| Invoke {
+                    prompt: Prompt::Tokens(vec![1; 10]),
+                })
+                .collect(),
+            max_new_tokens: 0,
+        }],
+        ..Graph::default()
+    };
+    let inputs = inputs_for(&g);
+    let plan = validate(&g, &m, &inputs, &Limits::default()).expect("fits");
+    assert_eq!(plan.costs[0].batch_tokens, 40);
+    let e = validate(
+        &g,
+        &m,
+        &inputs,
+        &Limits {
+            max_batch_tokens: 39,
+            ..Limits::default()
+        },
+    )
+    .expect_err("over");
+    assert!(
+        matches!(
+            e,
+            ValidateError::OverBudget {
+                needed: 40,
+                limit: 39,
+                limit_name: "max_batch_tokens",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // The activation estimate counts the [rows, tokens, vocab] logits.
+    let logits = 40 * u64::from(m.vocab) * 2; // bf16
+    assert!(plan.costs[0].activation_bytes > logits);
+    let e = validate(
+        &g,
+        &m,
+        &inputs,
+        &Limits {
+            max_activation_bytes: logits,
+            ..Limits::default()
+        },
+    )
+    .expect_err("over");
+    assert!(e.to_string().contains("max_activation_bytes"), "{e}");
+}
+
+#[test]
 fn trace_and_limit_errors() {
     let m = tiny();
     let l = Limits::default();

@@ -18,11 +18,9 @@ use crate::{
     trace::{self, Outcome},
 };
 
-/// Where a graph runs: this process (a full model) or a mesh.
+/// How a client joins a mesh.
 #[derive(Debug, Args, Clone)]
-pub struct RunArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
+pub struct MeshArgs {
     /// Run through the mesh reachable at this address (repeatable), e.g.
     /// /ip4/127.0.0.1/tcp/4001/p2p/12D3Koo...; without it the model runs here.
     #[arg(long)]
@@ -30,6 +28,39 @@ pub struct RunArgs {
     /// On a mesh serving several models: the model id (hex) to use.
     #[arg(long)]
     pub model_id: Option<nnmesh_protocol::ids::ModelId>,
+    /// The client's identity key file, created on first use (the peer id
+    /// that nodes' allow-lists name); a fresh identity without it.
+    #[arg(long)]
+    pub identity: Option<PathBuf>,
+    /// A private mesh's pre-shared key file.
+    #[arg(long)]
+    pub psk: Option<PathBuf>,
+}
+
+impl MeshArgs {
+    /// Starts a mesh client on `rt` with these settings.
+    ///
+    /// # Errors
+    /// Unreadable key files, or a mesh that cannot be reached.
+    pub fn connect(&self, rt: &tokio::runtime::Runtime) -> Result<nnmesh_client::mesh::MeshClient> {
+        use nnmesh_client::transport::{TransportConfig, keys};
+        let keypair = match &self.identity {
+            Some(path) => keys::load_or_create_identity(path)?,
+            None => libp2p::identity::Keypair::generate_ed25519(),
+        };
+        let mut cfg = TransportConfig::new(keypair);
+        cfg.psk = self.psk.as_deref().map(keys::read_psk).transpose()?;
+        Ok(rt.block_on(nnmesh_client::mesh::MeshClient::start(cfg, &self.mesh))?)
+    }
+}
+
+/// Where a graph runs: this process (a full model) or a mesh.
+#[derive(Debug, Args, Clone)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub mesh: MeshArgs,
     /// Write every saved value to this safetensors file.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -61,7 +92,7 @@ impl Backend {
     /// # Errors
     /// A model that cannot be loaded or a mesh that cannot be reached.
     pub fn open(run: &RunArgs) -> Result<Self> {
-        if run.mesh.is_empty() {
+        if run.mesh.mesh.is_empty() {
             return Ok(Backend::Local(run.model.load(None)?));
         }
         let path = run.model.path();
@@ -79,16 +110,16 @@ impl Backend {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let client = rt.block_on(nnmesh_client::mesh::MeshClient::connect(&run.mesh))?;
+        let client = run.mesh.connect(&rt)?;
         let peers = rt.block_on(client.discover())?;
-        let (_, route) = nnmesh_client::mesh::choose_route(&peers, run.model_id)?;
+        let (_, route) = nnmesh_client::mesh::choose_route(&peers, run.mesh.model_id)?;
         let num_layers = route[0].record.num_layers;
         Ok(Backend::Mesh {
             client,
             rt,
             tokenizer,
             num_layers,
-            model: run.model_id,
+            model: run.mesh.model_id,
         })
     }
 

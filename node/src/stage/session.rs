@@ -1,0 +1,415 @@
+//! One request's state on a stage, and the checks every step a peer sends
+//! must pass before anything of it reaches a tensor op.
+//!
+//! A session holds the request's graph, its plan and this stage's fragment,
+//! the interpreter's values, and the KV cache of the trace in progress. It
+//! runs steps strictly in order — trace 0 step 0, 1, …, then trace 1 step
+//! 0, … — since a skipped step would reuse a stale KV cache and a repeated
+//! one would append to it twice.
+
+use std::time::{Duration, Instant};
+
+use nnmesh_graph::{
+    DecodeError, Fragment, Graph, Limits, Manifest, NodeId, Plan, StageSpan, partition,
+};
+use nnmesh_protocol::{
+    message::{ErrorKind, Hop, Saved, StepRequest, WireError},
+    tensor::{WireDType, WireTensor},
+};
+use tch::Kind;
+
+use super::{Next, StepOutput, err};
+use crate::{
+    engine::{Engine, Padded},
+    interpret::{Executor, State, ops},
+    llama::{Cache, Input},
+    trace::{forward_step, trace_prompts},
+    wire::{from_wire, to_wire},
+};
+
+/// A request's state on this stage.
+pub(super) struct Session {
+    graph: Graph,
+    plan: Plan,
+    fragment: Fragment,
+    state: State,
+    cache: Option<Cache>,
+    padded: Option<Padded>,
+    /// The last (trace, step) run here.
+    applied: Option<(u32, u32)>,
+    /// Who the request belongs to: later steps must come for the same
+    /// client along the same route.
+    client: Vec<u8>,
+    route: Vec<Hop>,
+    /// KV cache reserved for the request on this stage.
+    kv_bytes: u64,
+    last_used: Instant,
+}
+
+fn malformed(msg: impl Into<String>) -> WireError {
+    err(ErrorKind::Malformed, msg)
+}
+
+fn wire_dtype(kind: Kind) -> Option<WireDType> {
+    Some(match kind {
+        Kind::Float => WireDType::F32,
+        Kind::Half => WireDType::F16,
+        Kind::BFloat16 => WireDType::Bf16,
+        Kind::Int64 => WireDType::I64,
+        Kind::Bool => WireDType::Bool,
+        _ => return None,
+    })
+}
+
+impl Session {
+    /// Opens the session of a request from its first step, which must carry
+    /// the graph: decoded under the node's limits, validated, and split
+    /// along the step's route.
+    pub(super) fn open(
+        engine: &Engine,
+        manifest: &Manifest,
+        limits: &Limits,
+        req: &StepRequest,
+    ) -> Result<Session, WireError> {
+        if (req.trace, req.step) != (0, 0) {
+            return Err(malformed(format!(
+                "request {} has no session here, so its first step must be trace 0 step 0, not trace {} step {}",
+                req.request, req.trace, req.step
+            )));
+        }
+        let bytes = req.graph.as_ref().ok_or_else(|| {
+            malformed(format!(
+                "request {} has no session here and its step carries no graph",
+                req.request
+            ))
+        })?;
+        let graph = Graph::from_postcard_limited(bytes, limits).map_err(|e| match e {
+            DecodeError::TooLarge { .. } => err(ErrorKind::TooLarge, e.to_string()),
+            e => malformed(format!("graph: {e}")),
+        })?;
+        let validation = |e: &dyn std::fmt::Display| err(ErrorKind::Validation, e.to_string());
+        let plan = crate::trace::plan(&graph, manifest, limits).map_err(|e| validation(&e))?;
+        let route: Vec<StageSpan> = req
+            .route
+            .iter()
+            .map(|h| StageSpan {
+                start: h.start,
+                end: h.end,
+            })
+            .collect();
+        let mut fragments =
+            partition(&graph, &plan, manifest, &route).map_err(|e| validation(&e))?;
+        let fragment = fragments.swap_remove(req.hop as usize);
+        let state = State::new(&graph, manifest, &engine.model, Some(&fragment.nodes))
+            .map_err(|e| validation(&e))?;
+        let layers = engine.model.layers().len() as u64;
+        let kv_bytes = plan
+            .costs
+            .iter()
+            .map(|c| c.kv_bytes_per_layer)
+            .max()
+            .unwrap_or(0)
+            .saturating_mul(layers);
+        Ok(Session {
+            graph,
+            plan,
+            fragment,
+            state,
+            cache: None,
+            padded: None,
+            applied: None,
+            client: req.client.clone(),
+            route: req.route.clone(),
+            kv_bytes,
+            last_used: Instant::now(),
+        })
+    }
+
+    /// The client the request belongs to (peer id bytes).
+    pub(super) fn client(&self) -> &[u8] {
+        &self.client
+    }
+
+    /// KV cache reserved for this session.
+    pub(super) fn kv_bytes(&self) -> u64 {
+        self.kv_bytes
+    }
+
+    /// Marks the session used now.
+    pub(super) fn touch(&mut self, now: Instant) {
+        self.last_used = now;
+    }
+
+    /// Whether the session has been unused for longer than `ttl`.
+    pub(super) fn idle_for(&self, now: Instant, ttl: Duration) -> bool {
+        now.duration_since(self.last_used) >= ttl
+    }
+
+    /// The (trace, step) this session runs next.
+    fn expected(&self) -> (u32, u32) {
+        match self.applied {
+            None => (0, 0),
+            Some((t, s)) if s + 1 < self.plan.steps[t as usize] => (t, s + 1),
+            Some((t, _)) => (t + 1, 0),
+        }
+    }
+
+    /// Checks that `req` is this request's next step, from its own client
+    /// along its own route. A refusal leaves the session untouched.
+    pub(super) fn check_next(&self, req: &StepRequest) -> Result<(), WireError> {
+        if req.client != self.client || req.route != self.route {
+            return Err(err(
+                ErrorKind::Forbidden,
+                format!("request {} belongs to another client or route", req.request),
+            ));
+        }
+        let (t, s) = self.expected();
+        match (req.trace, req.step).cmp(&(t, s)) {
+            std::cmp::Ordering::Equal => Ok(()),
+            std::cmp::Ordering::Less => Err(malformed(format!(
+                "trace {} step {} was already applied to request {} here; a replay needs a new request id",
+                req.trace, req.step, req.request
+            ))),
+            std::cmp::Ordering::Greater => Err(malformed(format!(
+                "trace {} step {} of request {} arrived out of order: this stage runs trace {t} step {s} next",
+                req.trace, req.step, req.request
+            ))),
+        }
+    }
+
+    /// Runs the step: checks its inputs, runs the fragment over the forward
+    /// (or, after an upstream stop, the fragment alone) and collects what
+    /// goes on to the next hop and back to the client.
+    pub(super) fn run(
+        &mut self,
+        engine: &Engine,
+        manifest: &Manifest,
+        req: &StepRequest,
+    ) -> Result<StepOutput, WireError> {
+        let model = &engine.model;
+        let device = model.device();
+        let trace = req.trace as usize;
+        let steps = match self.plan.steps.get(trace) {
+            Some(&n) if req.step < n => n,
+            _ => {
+                return Err(malformed(format!(
+                    "trace {} step {} is not in the graph",
+                    req.trace, req.step
+                )));
+            }
+        };
+        self.applied = Some((req.trace, req.step));
+        if req.step == 0 {
+            let prompts = trace_prompts(&self.graph, trace);
+            self.padded = Some(Padded::new(&prompts, device));
+            self.cache = Some(model.new_cache());
+        }
+        let Session {
+            graph,
+            plan,
+            fragment,
+            state,
+            cache,
+            padded,
+            ..
+        } = self;
+        let (Some(padded), Some(cache)) = (padded.as_ref(), cache.as_mut()) else {
+            return Err(malformed(format!(
+                "trace {} step {} arrived before its step 0",
+                req.trace, req.step
+            )));
+        };
+        let stop = plan.stops[trace].filter(|a| req.step + 1 == steps && a.trace == req.trace);
+        let lens = padded.lens.clone();
+        let mut exec = Executor::new(graph, plan, manifest, model, state);
+        exec.begin(req.trace, req.step, &lens);
+        let input = step_input(engine, manifest, req, padded, exec.rows(), stop)?;
+        for c in &req.carry {
+            let node = NodeId(c.node);
+            if fragment.carry_in.binary_search(&node).is_err() {
+                return Err(malformed(format!(
+                    "the step carries node {}, which this stage's fragment does not take in",
+                    c.node
+                )));
+            }
+            check_carried(plan, node, &c.value)?;
+            exec.insert(node, from_wire(&c.value, device)?);
+        }
+        let failed = |e: crate::hooks::HookError| {
+            err(
+                ErrorKind::Internal,
+                format!(
+                    "running the graph at trace {} step {}: {e}",
+                    req.trace, req.step
+                ),
+            )
+        };
+        let out = match input {
+            Some(input) => {
+                forward_step(model, &mut exec, padded, req.step, input, cache).map_err(failed)?
+            }
+            None => {
+                exec.finish().map_err(failed)?;
+                None
+            }
+        };
+        let saves = state
+            .take_saves()
+            .into_iter()
+            .map(|s| {
+                Ok(Saved {
+                    name: s.name,
+                    step: s.step,
+                    value: to_wire(&s.value)?,
+                })
+            })
+            .collect::<Result<Vec<_>, WireError>>()?;
+        let fresh = |ids: &[NodeId]| {
+            ids.iter()
+                .filter(|n| state.is_fresh(**n))
+                .filter_map(|n| state.value(*n).map(|v| (n, v)))
+                .map(|(n, v)| {
+                    Ok(nnmesh_protocol::message::Carried {
+                        node: n.0,
+                        value: to_wire(v)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, WireError>>()
+        };
+        let carry = fresh(&fragment.carry_out)?;
+        let relay = fresh(&fragment.relay_out)?;
+        let is_last = req.hop as usize + 1 == req.route.len();
+        let generating = graph.traces[trace].max_new_tokens > 0;
+        let next = match out {
+            None if is_last => Next::Done(Vec::new()),
+            None => Next::Stopped,
+            Some(logits) if is_last => {
+                let tokens = if generating {
+                    let next = logits
+                        .f_select(1, -1)
+                        .and_then(|l| l.f_argmax(-1, false))
+                        .map_err(|e| err(ErrorKind::Internal, e.to_string()))?;
+                    Vec::<i64>::try_from(&next)
+                        .map_err(|e| err(ErrorKind::Internal, e.to_string()))?
+                        .into_iter()
+                        .map(|i| i as u32)
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                Next::Done(tokens)
+            }
+            Some(h) => Next::Hidden(to_wire(&h)?),
+        };
+        Ok(StepOutput {
+            next,
+            carry,
+            saves,
+            relay,
+        })
+    }
+}
+
+/// The forward's input for this step, after checking what the peer sent:
+/// token ids on the first stage, a hidden state of the right shape and
+/// dtype on the others. `None` when an earlier stage stopped the forward
+/// (the graph's Stop), which is only valid at the stop's step when the stop
+/// point lies before this stage.
+fn step_input(
+    engine: &Engine,
+    manifest: &Manifest,
+    req: &StepRequest,
+    padded: &Padded,
+    rows: usize,
+    stop: Option<nnmesh_graph::Anchor>,
+) -> Result<Option<Input>, WireError> {
+    let model = &engine.model;
+    let device = model.device();
+    let shape = |t: &WireTensor| format!("{:?} {:?}", t.dtype, t.shape);
+    if model.is_first() {
+        if let Some(h) = &req.hidden {
+            return Err(malformed(format!(
+                "the first stage takes token ids, not a hidden state ({})",
+                shape(h)
+            )));
+        }
+        if req.step == 0 {
+            if !req.tokens.shape.contains(&0) {
+                return Err(malformed(format!(
+                    "step 0 takes its tokens from the graph's prompts, but the step carries {}",
+                    shape(&req.tokens)
+                )));
+            }
+            return Ok(Some(Input::Tokens(padded.ids.shallow_clone())));
+        }
+        let invokes = padded.lens.len() as u64;
+        if req.tokens.dtype != WireDType::I64 || req.tokens.shape != [invokes, 1] {
+            return Err(malformed(format!(
+                "step {} needs I64 [{invokes}, 1] token ids (one per invoke), got {}",
+                req.step,
+                shape(&req.tokens)
+            )));
+        }
+        let ids = req
+            .tokens
+            .to_i64()
+            .map_err(|e| malformed(format!("token ids: {e}")))?;
+        let vocab = model.config().vocab_size as i64;
+        if let Some(&bad) = ids.iter().find(|&&id| !(0..vocab).contains(&id)) {
+            return Err(malformed(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        return Ok(Some(Input::Tokens(from_wire(&req.tokens, device)?)));
+    }
+    let Some(h) = &req.hidden else {
+        let first_site = manifest
+            .position(
+                nnmesh_graph::Module::Layer(model.layers().start as u32),
+                nnmesh_graph::Point::Input,
+            )
+            .unwrap_or(0);
+        return match stop {
+            Some(a) if a.position < first_site => Ok(None),
+            _ => Err(malformed(format!(
+                "trace {} step {} carries no hidden state, and the graph does not stop before layer {}",
+                req.trace,
+                req.step,
+                model.layers().start
+            ))),
+        };
+    };
+    let tokens = if req.step == 0 {
+        padded.ids.size()[1] as u64
+    } else {
+        1
+    };
+    let want = [rows as u64, tokens, model.config().hidden_size as u64];
+    if Some(h.dtype) != wire_dtype(model.kind()) || h.shape != want {
+        return Err(malformed(format!(
+            "the hidden state must be {:?} {want:?} at trace {} step {}, got {}",
+            wire_dtype(model.kind()),
+            req.trace,
+            req.step,
+            shape(h)
+        )));
+    }
+    Ok(Some(Input::Hidden(from_wire(h, device)?)))
+}
+
+/// Checks a carried value's dtype and rank against the plan (its exact
+/// shape may be that of an earlier step, for values relayed across steps).
+fn check_carried(plan: &Plan, node: NodeId, value: &WireTensor) -> Result<(), WireError> {
+    let meta = &plan.nodes[node.index()].meta;
+    let dtype = wire_dtype(ops::kind(meta.dtype));
+    if Some(value.dtype) != dtype || value.shape.len() != meta.shape.len() {
+        return Err(malformed(format!(
+            "carried node {node} must be {:?} of rank {}, got {:?} {:?}",
+            meta.dtype,
+            meta.shape.len(),
+            value.dtype,
+            value.shape
+        )));
+    }
+    Ok(())
+}
