@@ -84,7 +84,9 @@ impl Session {
             ))
         })?;
         let graph = Graph::from_postcard_limited(bytes, limits).map_err(|e| match e {
-            DecodeError::TooLarge { .. } => err(ErrorKind::TooLarge, e.to_string()),
+            DecodeError::TooLarge { .. } | DecodeError::TooMany { .. } => {
+                err(ErrorKind::TooLarge, e.to_string())
+            }
             e => malformed(format!("graph: {e}")),
         })?;
         let validation = |e: &dyn std::fmt::Display| err(ErrorKind::Validation, e.to_string());
