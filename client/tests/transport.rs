@@ -392,3 +392,33 @@ async fn shutdown_fails_requests_cleanly() -> Result<()> {
     ));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_mesh_admits_only_peers_with_its_key() -> Result<()> {
+    let psk = |b: u8| libp2p::pnet::PreSharedKey::new([b; 32]);
+    let with_key = |seed: u8, key: Option<libp2p::pnet::PreSharedKey>| {
+        let mut cfg = config(seed);
+        cfg.psk = key;
+        cfg
+    };
+    let (server, inbound) = start(with_key(40, Some(psk(7)))).await?;
+    echo(inbound);
+    let addr = server.listen_addrs().await[0].clone();
+    let (member, _i) = start(with_key(41, Some(psk(7)))).await?;
+    assert_eq!(member.dial(addr.clone()).await?, server.peer_id());
+    let answer = member
+        .request(server.peer_id(), vec![addr.clone()], b"hi".to_vec())
+        .await?;
+    assert_eq!(answer, b"hi");
+    for (seed, key) in [(42, None), (43, Some(psk(8)))] {
+        let (outsider, _i) = start(with_key(seed, key)).await?;
+        let dial =
+            tokio::time::timeout(Duration::from_secs(20), outsider.dial(addr.clone())).await?;
+        assert!(dial.is_err(), "key {key:?}: dial should fail, got {dial:?}");
+        let request = outsider
+            .request(server.peer_id(), vec![addr.clone()], b"hi".to_vec())
+            .await;
+        assert!(request.is_err(), "key {key:?}: {request:?}");
+    }
+    Ok(())
+}

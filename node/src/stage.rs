@@ -122,16 +122,21 @@ fn err(kind: ErrorKind, msg: impl Into<String>) -> WireError {
     WireError::new(kind, msg)
 }
 
-/// The message of a caught panic, first line only (libtorch errors carry a
-/// C++ backtrace after it).
+/// The message of a caught panic, first line only: libtorch errors carry a
+/// C++ backtrace after it, as real or (inside a `Debug` string) escaped
+/// newlines.
 fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     let msg = payload
         .downcast_ref::<String>()
         .map(String::as_str)
         .or_else(|| payload.downcast_ref::<&str>().copied())
         .unwrap_or("a panic without a message");
-    let first = msg.lines().next().unwrap_or_default();
-    first.chars().take(400).collect()
+    let end = [msg.find('\n'), msg.find("\\n")]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(msg.len());
+    msg[..end].chars().take(400).collect()
 }
 
 /// Runs `f`, turning a panic into an [`ErrorKind::Internal`] error.
@@ -563,5 +568,29 @@ impl Handler<Close> for StageActor {
 
     fn handle(&mut self, msg: Close, _: &mut Context<Self>) {
         self.stage.close(msg.request, &msg.client);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_an_internal_error_without_the_cpp_backtrace() {
+        // A shape error in a panicking tch call, as a graph that slipped
+        // past validation would cause.
+        let e = contain("adding", || {
+            let a = Tensor::zeros([2], (Kind::Float, Device::Cpu));
+            let b = Tensor::zeros([3], (Kind::Float, Device::Cpu));
+            let _ = &a + &b;
+            Ok(())
+        })
+        .expect_err("the panic is caught");
+        assert_eq!(e.kind, ErrorKind::Internal);
+        assert!(e.message.starts_with("adding failed: "), "{}", e.message);
+        assert!(e.message.contains("must match the size"), "{}", e.message);
+        assert!(!e.message.contains("Exception raised from"), "{}", e.message);
+        // Nothing else is touched: the next call runs.
+        assert_eq!(contain("adding", || Ok(1 + 1)).expect("runs"), 2);
     }
 }

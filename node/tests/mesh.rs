@@ -8,76 +8,21 @@ use std::{
     time::Duration,
 };
 
-use libp2p::{Multiaddr, PeerId, identity::Keypair};
+use libp2p::{PeerId, identity::Keypair};
 use nnmesh_client::{
-    mesh::{MeshClient, MeshError, MeshOutcome, choose_route},
-    transport::{RequestError, Transport, TransportConfig},
+    mesh::{MeshClient, MeshError, choose_route},
+    transport::{Transport, TransportConfig},
 };
 use nnmesh_graph::{Builder, Graph, IndexItem, IndexItem::*, Limits, Point};
-use nnmesh_node::{experiments, local_mesh::LocalNode, trace, wire::from_wire};
+use nnmesh_node::{experiments, trace};
 use nnmesh_protocol::{
     codec,
     ids::RequestId,
     message::{ErrorKind, Hop, ReportBody, Request, Response, StepRequest},
     tensor::WireTensor,
 };
-use tch::{Device, Kind};
 
-type Node = LocalNode;
-
-fn node(blocks: &str, bootstrap: Option<&Multiaddr>, model: &Path, extra: &[&str]) -> Node {
-    LocalNode::start(
-        Path::new(env!("CARGO_BIN_EXE_nnmesh")),
-        model,
-        blocks,
-        bootstrap,
-        extra,
-    )
-    .expect("node starts")
-}
-
-fn three_nodes(model: &Path) -> Vec<Node> {
-    LocalNode::three(Path::new(env!("CARGO_BIN_EXE_nnmesh")), model).expect("nodes start")
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
-/// Asserts a mesh outcome equals the single-node outcome; returns how many
-/// saved values were bit-identical.
-fn assert_same(name: &str, mesh: &MeshOutcome, local: &trace::Outcome) -> usize {
-    assert_eq!(mesh.generated, local.generated, "{name}: generated tokens");
-    assert_eq!(
-        mesh.saves.len(),
-        local.saves.len(),
-        "{name}: number of saves"
-    );
-    let mut identical = 0;
-    for s in &local.saves {
-        let m = mesh
-            .saves
-            .iter()
-            .find(|m| m.name == s.name && m.step == s.step)
-            .unwrap_or_else(|| panic!("{name}: {} missing from the mesh result", s.key()));
-        let mt = from_wire(&m.value, Device::Cpu).expect("decodes");
-        assert_eq!(mt.size(), s.value.size(), "{name}: {} shape", s.key());
-        if mt.equal(&s.value) {
-            identical += 1;
-        } else {
-            let d = (mt.to_kind(Kind::Double) - s.value.to_kind(Kind::Double))
-                .abs()
-                .max()
-                .double_value(&[]);
-            assert!(d < 1e-5, "{name}: {} differs by {d}", s.key());
-        }
-    }
-    identical
-}
+use common::mesh::{assert_same, node, raw, rt, three_nodes};
 
 #[test]
 fn three_nodes_give_the_single_node_results_for_the_canonical_experiments() {
@@ -222,12 +167,6 @@ fn routes_avoid_foreign_weights_and_use_one_of_two_replicas() {
     assert!(mesh.route.iter().all(|h| h.peer != foreign.peer));
     assert_same("lens with replicas", &mesh, &local);
     std::fs::remove_dir_all(&dir).ok();
-}
-
-/// Sends raw bytes to a node and decodes its answer.
-async fn raw(t: &Transport, node: &Node, bytes: Vec<u8>) -> Result<Response, RequestError> {
-    let answer = t.request(node.peer, vec![node.addr.clone()], bytes).await?;
-    Ok(codec::decode(&answer).expect("nodes answer with a Response"))
 }
 
 #[test]

@@ -14,7 +14,10 @@ use libp2p::{
     kad, mdns,
     multiaddr::Protocol,
     request_response,
-    swarm::{ConnectionId, DialError, SwarmEvent, dial_opts::DialOpts},
+    swarm::{
+        ConnectionId, DialError, SwarmEvent,
+        dial_opts::{DialOpts, PeerCondition},
+    },
 };
 use nnmesh_protocol::{
     codec::encode,
@@ -204,7 +207,11 @@ impl EventLoop {
             }
             Command::Dial { addr, reply } => {
                 let opts = match addr.iter().last() {
+                    // Dial unless connected, even while another dial (e.g.
+                    // the bootstrap one) is in flight: its outcome is not
+                    // reported to this caller, and "dialling" is no answer.
                     Some(Protocol::P2p(peer)) => DialOpts::peer_id(peer)
+                        .condition(PeerCondition::Disconnected)
                         .addresses(vec![addr.clone()])
                         .build(),
                     _ => DialOpts::unknown_peer_id().address(addr.clone()).build(),
@@ -214,7 +221,7 @@ impl EventLoop {
                     Ok(()) => {
                         self.dials.insert(connection, (addr, reply));
                     }
-                    // Already connected to a peer given by id: report it.
+                    // Connected to a peer given by id already: report it.
                     Err(DialError::DialPeerConditionFalse(_)) => {
                         if let Some(Protocol::P2p(peer)) = addr.iter().last() {
                             let _ = reply.send(Ok(peer));

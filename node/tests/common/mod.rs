@@ -2,6 +2,8 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod mesh;
+
 use std::{fmt, path::PathBuf};
 
 use nnmesh_graph::Graph;

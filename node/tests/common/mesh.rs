@@ -1,0 +1,79 @@
+//! Mesh helpers: `nnmesh node` processes on loopback and comparisons of
+//! mesh results with single-node results.
+
+use std::path::Path;
+
+use libp2p::Multiaddr;
+use nnmesh_client::{
+    mesh::MeshOutcome,
+    transport::{RequestError, Transport},
+};
+use nnmesh_node::{local_mesh::LocalNode, trace, wire::from_wire};
+use nnmesh_protocol::{codec, message::Response};
+use tch::{Device, Kind};
+
+/// A node process, killed when dropped.
+pub type Node = LocalNode;
+
+/// Starts `nnmesh node --blocks BLOCKS` with `extra` flags.
+pub fn node(blocks: &str, bootstrap: Option<&Multiaddr>, model: &Path, extra: &[&str]) -> Node {
+    LocalNode::start(
+        Path::new(env!("CARGO_BIN_EXE_nnmesh")),
+        model,
+        blocks,
+        bootstrap,
+        extra,
+    )
+    .expect("node starts")
+}
+
+/// Starts the README's mesh: 0..10, 10..20, 20..30.
+pub fn three_nodes(model: &Path) -> Vec<Node> {
+    LocalNode::three(Path::new(env!("CARGO_BIN_EXE_nnmesh")), model).expect("nodes start")
+}
+
+/// A tokio runtime for the client side of a test.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// Asserts a mesh outcome equals the single-node outcome; returns how many
+/// saved values were bit-identical.
+pub fn assert_same(name: &str, mesh: &MeshOutcome, local: &trace::Outcome) -> usize {
+    assert_eq!(mesh.generated, local.generated, "{name}: generated tokens");
+    assert_eq!(
+        mesh.saves.len(),
+        local.saves.len(),
+        "{name}: number of saves"
+    );
+    let mut identical = 0;
+    for s in &local.saves {
+        let m = mesh
+            .saves
+            .iter()
+            .find(|m| m.name == s.name && m.step == s.step)
+            .unwrap_or_else(|| panic!("{name}: {} missing from the mesh result", s.key()));
+        let mt = from_wire(&m.value, Device::Cpu).expect("decodes");
+        assert_eq!(mt.size(), s.value.size(), "{name}: {} shape", s.key());
+        if mt.equal(&s.value) {
+            identical += 1;
+        } else {
+            let d = (mt.to_kind(Kind::Double) - s.value.to_kind(Kind::Double))
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(d < 1e-5, "{name}: {} differs by {d}", s.key());
+        }
+    }
+    identical
+}
+
+/// Sends raw bytes to a node and decodes its answer.
+pub async fn raw(t: &Transport, node: &Node, bytes: Vec<u8>) -> Result<Response, RequestError> {
+    let answer = t.request(node.peer, vec![node.addr.clone()], bytes).await?;
+    Ok(codec::decode(&answer).expect("nodes answer with a Response"))
+}
