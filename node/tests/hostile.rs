@@ -623,6 +623,7 @@ fn private_meshes_and_allow_lists() {
             TransportConfig::new(keys::load_or_create_identity(&dir.join(key)).expect("identity"));
         cfg.psk = Some(keys::read_psk(&psk).expect("psk"));
         rt.block_on(MeshClient::start(cfg, std::slice::from_ref(&n0.addr)))
+            .map_err(|e| e.to_string())
     };
     // Without the key, nothing connects.
     let outsider = rt.block_on(MeshClient::connect(std::slice::from_ref(&n0.addr)));
