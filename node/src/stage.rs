@@ -589,7 +589,11 @@ mod tests {
         assert_eq!(e.kind, ErrorKind::Internal);
         assert!(e.message.starts_with("adding failed: "), "{}", e.message);
         assert!(e.message.contains("must match the size"), "{}", e.message);
-        assert!(!e.message.contains("Exception raised from"), "{}", e.message);
+        assert!(
+            !e.message.contains("Exception raised from"),
+            "{}",
+            e.message
+        );
         // Nothing else is touched: the next call runs.
         assert_eq!(contain("adding", || Ok(1 + 1)).expect("runs"), 2);
     }

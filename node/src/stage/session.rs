@@ -234,7 +234,7 @@ impl Session {
                     c.node
                 )));
             }
-            check_carried(plan, node, &c.value)?;
+            check_carried(plan, node, (req.trace, req.step), &c.value)?;
             exec.insert(node, from_wire(&c.value, device)?);
         }
         let failed = |e: crate::hooks::HookError| {
@@ -399,19 +399,51 @@ fn step_input(
     Ok(Some(Input::Hidden(from_wire(h, device)?)))
 }
 
-/// Checks a carried value's dtype and rank against the plan (its exact
-/// shape may be that of an earlier step, for values relayed across steps).
-fn check_carried(plan: &Plan, node: NodeId, value: &WireTensor) -> Result<(), WireError> {
-    let meta = &plan.nodes[node.index()].meta;
-    let dtype = wire_dtype(ops::kind(meta.dtype));
-    if Some(value.dtype) != dtype || value.shape.len() != meta.shape.len() {
-        return Err(malformed(format!(
-            "carried node {node} must be {:?} of rank {}, got {:?} {:?}",
-            meta.dtype,
-            meta.shape.len(),
-            value.dtype,
-            value.shape
-        )));
+/// Checks a carried value's dtype and shape against the plan. A value
+/// travels in the step it is computed in (carry) or the next one (a relay,
+/// or a relay carried on), so for a per-step node its shape is the one of
+/// this step or the previous step of its steps, or of its last step when it
+/// comes from an earlier trace.
+fn check_carried(
+    plan: &Plan,
+    node: NodeId,
+    (trace, step): (u32, u32),
+    value: &WireTensor,
+) -> Result<(), WireError> {
+    let np = &plan.nodes[node.index()];
+    let allowed: Vec<&nnmesh_graph::TensorMeta> = match np.per_step {
+        None => vec![&np.meta],
+        Some(set) => {
+            let mut metas: Vec<_> = [Some(step), step.checked_sub(1)]
+                .into_iter()
+                .flatten()
+                .filter(|&s| set.contains(trace, s))
+                .filter_map(|s| plan.meta_at(node, s))
+                .collect();
+            if set.trace < trace {
+                metas.extend(plan.meta_at(node, set.end - 1));
+            }
+            metas
+        }
+    };
+    let fits = |m: &&nnmesh_graph::TensorMeta| {
+        wire_dtype(ops::kind(m.dtype)) == Some(value.dtype) && m.shape == value.shape
+    };
+    if allowed.iter().any(fits) {
+        return Ok(());
     }
-    Ok(())
+    let want: Vec<String> = allowed
+        .iter()
+        .map(|m| format!("{:?} {:?}", m.dtype, m.shape))
+        .collect();
+    Err(malformed(format!(
+        "carried node {node} must be {} at trace {trace} step {step}, got {:?} {:?}",
+        if want.is_empty() {
+            "absent".to_string()
+        } else {
+            want.join(" or ")
+        },
+        value.dtype,
+        value.shape
+    )))
 }
