@@ -705,3 +705,28 @@ impl Node {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_folder_model_id_covers_config_and_tokenizer() {
+        let dir = std::env::temp_dir().join(format!("nnmesh-model-id-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        for (name, text) in [
+            ("config.json", "{}"),
+            ("tokenizer.json", "{\"v\": 1}"),
+            ("model.safetensors", "weights"),
+        ] {
+            std::fs::write(dir.join(name), text).expect("write");
+        }
+        let id = model_id(&dir).expect("hashes");
+        std::fs::write(dir.join("tokenizer.json"), "{\"v\": 2}").expect("write");
+        let other_tokenizer = model_id(&dir).expect("hashes");
+        assert_ne!(id, other_tokenizer, "a different tokenizer is a different model");
+        std::fs::write(dir.join("config.json"), "{\"rope_theta\": 1}").expect("write");
+        assert_ne!(other_tokenizer, model_id(&dir).expect("hashes"));
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
