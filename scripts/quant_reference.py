@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write node/tests/fixtures/quants.json: random blocks of each GGUF type we
+"""Write runtime/tests/fixtures/quants.json: random blocks of each GGUF type we
 dequantize, with the floats that gguf-py (llama.cpp's own Python package)
 dequantizes them to. Run with the venv after NNMESH_SETUP_REFERENCE=1 scripts/setup.sh."""
 import json

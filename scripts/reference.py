@@ -5,9 +5,9 @@ transformers on the same GGUF file nnmesh loads.
     NNMESH_SETUP_REFERENCE=1 scripts/setup.sh
     .venv/bin/python scripts/reference.py [models/SmolLM2-135M-Instruct.Q4_1.gguf]
 
-Writes node/tests/fixtures/reference.json (prompts, token ids, greedy
+Writes runtime/tests/fixtures/reference.json (prompts, token ids, greedy
 generation, top-k ids and the f64 sum of each case's last logits row) and
-node/tests/fixtures/reference.safetensors (f32 logits):
+runtime/tests/fixtures/reference.safetensors (f32 logits):
 
 - `columns` [512] i64: vocab columns spread over the whole vocabulary, picked
   by a fixed hash of the column index (no RNG, so the choice never drifts

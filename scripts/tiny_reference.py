@@ -12,8 +12,8 @@ would leave the bias path and the norm scaling untested (a runtime that
 dropped them would still match). So both are redrawn from a seeded generator:
 biases ~ N(0, 0.3^2), norm weights ~ U(0.5, 1.5).
 
-Writes node/tests/fixtures/tiny-llama/ (two shards + index),
-node/tests/fixtures/tiny-qwen2/ and node/tests/fixtures/tiny.json.
+Writes runtime/tests/fixtures/tiny-llama/ (two shards + index),
+runtime/tests/fixtures/tiny-qwen2/ and runtime/tests/fixtures/tiny.json.
 """
 import json
 import os

@@ -1,18 +1,18 @@
-//! The nnmesh client library (no libtorch): [`mesh::MeshClient`] discovers
-//! the nodes serving a model, routes Intervention Graphs through them and
+//! The nnmesh client library (no libtorch): [`mesh::Client`] discovers the
+//! nodes serving a model, routes Intervention Graphs through them and
 //! collects what each stage saved; [`transport`] is the libp2p layer shared
-//! by nodes and clients.
+//! by nodes and clients ([`transport::Endpoint`]).
 //!
 //! # Example
 //!
 //! ```no_run
 //! use libp2p::identity::Keypair;
-//! use nnmesh_client::transport::{Transport, TransportConfig};
+//! use nnmesh_client::transport::{self, Endpoint};
 //! use nnmesh_protocol::{codec, message::{Request, Response}};
 //!
 //! # async fn demo() -> anyhow::Result<()> {
 //! // A node: answer every request with `Ack`.
-//! let (node, mut inbound) = Transport::start(TransportConfig::new(Keypair::generate_ed25519())).await?;
+//! let (node, mut inbound) = Endpoint::start(transport::Config::new(Keypair::generate_ed25519())).await?;
 //! tokio::spawn(async move {
 //!     while let Some(req) = inbound.recv().await {
 //!         let _ = req.reply.send(codec::encode(&Response::Ack));
@@ -20,7 +20,7 @@
 //! });
 //!
 //! // A client: send it a request.
-//! let (client, _) = Transport::start(TransportConfig::new(Keypair::generate_ed25519())).await?;
+//! let (client, _) = Endpoint::start(transport::Config::new(Keypair::generate_ed25519())).await?;
 //! let answer = client
 //!     .request(node.peer_id(), node.listen_addrs().await, codec::encode(&Request::Info))
 //!     .await?;
@@ -32,5 +32,3 @@
 
 pub mod mesh;
 pub mod transport;
-
-pub use transport::{Inbound, PeerEvent, RequestError, Transport, TransportConfig, TransportError};

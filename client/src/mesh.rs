@@ -1,7 +1,7 @@
 //! The mesh client: discover the nodes serving a model, route a graph through
 //! them, and collect what each stage saved.
 //!
-//! [`MeshClient::run`] tokenizes a graph's prompts on the first stage,
+//! [`Client::run`] tokenizes a graph's prompts on the first stage,
 //! validates and partitions the graph locally against the route's own
 //! limits (so a bad graph fails before anything is sent), then drives each
 //! step of each trace: the first hop gets a `Step`, every hop pushes hidden
@@ -12,8 +12,8 @@
 //! The client trusts no report blindly: a report must come from the stage of
 //! the route it names, carry only the saves that stage's fragment produces,
 //! and a step only ends when every save the graph declares for it has
-//! arrived ([`MeshError::MissingSaves`] otherwise). A stage that dies is
-//! named within seconds ([`MeshError::StageLost`]): connection loss and
+//! arrived ([`Error::MissingSaves`] otherwise). A stage that dies is
+//! named within seconds ([`Error::StageLost`]): connection loss and
 //! unanswered pings are watched, and a step that makes no progress within a
 //! deadline derived from the stages' advertised throughput gets every stage
 //! probed.
@@ -32,22 +32,19 @@ use nnmesh_graph::{Graph, Manifest, Prompt};
 use nnmesh_protocol::{
     codec,
     ids::{ModelId, RequestId},
-    message::{ErrorKind, Request, Response, Saved, StageReport, WireError},
-    record::{SignedRecord, StageRecord},
+    message::{ErrorKind, Hop, Request, Response, Saved, StageReport, WireError},
+    record::{STAGES_KEY, SignedRecord, StageRecord},
 };
 use tokio::sync::mpsc;
 
-use crate::transport::{Inbound, Transport, TransportConfig};
+use crate::transport::{self, Inbound};
 
 mod error;
 mod request;
 mod route;
 
-pub use error::{MeshError, StageName};
+pub use error::{Error, StageName};
 pub use route::{choose_route, coverage_gaps, holders_per_layer};
-
-/// The DHT provider key every stage-serving node announces.
-pub const STAGES_KEY: &[u8] = b"nnmesh/stages/v1";
 
 /// A node found in the mesh, with its verified record.
 #[derive(Debug, Clone)]
@@ -64,26 +61,26 @@ pub struct Peer {
     pub manifest: Manifest,
 }
 
-/// One stage of the route a request took.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RouteHop {
-    /// The peer.
-    pub peer: PeerId,
-    /// First layer.
-    pub start: u32,
-    /// End layer (exclusive).
-    pub end: u32,
+impl Peer {
+    /// The peer as a hop of a route.
+    pub fn hop(&self) -> Hop {
+        Hop {
+            peer: self.peer,
+            addrs: self.addrs.iter().map(|a| a.to_string()).collect(),
+            span: self.record.span,
+        }
+    }
 }
 
 /// What a graph run through the mesh produced.
 #[derive(Debug)]
-pub struct MeshOutcome {
+pub struct Outcome {
     /// Saved values, in the order they arrived (stage order within a step).
     pub saves: Vec<Saved>,
     /// Per trace, per invoke: generated tokens.
     pub generated: Vec<Vec<Vec<u32>>>,
     /// The route taken.
-    pub route: Vec<RouteHop>,
+    pub route: Vec<Hop>,
     /// The model id served.
     pub model: ModelId,
 }
@@ -103,8 +100,8 @@ type Dead = Arc<Mutex<HashMap<PeerId, Instant>>>;
 /// A client of the mesh. Holds a libp2p transport that also receives the
 /// stages' reports.
 #[derive(Debug, Clone)]
-pub struct MeshClient {
-    transport: Transport,
+pub struct Client {
+    transport: transport::Endpoint,
     bootstrap: Vec<PeerId>,
     pending: PendingMap,
     /// Peers from the last discovery, reused for [`DISCOVERY_TTL`].
@@ -147,25 +144,22 @@ pub fn verified_records(records: &[SignedRecord], now_ms: u64) -> Vec<StageRecor
         .collect()
 }
 
-impl MeshClient {
+impl Client {
     /// Starts a client transport (a fresh identity, listening on loopback
     /// for reports) and dials the given mesh addresses.
     ///
     /// # Errors
     /// When the transport cannot start or no address can be dialled.
-    pub async fn connect(mesh: &[Multiaddr]) -> Result<Self, MeshError> {
+    pub async fn connect(mesh: &[Multiaddr]) -> Result<Self, Error> {
         Self::connect_with(mesh, vec!["/ip4/127.0.0.1/tcp/0".parse().expect("valid")]).await
     }
 
-    /// As [`MeshClient::connect`], listening for reports on `listen`.
+    /// As [`Client::connect`], listening for reports on `listen`.
     ///
     /// # Errors
     /// When the transport cannot start or no address can be dialled.
-    pub async fn connect_with(
-        mesh: &[Multiaddr],
-        listen: Vec<Multiaddr>,
-    ) -> Result<Self, MeshError> {
-        let mut cfg = TransportConfig::new(Keypair::generate_ed25519());
+    pub async fn connect_with(mesh: &[Multiaddr], listen: Vec<Multiaddr>) -> Result<Self, Error> {
+        let mut cfg = transport::Config::new(Keypair::generate_ed25519());
         cfg.listen = listen;
         Self::start(cfg, mesh).await
     }
@@ -175,9 +169,9 @@ impl MeshClient {
     ///
     /// # Errors
     /// When the transport cannot start or no address can be dialled.
-    pub async fn start(mut cfg: TransportConfig, mesh: &[Multiaddr]) -> Result<Self, MeshError> {
+    pub async fn start(mut cfg: transport::Config, mesh: &[Multiaddr]) -> Result<Self, Error> {
         cfg.bootstrap = mesh.to_vec();
-        let (transport, inbound) = Transport::start(cfg).await?;
+        let (transport, inbound) = transport::Endpoint::start(cfg).await?;
         let mut bootstrap = Vec::new();
         let mut last_err = None;
         for addr in mesh {
@@ -193,7 +187,7 @@ impl MeshClient {
         }
         let pending: PendingMap = Arc::default();
         tokio::spawn(serve_reports(inbound, pending.clone()));
-        Ok(MeshClient {
+        Ok(Client {
             transport,
             bootstrap,
             pending,
@@ -212,16 +206,16 @@ impl MeshClient {
         peer: PeerId,
         addrs: Vec<Multiaddr>,
         req: &Request,
-    ) -> Result<Response, MeshError> {
+    ) -> Result<Response, Error> {
         let bytes = self
             .transport
             .request(peer, addrs, codec::encode(req))
             .await
-            .map_err(|source| MeshError::Request { peer, source })?;
+            .map_err(|source| Error::Request { peer, source })?;
         match codec::decode::<Response>(&bytes) {
-            Ok(Response::Error(error)) => Err(MeshError::Remote { peer, error }),
+            Ok(Response::Error(error)) => Err(Error::Remote { peer, error }),
             Ok(r) => Ok(r),
-            Err(e) => Err(MeshError::Protocol {
+            Err(e) => Err(Error::Protocol {
                 peer,
                 detail: e.to_string(),
             }),
@@ -249,7 +243,7 @@ impl MeshClient {
     ///
     /// # Errors
     /// When no node answers.
-    pub async fn discover(&self) -> Result<Vec<Peer>, MeshError> {
+    pub async fn discover(&self) -> Result<Vec<Peer>, Error> {
         let mut ids: Vec<PeerId> = self.bootstrap.clone();
         // The DHT fills in as the bootstrap peers answer: retry briefly.
         for attempt in 0..10 {
@@ -294,7 +288,7 @@ impl MeshClient {
             };
             for record in verified_records(&records, now_ms()) {
                 // A node speaks for itself only.
-                if PeerId::from_bytes(&record.peer).ok() != Some(id) {
+                if record.peer != id {
                     tracing::warn!(peer = %id, "record names another peer; ignored");
                     continue;
                 }
@@ -308,13 +302,13 @@ impl MeshClient {
             }
         }
         if peers.is_empty() {
-            return Err(MeshError::NoPeers);
+            return Err(Error::NoPeers);
         }
         Ok(peers)
     }
 
     /// The peers of the last discovery, or a new discovery when it is stale.
-    async fn peers(&self) -> Result<Vec<Peer>, MeshError> {
+    async fn peers(&self) -> Result<Vec<Peer>, Error> {
         let cached = self
             .known
             .lock()
@@ -337,11 +331,7 @@ impl MeshClient {
     /// # Errors
     /// Discovery, validation, partitioning, a stage failure or a lost stage
     /// (naming it), or a result that would be partial.
-    pub async fn run(
-        &self,
-        graph: Graph,
-        model: Option<ModelId>,
-    ) -> Result<MeshOutcome, MeshError> {
+    pub async fn run(&self, graph: Graph, model: Option<ModelId>) -> Result<Outcome, Error> {
         request::run(self, graph, model).await
     }
 
@@ -350,7 +340,7 @@ impl MeshClient {
         first: &Peer,
         model: ModelId,
         graph: &mut Graph,
-    ) -> Result<(), MeshError> {
+    ) -> Result<(), Error> {
         let texts: Vec<String> = graph
             .traces
             .iter()
@@ -374,7 +364,7 @@ impl MeshClient {
         {
             Response::Tokens(ids) if ids.len() == count => ids,
             other => {
-                return Err(MeshError::Protocol {
+                return Err(Error::Protocol {
                     peer: first.peer,
                     detail: format!("Tokenize of {count} texts answered {other:?}"),
                 });
@@ -421,9 +411,7 @@ async fn serve_reports(mut inbound: mpsc::Receiver<Inbound>, pending: PendingMap
                         ErrorKind::UnknownRequest,
                         "no such request here",
                     )),
-                    Some((_, hop))
-                        if hop != Some(inb.peer) || report.peer != inb.peer.to_bytes() =>
-                    {
+                    Some((_, hop)) if hop != Some(inb.peer) || report.peer != inb.peer => {
                         tracing::warn!(peer = %inb.peer, hop = report.hop, "report from a peer off the route");
                         Response::Error(WireError::new(
                             ErrorKind::Forbidden,

@@ -1,7 +1,7 @@
 //! A libp2p swarm behind a cloneable handle: request-response over the stage
 //! protocol, Kademlia provider discovery, identify, ping and optional mDNS.
 //!
-//! The swarm runs in its own tokio task. The [`Transport`] handle talks to it
+//! The swarm runs in its own tokio task. The [`Endpoint`] handle talks to it
 //! through a bounded command channel; inbound requests come out of a bounded
 //! [`Inbound`] channel and are answered through a oneshot, so the swarm loop
 //! never waits on application work. When the inbound channel is full the
@@ -36,7 +36,7 @@ use self::{
     event_loop::{EventLoop, Settings},
 };
 
-/// How long [`Transport::start`] waits for its listeners to come up.
+/// How long [`Endpoint::start`] waits for its listeners to come up.
 const LISTEN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Capacity of the handle → swarm command channel.
 const COMMAND_CAPACITY: usize = 256;
@@ -44,9 +44,9 @@ const COMMAND_CAPACITY: usize = 256;
 /// behind is told it lagged.
 const PEER_EVENT_CAPACITY: usize = 256;
 
-/// Settings of a [`Transport`].
+/// Settings of a [`Endpoint`].
 #[derive(Debug, Clone)]
-pub struct TransportConfig {
+pub struct Config {
     /// The node's identity.
     pub keypair: Keypair,
     /// Addresses to listen on, e.g. `/ip4/0.0.0.0/tcp/0`. May be empty for a
@@ -76,13 +76,13 @@ pub struct TransportConfig {
     pub ping_timeout: Duration,
 }
 
-impl TransportConfig {
+impl Config {
     /// A configuration with defaults: listen on `127.0.0.1` port 0, no
     /// bootstrap, [`MAX_MESSAGE`], a 60 s request timeout, no mDNS, nothing
     /// provided, 64 queued inbound requests, no pre-shared key, and a ping
     /// every 2 s that fails after 8 s (so a hung peer is noticed within 10 s).
-    pub fn new(keypair: Keypair) -> TransportConfig {
-        TransportConfig {
+    pub fn new(keypair: Keypair) -> Config {
+        Config {
             keypair,
             listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr")],
             bootstrap: Vec::new(),
@@ -134,7 +134,7 @@ impl PeerEvent {
 
 /// A failure of the transport itself.
 #[derive(Debug, thiserror::Error)]
-pub enum TransportError {
+pub enum Error {
     /// Building the swarm failed.
     #[error("cannot build the swarm: {0}")]
     Build(String),
@@ -154,7 +154,7 @@ pub enum TransportError {
         /// Why.
         reason: String,
     },
-    /// The swarm task has stopped (after [`Transport::shutdown`]).
+    /// The swarm task has stopped (after [`Endpoint::shutdown`]).
     #[error("the transport is shut down")]
     Shutdown,
 }
@@ -221,7 +221,7 @@ pub(crate) enum Command {
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Dial {
         addr: Multiaddr,
-        reply: oneshot::Sender<Result<PeerId, TransportError>>,
+        reply: oneshot::Sender<Result<PeerId, Error>>,
     },
     Request {
         peer: PeerId,
@@ -241,7 +241,7 @@ pub(crate) enum Command {
 /// swarm, which stops on [`shutdown`](Self::shutdown) or when the last clone
 /// is dropped.
 #[derive(Debug, Clone)]
-pub struct Transport {
+pub struct Endpoint {
     peer_id: PeerId,
     max_message: usize,
     commands: mpsc::Sender<Command>,
@@ -263,19 +263,17 @@ impl std::fmt::Debug for Command {
     }
 }
 
-impl Transport {
+impl Endpoint {
     /// Builds the swarm, spawns its task on the current tokio runtime, and
     /// waits until every listen address is bound. Then dials the bootstrap
     /// peers (without waiting for them).
     ///
     /// # Errors
-    /// [`TransportError::Build`] or [`TransportError::Listen`].
+    /// [`Error::Build`] or [`Error::Listen`].
     ///
     /// # Panics
     /// Outside a tokio runtime.
-    pub async fn start(
-        cfg: TransportConfig,
-    ) -> Result<(Transport, mpsc::Receiver<Inbound>), TransportError> {
+    pub async fn start(cfg: Config) -> Result<(Endpoint, mpsc::Receiver<Inbound>), Error> {
         let peer_id = cfg.keypair.public().to_peer_id();
         let max_message = cfg.max_message.min(u32::MAX as usize);
         let server = !cfg.listen.is_empty();
@@ -293,12 +291,10 @@ impl Transport {
         let mut swarm = build_swarm(cfg.keypair.clone(), cfg.psk, behaviour)?;
         let mut listeners = HashMap::new();
         for addr in &cfg.listen {
-            let id = swarm
-                .listen_on(addr.clone())
-                .map_err(|e| TransportError::Listen {
-                    addr: addr.clone(),
-                    reason: e.to_string(),
-                })?;
+            let id = swarm.listen_on(addr.clone()).map_err(|e| Error::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
             listeners.insert(id, addr.clone());
         }
 
@@ -326,16 +322,16 @@ impl Transport {
         match tokio::time::timeout(LISTEN_TIMEOUT, ready_rx).await {
             Ok(Ok(Ok(()))) => {}
             Ok(Ok(Err(e))) => return Err(e),
-            Ok(Err(_)) => return Err(TransportError::Shutdown),
+            Ok(Err(_)) => return Err(Error::Shutdown),
             Err(_) => {
-                return Err(TransportError::Build(format!(
+                return Err(Error::Build(format!(
                     "listeners not up after {LISTEN_TIMEOUT:?}"
                 )));
             }
         }
         info!(peer = %peer_id, "transport started");
         Ok((
-            Transport {
+            Endpoint {
                 peer_id,
                 max_message,
                 commands,
@@ -363,15 +359,15 @@ impl Transport {
     /// Connects to `addr` and returns the peer id of the remote.
     ///
     /// # Errors
-    /// [`TransportError::Dial`] if the connection fails,
-    /// [`TransportError::Shutdown`] after shutdown.
-    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, TransportError> {
+    /// [`Error::Dial`] if the connection fails,
+    /// [`Error::Shutdown`] after shutdown.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<PeerId, Error> {
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command::Dial { addr, reply })
             .await
-            .map_err(|_| TransportError::Shutdown)?;
-        rx.await.map_err(|_| TransportError::Shutdown)?
+            .map_err(|_| Error::Shutdown)?;
+        rx.await.map_err(|_| Error::Shutdown)?
     }
 
     /// Sends `bytes` to `peer` over the stage protocol and returns its
@@ -412,14 +408,14 @@ impl Transport {
     /// mean the DHT has not converged yet; callers retry.
     ///
     /// # Errors
-    /// [`TransportError::Shutdown`] after shutdown.
-    pub async fn providers(&self, key: Vec<u8>) -> Result<Vec<PeerId>, TransportError> {
+    /// [`Error::Shutdown`] after shutdown.
+    pub async fn providers(&self, key: Vec<u8>) -> Result<Vec<PeerId>, Error> {
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command::Providers { key, reply })
             .await
-            .map_err(|_| TransportError::Shutdown)?;
-        rx.await.map_err(|_| TransportError::Shutdown)
+            .map_err(|_| Error::Shutdown)?;
+        rx.await.map_err(|_| Error::Shutdown)
     }
 
     /// Subscribes to changes in peers' reachability (connections lost,
@@ -429,7 +425,7 @@ impl Transport {
     }
 
     /// Withdraws the provider record announced for
-    /// [`TransportConfig::provide`], so discovery stops finding this node.
+    /// [`Config::provide`], so discovery stops finding this node.
     pub async fn stop_providing(&self) {
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::StopProviding(tx)).await.is_ok() {
@@ -455,8 +451,8 @@ fn build_swarm(
     keypair: Keypair,
     psk: Option<PreSharedKey>,
     behaviour: impl FnOnce(&Keypair) -> std::io::Result<Behaviour>,
-) -> Result<Swarm<Behaviour>, TransportError> {
-    let build = |e: &dyn std::fmt::Display| TransportError::Build(e.to_string());
+) -> Result<Swarm<Behaviour>, Error> {
+    let build = |e: &dyn std::fmt::Display| Error::Build(e.to_string());
     let tcp_config = tcp::Config::default().nodelay(true);
     let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(60));
     let builder = libp2p::SwarmBuilder::with_existing_identity(keypair).with_tokio();

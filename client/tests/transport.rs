@@ -4,7 +4,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use libp2p::{PeerId, identity::Keypair};
-use nnmesh_client::transport::{Inbound, RequestError, Transport, TransportConfig};
+use nnmesh_client::transport::{self, Inbound, RequestError};
 use nnmesh_protocol::{
     codec::{self, CodecError, WIRE_VERSION},
     message::{ErrorKind, Request, Response, WireError},
@@ -16,8 +16,8 @@ fn key(seed: u8) -> Keypair {
     Keypair::ed25519_from_bytes([seed; 32]).expect("valid ed25519 secret")
 }
 
-fn config(seed: u8) -> TransportConfig {
-    let mut cfg = TransportConfig::new(key(seed));
+fn config(seed: u8) -> transport::Config {
+    let mut cfg = transport::Config::new(key(seed));
     cfg.request_timeout = Duration::from_secs(30);
     cfg
 }
@@ -36,8 +36,8 @@ fn echo(inbound: mpsc::Receiver<Inbound>) {
     serve(inbound, |bytes| bytes);
 }
 
-async fn start(cfg: TransportConfig) -> Result<(Transport, mpsc::Receiver<Inbound>)> {
-    Ok(Transport::start(cfg).await?)
+async fn start(cfg: transport::Config) -> Result<(transport::Endpoint, mpsc::Receiver<Inbound>)> {
+    Ok(transport::Endpoint::start(cfg).await?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -226,7 +226,7 @@ async fn providers_are_found_through_the_dht() -> Result<()> {
         echo(inbound);
         providers.push(node);
     }
-    let mut expected: Vec<PeerId> = providers.iter().map(Transport::peer_id).collect();
+    let mut expected: Vec<PeerId> = providers.iter().map(transport::Endpoint::peer_id).collect();
     expected.sort();
 
     let mut cfg = config(13);

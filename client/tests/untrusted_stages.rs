@@ -10,14 +10,14 @@ use std::{
 };
 
 use anyhow::Result;
-use libp2p::{Multiaddr, PeerId, identity::Keypair};
+use libp2p::{Multiaddr, identity::Keypair};
 use nnmesh_client::{
-    mesh::{MeshClient, MeshError},
-    transport::{Inbound, Transport, TransportConfig},
+    mesh,
+    transport::{self, Inbound},
 };
 use nnmesh_graph::{Builder, DType, Graph, IndexItem::*, Limits, Manifest, Point};
 use nnmesh_protocol::{
-    codec,
+    Span, codec,
     ids::{ModelId, RequestId},
     message::{ErrorKind, ReportBody, Request, Response, Saved, StageReport, StepRequest},
     record::{SignedRecord, StageRecord},
@@ -45,7 +45,7 @@ type Script = Box<dyn Fn(&StepRequest) -> Vec<ReportBody> + Send + Sync>;
 
 /// A fake stage serving all 4 layers of the tiny model.
 struct FakeStage {
-    transport: Transport,
+    transport: transport::Endpoint,
     addr: Multiaddr,
 }
 
@@ -57,17 +57,17 @@ async fn fake_stage(
     gate: Option<Arc<Semaphore>>,
 ) -> Result<FakeStage> {
     let key = Keypair::generate_ed25519();
-    let (transport, mut inbound) = Transport::start(TransportConfig::new(key.clone())).await?;
+    let (transport, mut inbound) =
+        transport::Endpoint::start(transport::Config::new(key.clone())).await?;
     let addr = transport.listen_addrs().await[0].clone();
     let t = transport.clone();
     let record = StageRecord {
-        peer: t.peer_id().to_bytes(),
+        peer: t.peer_id(),
         addrs: vec![addr.to_string()],
         model: ModelId::of_bytes(b"tiny"),
         model_name: "tiny".into(),
         num_layers: 4,
-        start: 0,
-        end: 4,
+        span: Span::new(0, 4),
         throughput: 1000.0,
         load: 0.0,
         limits: Limits::default(),
@@ -89,7 +89,7 @@ async fn fake_stage(
                         if let Some(gate) = gate {
                             gate.acquire().await.expect("open").forget();
                         }
-                        let client = PeerId::from_bytes(&step.client).expect("client id");
+                        let client = step.client;
                         let addrs = step
                             .client_addrs
                             .iter()
@@ -99,7 +99,7 @@ async fn fake_stage(
                             let report = Request::Report(Box::new(StageReport {
                                 request: step.request,
                                 hop: 0,
-                                peer: t.peer_id().to_bytes(),
+                                peer: t.peer_id(),
                                 trace: step.trace,
                                 step: step.step,
                                 body,
@@ -141,10 +141,10 @@ fn saved(step: u32) -> ReportBody {
     }])
 }
 
-async fn run_against(script: Script) -> Result<(Result<(), MeshError>, Vec<StepRequest>)> {
+async fn run_against(script: Script) -> Result<(Result<(), mesh::Error>, Vec<StepRequest>)> {
     let (tx, mut rx) = mpsc::channel(16);
     let stage = fake_stage(script, tx, None).await?;
-    let client = MeshClient::connect(std::slice::from_ref(&stage.addr)).await?;
+    let client = mesh::Client::connect(std::slice::from_ref(&stage.addr)).await?;
     let out = tokio::time::timeout(Duration::from_secs(60), client.run(graph(), None))
         .await?
         .map(|_| ());
@@ -181,7 +181,7 @@ async fn done_with_the_wrong_token_count_is_refused() -> Result<()> {
     .await?;
     let e = out.expect_err("wrong token count");
     assert!(
-        matches!(e, MeshError::Protocol { .. }) && e.to_string().contains("expected 1"),
+        matches!(e, mesh::Error::Protocol { .. }) && e.to_string().contains("expected 1"),
         "{e}"
     );
     Ok(())
@@ -191,7 +191,7 @@ async fn done_with_the_wrong_token_count_is_refused() -> Result<()> {
 async fn a_step_without_its_saves_fails_by_name() -> Result<()> {
     let (out, _) = run_against(Box::new(|_| vec![ReportBody::Done { tokens: vec![7] }])).await?;
     let e = out.expect_err("partial");
-    assert!(matches!(e, MeshError::MissingSaves { .. }), "{e}");
+    assert!(matches!(e, mesh::Error::MissingSaves { .. }), "{e}");
     let msg = e.to_string();
     assert!(
         msg.contains("\"h\"") && msg.contains("stage 0 (layers 0..4"),
@@ -232,7 +232,7 @@ async fn undeclared_or_repeated_saves_are_refused() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reports_from_peers_off_the_route_are_refused() -> Result<()> {
     let (rogue, _inbound) =
-        Transport::start(TransportConfig::new(Keypair::generate_ed25519())).await?;
+        transport::Endpoint::start(transport::Config::new(Keypair::generate_ed25519())).await?;
     let (tx, mut rx) = mpsc::channel(16);
     // The stage reports only after the rogue has tried its report.
     let gate = Arc::new(Semaphore::new(0));
@@ -242,7 +242,7 @@ async fn reports_from_peers_off_the_route_are_refused() -> Result<()> {
         Some(gate.clone()),
     )
     .await?;
-    let client = MeshClient::connect(std::slice::from_ref(&stage.addr)).await?;
+    let client = mesh::Client::connect(std::slice::from_ref(&stage.addr)).await?;
     let run = tokio::spawn({
         let client = client.clone();
         async move { client.run(graph(), None).await }
@@ -253,7 +253,7 @@ async fn reports_from_peers_off_the_route_are_refused() -> Result<()> {
     let forged = Request::Report(Box::new(StageReport {
         request: RequestId(step.request.0),
         hop: 0,
-        peer: stage.transport.peer_id().to_bytes(),
+        peer: stage.transport.peer_id(),
         trace: 0,
         step: 0,
         body: ReportBody::Done { tokens: vec![9] },
@@ -293,7 +293,7 @@ async fn a_stage_that_vanishes_mid_step_is_named() -> Result<()> {
     )
     .await?;
     let peer = stage.transport.peer_id();
-    let client = MeshClient::connect(std::slice::from_ref(&stage.addr)).await?;
+    let client = mesh::Client::connect(std::slice::from_ref(&stage.addr)).await?;
     let run = tokio::spawn({
         let client = client.clone();
         async move { client.run(graph(), None).await }
@@ -304,7 +304,7 @@ async fn a_stage_that_vanishes_mid_step_is_named() -> Result<()> {
     let e = tokio::time::timeout(Duration::from_secs(30), run)
         .await??
         .expect_err("the stage is gone");
-    assert!(matches!(e, MeshError::StageLost { .. }), "{e}");
+    assert!(matches!(e, mesh::Error::StageLost { .. }), "{e}");
     let msg = e.to_string();
     assert!(
         msg.contains(&peer.to_string()) && msg.contains("layers 0..4"),

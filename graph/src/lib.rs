@@ -22,9 +22,10 @@
 //! # Example: the logit lens
 //! ```
 //! use nnmesh_graph::{
-//!     Builder, DType, Graph, IndexItem::*, Inputs, Limits, Manifest, Point, StageSpan,
+//!     Builder, DType, Graph, IndexItem::*, Inputs, Limits, Manifest, Point,
 //!     partition, validate,
 //! };
+//! use nnmesh_protocol::Span;
 //!
 //! let g = Builder::new();
 //! let t = g.trace(["The Eiffel Tower is in the city of"]);
@@ -50,7 +51,7 @@
 //! let plan = validate(&graph, &manifest, &inputs, &Limits::default())?;
 //! assert_eq!(plan.nodes[4].meta.shape, [1]); // argmax over the vocabulary
 //!
-//! let route = [StageSpan { start: 0, end: 2 }, StageSpan { start: 2, end: 4 }];
+//! let route = [Span::new(0, 2), Span::new(2, 4)];
 //! let fragments = partition(&graph, &plan, &manifest, &route)?;
 //! // Layer 1's output travels to the last stage, which hosts lm_head.
 //! assert_eq!(fragments[1].carry_in, [layer1]);
@@ -61,7 +62,8 @@
 //! [`ir`] holds the data model, [`op`] the op list and its shape rules,
 //! [`manifest`] the model's modules, hook order and shapes, [`builder`] the
 //! builder, [`encode`] the encodings, [`validate`](mod@validate) validation
-//! and shape inference, [`partition`](mod@partition) the pipeline split.
+//! and shape inference, [`partition`](mod@partition) the pipeline split,
+//! [`recipes`] the canonical experiments.
 
 #![warn(missing_docs)]
 
@@ -71,6 +73,7 @@ pub mod ir;
 pub mod manifest;
 pub mod op;
 pub mod partition;
+pub mod recipes;
 pub mod validate;
 
 pub use builder::{Builder, InvokeRef, TraceRef, Value, WriteRef};
@@ -81,7 +84,7 @@ pub use ir::{
 };
 pub use manifest::{ApplyError, Manifest, Module, POINTS_PER_LAYER, Site};
 pub use op::{Arity, Op, OpError, TensorMeta, infer};
-pub use partition::{Fragment, PartitionError, StageSpan, partition};
+pub use partition::{Fragment, PartitionError, partition};
 pub use validate::{
     Anchor, Inputs, Limits, NodePlan, Plan, StepSet, TraceCost, ValidateError, validate,
 };

@@ -14,29 +14,22 @@
 //! site of that step (e.g. an `Apply(lm_head)` of an early layer's output)
 //! runs as soon as the stage starts that step, once the carry has arrived.
 
+use nnmesh_protocol::Span;
+
 use crate::{
     ir::{Graph, Node, NodeId},
     manifest::{Manifest, Module},
     validate::Plan,
 };
 
-/// The decoder layers `start..end` one stage hosts; the first stage also
-/// hosts `model.embed_tokens`, the last `model.norm` and `lm_head`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct StageSpan {
-    /// First layer.
-    pub start: u32,
-    /// One past the last layer.
-    pub end: u32,
-}
-
 /// The part of a graph one stage executes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fragment {
     /// Index of the stage in the route.
     pub stage: usize,
-    /// The layers the stage hosts.
-    pub span: StageSpan,
+    /// The layers the stage hosts; the first stage also hosts
+    /// `model.embed_tokens`, the last `model.norm` and `lm_head`.
+    pub span: Span,
     /// Nodes this stage executes, in id order (constants may appear on several stages).
     pub nodes: Vec<NodeId>,
     /// Values that arrive with the hidden state from the previous stage.
@@ -94,7 +87,7 @@ pub enum PartitionError {
     },
 }
 
-fn check_route(route: &[StageSpan], num_layers: u32) -> Result<(), PartitionError> {
+fn check_route(route: &[Span], num_layers: u32) -> Result<(), PartitionError> {
     let err = |detail: String| PartitionError::Coverage { num_layers, detail };
     if route.is_empty() {
         return Err(err("the route has no stages".into()));
@@ -138,7 +131,7 @@ pub fn partition(
     graph: &Graph,
     plan: &Plan,
     manifest: &Manifest,
-    route: &[StageSpan],
+    route: &[Span],
 ) -> Result<Vec<Fragment>, PartitionError> {
     check_route(route, manifest.num_layers)?;
     if plan.nodes.len() != graph.nodes.len() {

@@ -14,7 +14,9 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use crate::{cli::BenchArgs, engine::Engine, hooks::NoHooks};
+use nnmesh_runtime::{engine::Engine, hooks::NoHooks};
+
+use crate::cli::BenchArgs;
 
 const TEXT: &str = "The history of the Eiffel Tower begins in 1884, when two engineers \
     sketched a tall iron pylon for the coming World's Fair in Paris. ";
@@ -55,23 +57,24 @@ pub fn time_once(f: impl FnOnce() -> Result<()>) -> Result<f64> {
     Ok(t.elapsed().as_secs_f64())
 }
 
-/// The project's virtualenv Python, if present.
+/// The project's virtualenv Python (`./.venv`, as `scripts/bench.sh` runs
+/// from the checkout), if present.
 pub fn default_python() -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let root = exe.parent()?.parent()?.parent()?;
-    let py = root.join(".venv/bin/python");
+    let py = PathBuf::from(".venv/bin/python");
     py.exists().then_some(py)
 }
 
+/// A benchmark script of the checkout (`./scripts/NAME`).
 fn script(name: &str) -> Option<PathBuf> {
-    let exe = std::env::current_exe().ok()?;
-    let p = exe.parent()?.parent()?.parent()?.join("scripts").join(name);
+    let p = Path::new("scripts").join(name);
     p.exists().then_some(p)
 }
 
 /// Runs a Python benchmark script and parses its last JSON line.
 pub fn python_json(python: &Path, script_name: &str, args: &[String]) -> Result<serde_json::Value> {
-    let script = script(script_name).with_context(|| format!("scripts/{script_name} not found"))?;
+    let script = script(script_name).with_context(|| {
+        format!("./scripts/{script_name} not found (run nnmesh bench from an nnmesh checkout)")
+    })?;
     let out = Command::new(python)
         .arg(&script)
         .args(args)
@@ -138,7 +141,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             match python_json(
                 py,
                 "bench_hf.py",
-                &[args.model.path().display().to_string(), spec.to_string()],
+                &[args.model.path()?.display().to_string(), spec.to_string()],
             ) {
                 Ok(v) => Some(v),
                 Err(e) => {

@@ -1,39 +1,26 @@
-//! The nnmesh node: a tch model runtime with hook points at every module, the
-//! Intervention Graph interpreter, and the `nnmesh` binary.
+//! The nnmesh node: pipeline stages of a model, served on the mesh.
 //!
-//! Load a model (or one pipeline stage of it), then run a forward pass with
-//! hooks that observe or replace values:
+//! - [`stage`]: a stage — a block range of the model and one session per
+//!   request — as an actix actor on a thread of its own, which checks every
+//!   step a peer sends and contains every failure to its request.
+//! - [`serve`]: a node on the mesh — a libp2p endpoint that announces the
+//!   stage, answers `Info` with a signed record, admits and checks requests,
+//!   and forwards each step's hidden state to the next hop while saves go
+//!   back to the client.
+//!
+//! The `nnmesh` binary (`src/main.rs`, `src/cli/`) parses flags into a
+//! [`serve::Config`] and calls [`serve::run`]; it also holds the commands
+//! that run graphs locally or through a mesh, and the benchmarks.
 //!
 //! ```no_run
-//! use nnmesh_node::{engine::Engine, hooks::NoHooks};
-//! use tch::{Device, Kind};
+//! use nnmesh_node::{serve, stage};
+//! use nnmesh_protocol::Span;
 //!
-//! let engine = Engine::load(
-//!     "models/SmolLM2-135M-Instruct.Q4_1.gguf".as_ref(),
-//!     None, // all layers; Some(0..10) loads only a stage
-//!     Kind::Float,
-//!     Device::Cpu,
-//! )?;
-//! let ids = engine.encode("The Eiffel Tower is in the city of")?;
-//! let logits = engine.logits(&[ids], &mut NoHooks)?; // [1, t, vocab]
-//! let next = logits.select(1, -1).argmax(-1, false).int64_value(&[0]);
-//! println!("{}", engine.tokenizer.token_text(next as u32)); // " Paris"
-//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! let model = std::path::PathBuf::from("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+//! let cfg = serve::Config::new(stage::Config::new(model, Span::new(0, 10)));
+//! serve::run(cfg, |ready| println!("serving on {:?}", ready.addrs))?;
+//! # Ok::<(), serve::Error>(())
 //! ```
 
-pub mod bench;
-pub mod checkpoint;
-pub mod cli;
-pub mod config;
-pub mod engine;
-pub mod experiments;
-pub mod gguf;
-pub mod hooks;
-pub mod interpret;
-pub mod llama;
-pub mod local_mesh;
 pub mod serve;
 pub mod stage;
-pub mod tokenizer;
-pub mod trace;
-pub mod wire;

@@ -1,9 +1,16 @@
 //! The `nnmesh` binary: parse arguments, run the command.
+//!
+//! [`cli`] turns flags into the libraries' plain configurations; `bench`
+//! prints the benchmarks. `anyhow` lives here only: the libraries return
+//! typed errors, to which the binary adds what a user should do.
+
+mod bench;
+mod cli;
 
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
-    let cli = nnmesh_node::cli::Cli::parse();
+    let cli = cli::Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -11,7 +18,7 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match nnmesh_node::cli::run(cli) {
+    match cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

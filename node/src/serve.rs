@@ -1,7 +1,7 @@
-//! `nnmesh node`: serve a block range of a model on the mesh.
+//! A node on the mesh: serve a block range of a model ([`run`]).
 //!
 //! The node loads its stage on a thread of its own ([`stage::spawn`]),
-//! starts a libp2p transport, announces itself as a provider of
+//! starts a libp2p endpoint, announces itself as a provider of
 //! [`STAGES_KEY`] in the DHT, answers `Info` with a freshly signed record,
 //! and runs `Step` requests: admitted through a bounded semaphore (refused
 //! as overloaded beyond it), answered `Accepted` at once, computed on the
@@ -12,177 +12,140 @@
 //! What the node checks before anything reaches the stage: the message
 //! decodes, names this node's model and layers and this node as the hop, and
 //! comes from whom it must (the client itself at hop 0, the previous hop
-//! after that); with `--allow-peers`, that the requester and the client are
-//! listed. The stage then checks the step's contents (see [`crate::stage`]).
+//! after that); with an allow-list ([`Config::allow`]), that the requester
+//! and the client are listed. The stage then checks the step's contents (see [`crate::stage`]).
 
 use std::{
     collections::HashSet,
-    ops::Range,
     path::PathBuf,
     sync::Arc,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use actix::Addr;
-use anyhow::{Context, Result, bail};
-use clap::Args;
-use libp2p::{Multiaddr, PeerId, identity::Keypair};
-use nnmesh_client::{
-    mesh::STAGES_KEY,
-    transport::{Inbound, RequestError, Transport, TransportConfig, keys},
-};
+use libp2p::{Multiaddr, PeerId, identity::Keypair, pnet::PreSharedKey};
+use nnmesh_client::transport::{self, Inbound, RequestError};
 use nnmesh_graph::Limits;
 use nnmesh_protocol::{
-    codec,
+    Span, codec,
     ids::ModelId,
     message::{
         ErrorKind, Hop, ReportBody, Request, Response, Saved, StageReport, StepRequest, WireError,
     },
-    record::{SignedRecord, StageRecord},
+    record::{STAGES_KEY, SignedRecord, StageRecord},
 };
+use nnmesh_runtime::checkpoint::{Checkpoint, LoadError};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::Instrument;
 
-use crate::{
-    cli::ModelArgs,
-    stage::{self, Close, Next, RunStep, StageActor},
-};
+use crate::stage::{self, Close, Next, RunStep, StageActor};
 
-/// Flags of `nnmesh node`.
-#[derive(Debug, Args)]
-pub struct NodeArgs {
-    #[command(flatten)]
-    pub model: ModelArgs,
-    /// Decoder layers to serve, `A..B` (end exclusive). The stage starting at
-    /// 0 also hosts the embedding; the one ending at the last layer also hosts
-    /// the final norm and lm_head.
-    #[arg(long)]
-    pub blocks: String,
-    /// Address to listen on.
-    #[arg(long, default_value = "/ip4/127.0.0.1/tcp/0")]
+/// How a node serves: its stage, its network settings, whom it serves.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The stage: model, layers, dtype, device, limits.
+    pub stage: stage::Config,
+    /// Addresses to listen on.
     pub listen: Vec<Multiaddr>,
-    /// A mesh node to join through (repeatable).
-    #[arg(long)]
+    /// Mesh nodes to join through.
     pub bootstrap: Vec<Multiaddr>,
-    /// The node's identity key file, created on first use (a stable peer id
-    /// across restarts, for allow-lists); a fresh identity without it.
-    #[arg(long)]
-    pub identity: Option<PathBuf>,
-    /// A private mesh's pre-shared key file (`nnmesh keygen psk FILE`):
-    /// peers without the same key cannot connect.
-    #[arg(long)]
-    pub psk: Option<PathBuf>,
-    /// Serve only the peers listed in this file (one peer id per line):
-    /// clients, and the nodes that forward steps to this one.
-    #[arg(long)]
-    pub allow_peers: Option<PathBuf>,
-    /// Step requests admitted at once (running + queued); more are refused as overloaded.
-    #[arg(long, default_value_t = 8)]
+    /// The node's identity (its peer id).
+    pub keypair: Keypair,
+    /// A private mesh's pre-shared key.
+    pub psk: Option<PreSharedKey>,
+    /// When set, the only peers served (clients and the nodes that forward
+    /// steps to this one); `Info` is answered for everyone.
+    pub allow: Option<HashSet<PeerId>>,
+    /// Steps and tokenizations admitted at once; more are refused as overloaded.
     pub queue: usize,
-    /// Most sessions (requests) open at once; more are refused as overloaded.
-    #[arg(long, default_value_t = 64)]
-    pub max_sessions: usize,
-    /// KV cache the open sessions may reserve, in MiB; a request that would
-    /// exceed it is refused as overloaded.
-    #[arg(long, default_value_t = 2048)]
-    pub kv_cache_mib: u64,
-    /// Sessions unused for this many seconds are dropped.
-    #[arg(long, default_value_t = 600)]
-    pub session_ttl_secs: u64,
-    /// Per request: most batch tokens (rows × longest prompt) of a forward.
-    #[arg(long, default_value_t = Limits::default().max_batch_tokens)]
-    pub max_batch_tokens: u64,
-    /// Per request: most MiB of activations of a forward (estimated, logits included).
-    #[arg(long, default_value_t = Limits::default().max_activation_bytes >> 20)]
-    pub max_activation_mib: u64,
-    /// Per request: most MiB of saved values.
-    #[arg(long, default_value_t = Limits::default().max_saved_bytes >> 20)]
-    pub max_saved_mib: u64,
-    /// Per request: most graph nodes.
-    #[arg(long, default_value_t = Limits::default().max_nodes)]
-    pub max_nodes: usize,
-    /// Per request: most tokens a trace may generate.
-    #[arg(long, default_value_t = Limits::default().max_new_tokens)]
-    pub max_new_tokens: u32,
     /// Also discover peers on the LAN with mDNS.
-    #[arg(long)]
     pub mdns: bool,
-    /// Largest message accepted or sent, in MiB.
-    #[arg(long, default_value_t = 256)]
-    pub max_message_mib: usize,
+    /// Largest message accepted or sent, in bytes.
+    pub max_message: usize,
 }
 
-impl NodeArgs {
-    fn limits(&self) -> Limits {
-        Limits {
-            max_batch_tokens: self.max_batch_tokens,
-            max_activation_bytes: self.max_activation_mib << 20,
-            max_saved_bytes: self.max_saved_mib << 20,
-            max_nodes: self.max_nodes,
-            max_new_tokens: self.max_new_tokens,
-            // A graph must fit in a message.
-            max_graph_bytes: Limits::default()
-                .max_graph_bytes
-                .min((self.max_message_mib as u64) << 20),
-            ..Limits::default()
+impl Config {
+    /// Serves `stage` on a fresh identity, listening on `127.0.0.1` (any
+    /// port), open to everyone, with a queue of 8 and 256 MiB messages.
+    pub fn new(stage: stage::Config) -> Config {
+        Config {
+            stage,
+            listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("a valid multiaddr")],
+            bootstrap: Vec::new(),
+            keypair: Keypair::generate_ed25519(),
+            psk: None,
+            allow: None,
+            queue: 8,
+            mdns: false,
+            max_message: 256 << 20,
         }
     }
 }
 
-/// Parses `A..B`.
-///
-/// # Errors
-/// When it is not two integers separated by `..` with `A < B`.
-pub fn parse_blocks(s: &str) -> Result<Range<usize>> {
-    let (a, b) = s
-        .split_once("..")
-        .with_context(|| format!("--blocks {s:?}: expected A..B, e.g. 0..10"))?;
-    let (a, b): (usize, usize) = (
-        a.trim()
-            .parse()
-            .with_context(|| format!("--blocks {s:?}: bad start"))?,
-        b.trim()
-            .parse()
-            .with_context(|| format!("--blocks {s:?}: bad end"))?,
-    );
-    if a >= b {
-        bail!("--blocks {s:?}: the range is empty");
-    }
-    Ok(a..b)
+/// What a node that started serving tells its caller.
+#[derive(Debug, Clone)]
+pub struct Ready {
+    /// The node's peer id.
+    pub peer: PeerId,
+    /// Its listening addresses, each ending in `/p2p/<peer id>`.
+    pub addrs: Vec<Multiaddr>,
+    /// The model id (blake3 of its files).
+    pub model: ModelId,
+    /// The layers served.
+    pub span: Span,
+    /// Measured throughput of the stage, tokens per second.
+    pub throughput: f32,
 }
 
-/// The blake3 id of a model: the GGUF file (weights, tokenizer and
-/// configuration in one), or a checkpoint folder's `config.json`,
-/// `tokenizer.json` and `*.safetensors` files (name order), so nodes that
-/// tokenize or configure the model differently never share an id.
-///
-/// # Errors
-/// When the files cannot be read.
-pub fn model_id(path: &std::path::Path) -> Result<ModelId> {
-    let files = if path.is_dir() {
-        let mut f: Vec<_> = std::fs::read_dir(path)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        f.sort();
-        let mut all = vec![path.join("config.json"), path.join("tokenizer.json")];
-        all.extend(f);
-        all
-    } else {
-        vec![path.to_path_buf()]
-    };
-    ModelId::of_files(&files).with_context(|| format!("hashing {}", path.display()))
+/// Why a node did not start, or stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The model cannot be opened.
+    #[error(transparent)]
+    Checkpoint(#[from] LoadError),
+    /// The layers asked for are not the model's.
+    #[error("layers {span} are outside the model's {layers} layers")]
+    Span {
+        /// The layers asked for.
+        span: Span,
+        /// The model's layer count.
+        layers: usize,
+    },
+    /// The model's files cannot be hashed into its id.
+    #[error("hashing {path}: {source}")]
+    Hash {
+        /// The model file or folder.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The stage could not be loaded.
+    #[error("loading {path}: {source}")]
+    Stage {
+        /// The model file or folder.
+        path: PathBuf,
+        /// Why.
+        source: stage::StartError,
+    },
+    /// The network endpoint could not start.
+    #[error(transparent)]
+    Transport(#[from] transport::Error),
+    /// The stage can no longer compute; the node withdrew from the mesh.
+    #[error("{0}; withdrew from the mesh")]
+    Fatal(String),
 }
 
-struct Node {
-    transport: Transport,
+/// The serving side of a node: what every request handler shares.
+struct Server {
+    endpoint: transport::Endpoint,
     stage: Addr<StageActor>,
     keypair: Keypair,
     model: ModelId,
     model_name: String,
     manifest: Vec<u8>,
     num_layers: u32,
-    span: Range<usize>,
+    span: Span,
     throughput: f32,
     limits: Limits,
     addrs: Vec<String>,
@@ -199,130 +162,107 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Runs `nnmesh node` until Ctrl-C (or SIGTERM).
+/// Serves `cfg` until Ctrl-C (or SIGTERM); `on_ready` is called once the
+/// stage is loaded and the node listens. Blocks the calling thread (it runs
+/// its own actix system on a tokio runtime).
 ///
 /// # Errors
-/// Bad flags, a model that cannot be loaded, a transport that cannot start,
-/// or a stage that can no longer compute.
-pub fn run(args: NodeArgs) -> Result<()> {
-    let layers = parse_blocks(&args.blocks)?;
-    let path = args.model.path();
+/// A model that cannot be opened or loaded, layers it does not have, a
+/// network endpoint that cannot start, or a stage that can no longer
+/// compute (after withdrawing from the mesh).
+pub fn run(cfg: Config, on_ready: impl FnOnce(&Ready)) -> Result<(), Error> {
+    let path = cfg.stage.model.clone();
     // Check the file and the range here, where errors can still be reported
     // cleanly; the stage thread then loads the weights.
-    let ckpt = crate::checkpoint::Checkpoint::open(&path)?;
-    let n = ckpt.config.num_hidden_layers;
-    if layers.end > n {
-        bail!(
-            "--blocks {}..{} is outside the model's {n} layers",
-            layers.start,
-            layers.end
-        );
+    let layers = Checkpoint::open(&path)?.config.num_hidden_layers;
+    if cfg.stage.span.is_empty() || cfg.stage.span.end as usize > layers {
+        return Err(Error::Span {
+            span: cfg.stage.span,
+            layers,
+        });
     }
-    drop(ckpt);
-    let device = crate::engine::parse_device(&args.model.device).map_err(anyhow::Error::msg)?;
-    let kind = crate::engine::parse_kind(&args.model.dtype, device).map_err(anyhow::Error::msg)?;
-    eprintln!("hashing {} ...", path.display());
-    let model = model_id(&path)?;
-    let cfg = stage::Config {
-        model: path.clone(),
-        layers: layers.clone(),
-        kind,
-        device,
-        limits: args.limits(),
-        session_ttl: Duration::from_secs(args.session_ttl_secs),
-        max_sessions: args.max_sessions,
-        max_kv_bytes: args.kv_cache_mib << 20,
-    };
+    tracing::info!(path = %path.display(), "hashing the model");
+    let model = nnmesh_runtime::checkpoint::model_id(&path)
+        .map_err(|source| Error::Hash { path, source })?;
     actix::System::with_tokio_rt(|| {
         tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .expect("a tokio runtime can be built")
     })
-    .block_on(serve(args, cfg, model, n as u32))
+    .block_on(serve(cfg, model, layers as u32, on_ready))
 }
 
-async fn serve(args: NodeArgs, cfg: stage::Config, model: ModelId, num_layers: u32) -> Result<()> {
-    let keypair = match &args.identity {
-        Some(path) => keys::load_or_create_identity(path)?,
-        None => Keypair::generate_ed25519(),
-    };
-    let psk = args.psk.as_deref().map(keys::read_psk).transpose()?;
-    let allow = args
-        .allow_peers
-        .as_deref()
-        .map(keys::read_allow_list)
-        .transpose()?;
-    eprintln!(
-        "loading layers {}..{} of {} ...",
-        cfg.layers.start,
-        cfg.layers.end,
-        cfg.model.display()
-    );
+async fn serve(
+    cfg: Config,
+    model: ModelId,
+    num_layers: u32,
+    on_ready: impl FnOnce(&Ready),
+) -> Result<(), Error> {
+    tracing::info!(span = %cfg.stage.span, path = %cfg.stage.model.display(), "loading the stage");
     let (fatal_tx, mut fatal) = mpsc::channel(1);
-    let (stage, info) = stage::spawn(cfg.clone(), fatal_tx.clone())
+    let (stage, info) = stage::spawn(cfg.stage.clone(), fatal_tx.clone())
         .await
-        .with_context(|| format!("loading {}", cfg.model.display()))?;
-    let mut tcfg = TransportConfig::new(keypair.clone());
-    tcfg.listen = args.listen.clone();
-    tcfg.bootstrap = args.bootstrap.clone();
+        .map_err(|source| Error::Stage {
+            path: cfg.stage.model.clone(),
+            source,
+        })?;
+    let mut tcfg = transport::Config::new(cfg.keypair.clone());
+    tcfg.listen = cfg.listen.clone();
+    tcfg.bootstrap = cfg.bootstrap.clone();
     tcfg.provide = Some(STAGES_KEY.to_vec());
-    tcfg.mdns = args.mdns;
-    tcfg.max_message = args.max_message_mib << 20;
-    tcfg.psk = psk;
-    let (transport, mut inbound) = Transport::start(tcfg).await?;
-    let listen = transport.listen_addrs().await;
-    let node = Arc::new(Node {
-        transport: transport.clone(),
+    tcfg.mdns = cfg.mdns;
+    tcfg.max_message = cfg.max_message;
+    tcfg.psk = cfg.psk;
+    let (endpoint, mut inbound) = transport::Endpoint::start(tcfg).await?;
+    let listen = endpoint.listen_addrs().await;
+    let server = Arc::new(Server {
+        endpoint: endpoint.clone(),
         stage,
-        keypair,
+        keypair: cfg.keypair.clone(),
         model,
         model_name: info.manifest.model.clone(),
-        manifest: postcard::to_allocvec(&info.manifest).context("encoding the manifest")?,
+        manifest: postcard::to_allocvec(&info.manifest).expect("a manifest encodes"),
         num_layers,
-        span: cfg.layers.clone(),
+        span: cfg.stage.span,
         throughput: info.throughput,
-        limits: cfg.limits.clone(),
+        limits: cfg.stage.limits.clone(),
         addrs: listen.iter().map(|a| a.to_string()).collect(),
-        admit: Arc::new(Semaphore::new(args.queue)),
-        queue: args.queue,
-        max_message: args.max_message_mib << 20,
-        allow,
+        admit: Arc::new(Semaphore::new(cfg.queue)),
+        queue: cfg.queue,
+        max_message: cfg.max_message,
+        allow: cfg.allow.clone(),
         fatal: fatal_tx,
     });
-    for a in &listen {
-        println!("listening {a}");
-    }
-    println!(
-        "node {} serves layers {}..{} of {} (model id {model}, {:.0} tokens/s)",
-        transport.peer_id(),
-        cfg.layers.start,
-        cfg.layers.end,
-        cfg.model.display(),
-        info.throughput
-    );
+    on_ready(&Ready {
+        peer: endpoint.peer_id(),
+        addrs: listen,
+        model,
+        span: cfg.stage.span,
+        throughput: info.throughput,
+    });
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let outcome = loop {
         tokio::select! {
             inb = inbound.recv() => match inb {
-                Some(inb) => handle(node.clone(), inb),
+                Some(inb) => handle(server.clone(), inb),
                 None => break Ok(()),
             },
             reason = fatal.recv() => {
                 // Withdraw first, so clients stop routing here, then go.
                 let reason = reason.unwrap_or_else(|| "the stage stopped".into());
-                eprintln!("error: {reason}; withdrawing from the mesh");
-                transport.stop_providing().await;
-                break Err(anyhow::anyhow!(reason));
+                tracing::error!(%reason, "withdrawing from the mesh");
+                endpoint.stop_providing().await;
+                break Err(Error::Fatal(reason));
             }
             _ = &mut shutdown => {
-                eprintln!("shutting down");
+                tracing::info!("shutting down");
                 break Ok(());
             }
         }
     };
-    transport.shutdown().await;
+    endpoint.shutdown().await;
     actix::System::current().stop();
     outcome
 }
@@ -352,7 +292,7 @@ fn refuse(inb: Inbound, kind: ErrorKind, msg: impl Into<String>) {
 }
 
 /// Answers one inbound request; never blocks the caller (long work is spawned).
-fn handle(node: Arc<Node>, inb: Inbound) {
+fn handle(node: Arc<Server>, inb: Inbound) {
     let req: Request = match codec::decode(&inb.request) {
         Ok(r) => r,
         Err(e) => {
@@ -409,7 +349,7 @@ fn handle(node: Arc<Node>, inb: Inbound) {
             // Only the request's own client may close it (the stage checks).
             match node.stage.try_send(Close {
                 request,
-                client: inb.peer.to_bytes(),
+                client: inb.peer,
             }) {
                 Ok(()) => reply(inb, &Response::Ack),
                 Err(_) => refuse(inb, ErrorKind::Overloaded, node.overloaded()),
@@ -442,17 +382,16 @@ fn handle(node: Arc<Node>, inb: Inbound) {
     }
 }
 
-impl Node {
+impl Server {
     fn record(&self) -> SignedRecord {
         let in_use = self.queue - self.admit.available_permits();
         let record = StageRecord {
-            peer: self.transport.peer_id().to_bytes(),
+            peer: self.endpoint.peer_id(),
             addrs: self.addrs.clone(),
             model: self.model,
             model_name: self.model_name.clone(),
             num_layers: self.num_layers,
-            start: self.span.start as u32,
-            end: self.span.end as u32,
+            span: self.span,
             throughput: self.throughput,
             load: in_use as f32 / self.queue as f32,
             limits: self.limits.clone(),
@@ -497,22 +436,20 @@ impl Node {
                 ),
             )
         })?;
-        if (hop.start as usize, hop.end as usize) != (self.span.start, self.span.end)
-            || PeerId::from_bytes(&hop.peer).ok() != Some(self.transport.peer_id())
-        {
+        if hop.span != self.span || hop.peer != self.endpoint.peer_id() {
             return Err(WireError::new(
                 ErrorKind::NotServed,
                 format!(
-                    "this node serves layers {}..{}; the route asks hop {} for {}..{}",
-                    self.span.start, self.span.end, s.hop, hop.start, hop.end
+                    "this node serves layers {}; the route asks hop {} for {}",
+                    self.span, s.hop, hop.span
                 ),
             ));
         }
         let sender = match s.hop.checked_sub(1) {
-            None => s.client.clone(),
-            Some(prev) => s.route[prev as usize].peer.clone(),
+            None => s.client,
+            Some(prev) => s.route[prev as usize].peer,
         };
-        if from.to_bytes() != sender {
+        if *from != sender {
             return Err(WireError::new(
                 ErrorKind::Forbidden,
                 format!(
@@ -526,10 +463,7 @@ impl Node {
                 ),
             ));
         }
-        let client = PeerId::from_bytes(&s.client).map_err(|e| {
-            WireError::new(ErrorKind::Malformed, format!("bad client peer id: {e}"))
-        })?;
-        self.check_allowed(&client)
+        self.check_allowed(&s.client)
     }
 
     /// The stage actor is gone: nothing can be served any more.
@@ -540,8 +474,7 @@ impl Node {
     }
 
     async fn report(&self, step: &StepRequest, body: ReportBody) -> Result<(), String> {
-        let client =
-            PeerId::from_bytes(&step.client).map_err(|e| format!("bad client peer id: {e}"))?;
+        let client = step.client;
         let addrs = step
             .client_addrs
             .iter()
@@ -550,13 +483,13 @@ impl Node {
         let msg = Request::Report(Box::new(StageReport {
             request: step.request,
             hop: step.hop,
-            peer: self.transport.peer_id().to_bytes(),
+            peer: self.endpoint.peer_id(),
             trace: step.trace,
             step: step.step,
             body,
         }));
         let bytes = self
-            .transport
+            .endpoint
             .request(client, addrs, codec::encode(&msg))
             .await
             .map_err(|e| e.to_string())?;
@@ -578,7 +511,7 @@ impl Node {
     fn close(&self, step: &StepRequest) {
         let _ = self.stage.try_send(Close {
             request: step.request,
-            client: step.client.clone(),
+            client: step.client,
         });
     }
 
@@ -668,15 +601,9 @@ impl Node {
             ));
         };
         let hop = next.hop;
-        let peer = PeerId::from_bytes(&peer).map_err(|e| {
-            WireError::new(
-                ErrorKind::Malformed,
-                format!("bad peer id for hop {hop}: {e}"),
-            )
-        })?;
         let addrs: Vec<Multiaddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
         let bytes = self
-            .transport
+            .endpoint
             .request(peer, addrs, codec::encode(&Request::Step(Box::new(next))))
             .await
             .map_err(|e| {
@@ -703,30 +630,5 @@ impl Node {
                 format!("hop {hop} ({peer}): {e}"),
             )),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_folder_model_id_covers_config_and_tokenizer() {
-        let dir = std::env::temp_dir().join(format!("nnmesh-model-id-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        for (name, text) in [
-            ("config.json", "{}"),
-            ("tokenizer.json", "{\"v\": 1}"),
-            ("model.safetensors", "weights"),
-        ] {
-            std::fs::write(dir.join(name), text).expect("write");
-        }
-        let id = model_id(&dir).expect("hashes");
-        std::fs::write(dir.join("tokenizer.json"), "{\"v\": 2}").expect("write");
-        let other_tokenizer = model_id(&dir).expect("hashes");
-        assert_ne!(id, other_tokenizer, "a different tokenizer is a different model");
-        std::fs::write(dir.join("config.json"), "{\"rope_theta\": 1}").expect("write");
-        assert_ne!(other_tokenizer, model_id(&dir).expect("hashes"));
-        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -20,7 +20,6 @@ mod session;
 
 use std::{
     collections::HashMap,
-    ops::Range,
     panic::AssertUnwindSafe,
     path::PathBuf,
     time::{Duration, Instant},
@@ -29,6 +28,7 @@ use std::{
 use actix::{Actor, Addr, Arbiter, AsyncContext, Context, Handler, Message};
 use nnmesh_graph::{Limits, Manifest};
 use nnmesh_protocol::{
+    PeerId, Span,
     ids::RequestId,
     message::{Carried, ErrorKind, Saved, StepRequest, WireError},
     tensor::WireTensor,
@@ -37,9 +37,9 @@ use tch::{Device, Kind, Tensor};
 use tokio::sync::{mpsc, oneshot};
 
 use self::session::Session;
-use crate::{
+use nnmesh_runtime::{
     engine::{Engine, EngineError},
-    llama::Input,
+    models::llama::Input,
 };
 
 /// Capacity of a stage actor's mailbox: senders wait (backpressure) beyond it.
@@ -51,7 +51,7 @@ pub struct Config {
     /// Model file or folder.
     pub model: PathBuf,
     /// Decoder layers hosted.
-    pub layers: Range<usize>,
+    pub span: Span,
     /// Compute dtype.
     pub kind: Kind,
     /// Device.
@@ -65,6 +65,23 @@ pub struct Config {
     /// Most bytes of KV cache reserved by open sessions; a session that
     /// would exceed it is refused as overloaded (live ones are never evicted).
     pub max_kv_bytes: u64,
+}
+
+impl Config {
+    /// Layers `span` of the model at `model`, in f32 on the CPU, with the
+    /// default limits: 64 sessions, 2 GiB of KV cache, a 10-minute session TTL.
+    pub fn new(model: PathBuf, span: Span) -> Config {
+        Config {
+            model,
+            span,
+            kind: Kind::Float,
+            device: Device::Cpu,
+            limits: Limits::default(),
+            session_ttl: Duration::from_secs(600),
+            max_sessions: 64,
+            max_kv_bytes: 2 << 30,
+        }
+    }
 }
 
 /// What one step produced on this stage.
@@ -156,14 +173,14 @@ impl Stage {
     /// # Errors
     /// When the model cannot be loaded.
     pub fn load(cfg: &Config) -> Result<Stage, EngineError> {
-        let engine = Engine::load(&cfg.model, Some(cfg.layers.clone()), cfg.kind, cfg.device)?;
+        let engine = Engine::load(&cfg.model, Some(cfg.span.range()), cfg.kind, cfg.device)?;
         Ok(Stage::new(engine, cfg))
     }
 
-    /// A stage over an already loaded engine (`cfg.model`, `layers`, `kind`
+    /// A stage over an already loaded engine (`cfg.model`, `span`, `kind`
     /// and `device` are not used).
     pub fn new(engine: Engine, cfg: &Config) -> Stage {
-        let manifest = crate::engine::manifest(engine.model.config(), engine.model.kind());
+        let manifest = engine.manifest();
         let throughput = measure_throughput(&engine);
         Stage {
             engine,
@@ -230,12 +247,12 @@ impl Stage {
                 ),
             )
         })?;
-        if (hop.start as usize, hop.end as usize) != (layers.start, layers.end) {
+        if hop.span.range() != layers {
             return Err(err(
                 ErrorKind::NotServed,
                 format!(
-                    "this stage serves layers {}..{}, not {}..{}",
-                    layers.start, layers.end, hop.start, hop.end
+                    "this stage serves layers {}..{}, not {}",
+                    layers.start, layers.end, hop.span
                 ),
             ));
         }
@@ -350,8 +367,8 @@ impl Stage {
         })
     }
 
-    /// Drops a request's session, if `client` (peer id bytes) is its client.
-    pub fn close(&mut self, request: RequestId, client: &[u8]) {
+    /// Drops a request's session, if `client` is its client.
+    pub fn close(&mut self, request: RequestId, client: PeerId) {
         if self
             .sessions
             .get(&request)
@@ -389,7 +406,7 @@ impl Stage {
 fn forward_zeros(engine: &Engine, t: i64) -> Result<Tensor, String> {
     let model = &engine.model;
     let device = model.device();
-    let batch = crate::llama::Batch::contiguous(1, t, 0, device);
+    let batch = nnmesh_runtime::models::llama::Batch::contiguous(1, t, 0, device);
     let input = if model.is_first() {
         Input::Tokens(Tensor::zeros([1, t], (Kind::Int64, device)))
     } else {
@@ -397,7 +414,7 @@ fn forward_zeros(engine: &Engine, t: i64) -> Result<Tensor, String> {
         Input::Hidden(Tensor::zeros([1, t, h], (model.kind(), device)))
     };
     model
-        .forward(input, &batch, None, &mut crate::hooks::NoHooks)
+        .forward(input, &batch, None, &mut nnmesh_runtime::hooks::NoHooks)
         .map_err(|e| e.to_string())
 }
 
@@ -512,14 +529,14 @@ pub struct RunStep(pub Box<StepRequest>);
 #[rtype(result = "Result<Vec<Vec<u32>>, WireError>")]
 pub struct Tokenize(pub Vec<String>);
 
-/// Drop a request's session, if `client` (peer id bytes) is its client.
+/// Drop a request's session, if `client` is its client.
 #[derive(Debug, Message)]
 #[rtype(result = "()")]
 pub struct Close {
     /// The request.
     pub request: RequestId,
     /// Who asks: only the request's own client may close it.
-    pub client: Vec<u8>,
+    pub client: PeerId,
 }
 
 impl Handler<RunStep> for StageActor {
@@ -567,7 +584,7 @@ impl Handler<Close> for StageActor {
     type Result = ();
 
     fn handle(&mut self, msg: Close, _: &mut Context<Self>) {
-        self.stage.close(msg.request, &msg.client);
+        self.stage.close(msg.request, msg.client);
     }
 }
 

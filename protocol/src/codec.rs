@@ -78,9 +78,11 @@ mod tests {
 
     use super::*;
     use crate::{
+        PeerId,
         ids::{ModelId, RequestId},
         message::*,
         record::SignedRecord,
+        span::Span,
         tensor::{WireDType, WireTensor},
     };
 
@@ -118,13 +120,21 @@ mod tests {
         proptest::collection::vec(".{0,12}", 0..3)
     }
 
+    fn peer_id() -> impl Strategy<Value = PeerId> {
+        any::<[u8; 32]>().prop_map(|b| {
+            libp2p_identity::Keypair::ed25519_from_bytes(b)
+                .expect("any 32 bytes are an ed25519 secret")
+                .public()
+                .to_peer_id()
+        })
+    }
+
     fn hop() -> impl Strategy<Value = Hop> {
-        (bytes(40), strings(), any::<u32>(), any::<u32>()).prop_map(|(peer, addrs, start, end)| {
+        (peer_id(), strings(), any::<u32>(), any::<u32>()).prop_map(|(peer, addrs, start, end)| {
             Hop {
                 peer,
                 addrs,
-                start,
-                end,
+                span: Span::new(start, end),
             }
         })
     }
@@ -154,7 +164,7 @@ mod tests {
 
     fn step_request() -> impl Strategy<Value = StepRequest> {
         (
-            (any::<u64>(), bytes(40), strings(), model_id()),
+            (any::<u64>(), peer_id(), strings(), model_id()),
             (
                 proptest::collection::vec(hop(), 0..3),
                 any::<u32>(),
@@ -208,7 +218,7 @@ mod tests {
         (
             any::<u64>(),
             any::<u32>(),
-            bytes(40),
+            peer_id(),
             any::<u32>(),
             any::<u32>(),
             report_body(),
@@ -301,6 +311,13 @@ mod tests {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    fn fixed_peer(seed: u8) -> PeerId {
+        libp2p_identity::Keypair::ed25519_from_bytes([seed; 32])
+            .expect("32 bytes")
+            .public()
+            .to_peer_id()
+    }
+
     fn tiny_tensor() -> WireTensor {
         WireTensor::from_i64(vec![1, 2], &[7, -1]).expect("consistent")
     }
@@ -308,14 +325,13 @@ mod tests {
     fn sample_step() -> StepRequest {
         StepRequest {
             request: RequestId(300),
-            client: vec![0xc1, 0xc2],
+            client: fixed_peer(0xc1),
             client_addrs: vec!["/a".into()],
             model: ModelId([0xab; 32]),
             route: vec![Hop {
-                peer: vec![0x01],
+                peer: fixed_peer(0x01),
                 addrs: vec!["/h".into()],
-                start: 0,
-                end: 30,
+                span: Span::new(0, 30),
             }],
             hop: 0,
             graph: Some(vec![0x99]),
@@ -334,7 +350,7 @@ mod tests {
         Request::Report(Box::new(StageReport {
             request: RequestId(9),
             hop: 1,
-            peer: vec![0xee],
+            peer: fixed_peer(0xee),
             trace: 0,
             step: 3,
             body,
@@ -431,13 +447,11 @@ mod tests {
     const SNAP_INFO: &str = "020000";
     const SNAP_TOKENIZE: &str =
         "020001111111111111111111111111111111111111111111111111111111111111111101026869";
-    const SNAP_STEP: &str = "020002ac0202c1c201022f61abababababababababababababababababababababababababababababababab01010101022f68001e00010199010203020102100700000000000000ffffffffffffffff000105000101040000803f";
-    const SNAP_REPORT_SAVES: &str =
-        "020003090101ee000300010178010403020102100700000000000000ffffffffffffffff";
-    const SNAP_REPORT_RELAY: &str =
-        "020003090101ee000301010203020102100700000000000000ffffffffffffffff";
-    const SNAP_REPORT_DONE: &str = "020003090101ee0003020201c801";
-    const SNAP_REPORT_FAILED: &str = "020003090101ee000303050462757379";
+    const SNAP_STEP: &str = "020002ac0226002408011220acdcc8494d458f44a7aaac1d6a84ec624daee88436db2ae26e67ba645a10622801022f61abababababababababababababababababababababababababababababababab01260024080112208a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c01022f68001e00010199010203020102100700000000000000ffffffffffffffff000105000101040000803f";
+    const SNAP_REPORT_SAVES: &str = "020003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df28000300010178010403020102100700000000000000ffffffffffffffff";
+    const SNAP_REPORT_RELAY: &str = "020003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df28000301010203020102100700000000000000ffffffffffffffff";
+    const SNAP_REPORT_DONE: &str = "020003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df280003020201c801";
+    const SNAP_REPORT_FAILED: &str = "020003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df28000303050462757379";
     const SNAP_CLOSE: &str = "02000401";
     const SNAP_RESP_INFO: &str = "0200000102010201030204050106";
     const SNAP_RESP_TOKENS: &str = "0200010202010200";

@@ -12,6 +12,7 @@
 //! - [`record`]: [`StageRecord`] announcements, signed and expiring.
 //! - [`message`]: [`Request`] / [`Response`] of [`STAGE_PROTOCOL`].
 //! - [`codec`]: [`encode`] / [`decode`], a `u16` version then postcard.
+//! - [`span`]: [`Span`], a contiguous range of decoder layers.
 //! - [`route`]: [`find_route`], the cheapest chain of stages.
 //!
 //! # Example
@@ -22,6 +23,7 @@
 //!     message::{ErrorKind, Request, Response, WireError},
 //!     ids::ModelId,
 //!     route::{Candidate, find_route},
+//!     PeerId, Span,
 //! };
 //!
 //! // Encode a request, decode it on the other side.
@@ -38,8 +40,10 @@
 //! assert!(matches!(answer, Response::Error(_)));
 //!
 //! // Route 30 layers over two half-model peers or one slow full-model peer.
-//! let peer = |p: u8, start, end, throughput| Candidate {
-//!     peer: vec![p], start, end, throughput, rtt_ms: 5.0, load: 0.0,
+//! let id = |seed: u8| libp2p_identity::Keypair::ed25519_from_bytes([seed; 32])
+//!     .expect("32 bytes").public().to_peer_id();
+//! let peer = |seed, start, end, throughput| Candidate {
+//!     peer: id(seed), span: Span::new(start, end), throughput, rtt_ms: 5.0, load: 0.0,
 //! };
 //! let cands = [peer(1, 0, 15, 500.0), peer(2, 15, 30, 500.0), peer(3, 0, 30, 50.0)];
 //! assert_eq!(find_route(&cands, 30, &[]), Some(vec![0, 1]));
@@ -54,15 +58,18 @@ pub mod limits;
 pub mod message;
 pub mod record;
 pub mod route;
+pub mod span;
 pub mod tensor;
 
 pub use codec::{CodecError, MAX_MESSAGE, WIRE_VERSION, decode, encode};
 pub use ids::{ModelId, ParseModelIdError, RequestId};
+pub use libp2p_identity::PeerId;
 pub use limits::Limits;
 pub use message::{
     Carried, ErrorKind, Hop, ReportBody, Request, Response, STAGE_PROTOCOL, Saved, StageReport,
     StepRequest, WireError,
 };
-pub use record::{RecordError, SignedRecord, StageRecord};
+pub use record::{RecordError, STAGES_KEY, SignedRecord, StageRecord};
 pub use route::{Candidate, disjoint_backup, find_route};
+pub use span::{ParseSpanError, Span};
 pub use tensor::{TensorError, WireDType, WireTensor};

@@ -9,8 +9,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    PeerId,
     ids::{ModelId, RequestId},
     record::SignedRecord,
+    span::Span,
     tensor::WireTensor,
 };
 
@@ -18,18 +20,15 @@ use crate::{
 /// together with [`crate::codec::WIRE_VERSION`].
 pub const STAGE_PROTOCOL: &str = "/nnmesh/stage/2";
 
-/// One hop of a route: a peer and the layers `[start, end)` it runs.
+/// One hop of a route: a peer and the layers it runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hop {
-    /// The hop's `PeerId`, as bytes.
-    #[serde(with = "serde_bytes")]
-    pub peer: Vec<u8>,
+    /// The hop's peer.
+    pub peer: PeerId,
     /// Multiaddrs to reach it.
     pub addrs: Vec<String>,
-    /// First layer it runs.
-    pub start: u32,
-    /// End of its layer range (exclusive).
-    pub end: u32,
+    /// The layers it runs.
+    pub span: Span,
 }
 
 /// A request of the stage protocol.
@@ -60,9 +59,8 @@ pub enum Request {
 pub struct StepRequest {
     /// The request this step belongs to.
     pub request: RequestId,
-    /// The client's `PeerId`, as bytes: where reports go.
-    #[serde(with = "serde_bytes")]
-    pub client: Vec<u8>,
+    /// The client: where reports go.
+    pub client: PeerId,
     /// The client's multiaddrs.
     pub client_addrs: Vec<String>,
     /// The model the route serves.
@@ -103,9 +101,8 @@ pub struct StageReport {
     pub request: RequestId,
     /// Index of the reporting hop in the route.
     pub hop: u32,
-    /// The reporting peer, as bytes.
-    #[serde(with = "serde_bytes")]
-    pub peer: Vec<u8>,
+    /// The reporting peer.
+    pub peer: PeerId,
     /// Trace index.
     pub trace: u32,
     /// Step index.

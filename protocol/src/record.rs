@@ -9,7 +9,11 @@
 use libp2p_identity::{Keypair, PublicKey};
 use serde::{Deserialize, Serialize};
 
-use crate::{ids::ModelId, limits::Limits};
+use crate::{PeerId, ids::ModelId, limits::Limits, span::Span};
+
+/// The DHT key under which every stage-serving node announces itself as a
+/// provider; clients ask the DHT for its providers, then each for its records.
+pub const STAGES_KEY: &[u8] = b"nnmesh/stages/v1";
 
 /// Domain separator prepended to the record bytes before signing, so a
 /// record signature can never be replayed as a signature of anything else.
@@ -18,9 +22,8 @@ pub const RECORD_DOMAIN: &[u8] = b"nnmesh-record-v2";
 /// What a node announces about one stage it serves.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageRecord {
-    /// The serving node's `PeerId`, as bytes.
-    #[serde(with = "serde_bytes")]
-    pub peer: Vec<u8>,
+    /// The serving node.
+    pub peer: PeerId,
     /// Multiaddrs the node listens on.
     pub addrs: Vec<String>,
     /// Hash of the model's weight files.
@@ -29,10 +32,8 @@ pub struct StageRecord {
     pub model_name: String,
     /// Number of decoder layers of the whole model.
     pub num_layers: u32,
-    /// First decoder layer served (inclusive).
-    pub start: u32,
-    /// End of the served range (exclusive): layers `[start, end)`.
-    pub end: u32,
+    /// The decoder layers served.
+    pub span: Span,
     /// Measured throughput of this stage, tokens per second.
     pub throughput: f32,
     /// Queue fullness, 0 (idle) to 1 (full).
@@ -121,7 +122,7 @@ impl SignedRecord {
         }
         let record: StageRecord = postcard::from_bytes(&self.record)
             .map_err(|e| RecordError::Undecodable(format!("record: {e}")))?;
-        if key.to_peer_id().to_bytes() != record.peer {
+        if key.to_peer_id() != record.peer {
             return Err(RecordError::PeerMismatch);
         }
         if now_ms >= record.expires_at_ms {
@@ -145,13 +146,12 @@ mod tests {
 
     fn record_for(key: &Keypair) -> StageRecord {
         StageRecord {
-            peer: key.public().to_peer_id().to_bytes(),
+            peer: key.public().to_peer_id(),
             addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
             model: ModelId::of_bytes(b"smollm2"),
             model_name: "SmolLM2-135M-Instruct".into(),
             num_layers: 30,
-            start: 0,
-            end: 15,
+            span: Span::new(0, 15),
             throughput: 120.5,
             load: 0.25,
             limits: Limits::default(),

@@ -22,7 +22,7 @@
 //! A route is a shortest path from boundary 0 to `num_layers` (Dijkstra;
 //! costs are non-negative). Candidates with an empty or out-of-range span or
 //! a non-finite cost (e.g. a NaN input) are ignored; negative `rtt_ms` and `load` count as 0.
-//! Ties are broken by the peer bytes (then the candidate index) of the last
+//! Ties are broken by the peer id (then the candidate index) of the last
 //! hop into each boundary, so the result does not depend on hash order or
 //! floating-point noise in the inputs' order.
 
@@ -31,15 +31,15 @@ use std::{
     collections::BinaryHeap,
 };
 
+use crate::{PeerId, span::Span};
+
 /// A peer serving a contiguous layer span, as seen by the router.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Candidate {
-    /// The peer's `PeerId`, as bytes.
-    pub peer: Vec<u8>,
-    /// First layer served.
-    pub start: u32,
-    /// End of the span (exclusive).
-    pub end: u32,
+    /// The peer.
+    pub peer: PeerId,
+    /// The layers it serves.
+    pub span: Span,
     /// Measured throughput, tokens per second.
     pub throughput: f32,
     /// Round-trip time to the peer, milliseconds.
@@ -55,7 +55,7 @@ impl Candidate {
         if self.rtt_ms.is_nan() || self.throughput.is_nan() || self.load.is_nan() {
             return f32::INFINITY;
         }
-        let layers = self.end.saturating_sub(self.start) as f32;
+        let layers = self.span.len() as f32;
         self.rtt_ms.max(0.0)
             + layers * 1000.0 / self.throughput.max(1e-3) * (1.0 + self.load.max(0.0))
     }
@@ -111,8 +111,8 @@ fn shortest(
     // Outgoing edges per boundary.
     let mut out: Vec<Vec<usize>> = vec![Vec::new(); n + 1];
     for (i, c) in cands.iter().enumerate() {
-        if c.start < c.end && c.end <= num_layers && c.cost().is_finite() && usable(i) {
-            out[c.start as usize].push(i);
+        if !c.span.is_empty() && c.span.end <= num_layers && c.cost().is_finite() && usable(i) {
+            out[c.span.start as usize].push(i);
         }
     }
     let mut dist: Vec<Option<Dist>> = vec![None; n + 1];
@@ -141,7 +141,7 @@ fn shortest(
         }
         for &i in &out[u] {
             let c = &cands[i];
-            let v = c.end as usize;
+            let v = c.span.end as usize;
             let nd = Dist {
                 penalty: d.penalty + u32::from(penalized(i)),
                 cost: d.cost + f64::from(c.cost()),
@@ -162,7 +162,7 @@ fn shortest(
                 pred[v] = Some(i);
                 heap.push(Reverse(Entry {
                     dist: nd,
-                    boundary: c.end,
+                    boundary: c.span.end,
                 }));
             }
         }
@@ -173,7 +173,7 @@ fn shortest(
     while at != 0 {
         let i = pred[at].expect("a reached boundary has a predecessor");
         route.push(i);
-        at = cands[i].start as usize;
+        at = cands[i].span.start as usize;
     }
     route.reverse();
     Some(route)
@@ -184,7 +184,7 @@ fn shortest(
 ///
 /// Returns `None` if the usable candidates leave a gap, and `Some(vec![])`
 /// for `num_layers == 0`.
-pub fn find_route(cands: &[Candidate], num_layers: u32, exclude: &[Vec<u8>]) -> Option<Vec<usize>> {
+pub fn find_route(cands: &[Candidate], num_layers: u32, exclude: &[PeerId]) -> Option<Vec<usize>> {
     shortest(
         cands,
         num_layers,
@@ -203,9 +203,9 @@ pub fn disjoint_backup(
     cands: &[Candidate],
     num_layers: u32,
     primary: &[usize],
-    exclude: &[Vec<u8>],
+    exclude: &[PeerId],
 ) -> Option<Vec<usize>> {
-    let used: Vec<&Vec<u8>> = primary
+    let used: Vec<&PeerId> = primary
         .iter()
         .filter_map(|&i| cands.get(i).map(|c| &c.peer))
         .collect();
@@ -224,11 +224,18 @@ mod tests {
 
     use super::*;
 
-    fn cand(peer: u8, start: u32, end: u32, throughput: f32) -> Candidate {
+    /// A deterministic peer id from a one-byte seed.
+    fn peer(seed: u8) -> PeerId {
+        libp2p_identity::Keypair::ed25519_from_bytes([seed; 32])
+            .expect("32 bytes")
+            .public()
+            .to_peer_id()
+    }
+
+    fn cand(p: u8, start: u32, end: u32, throughput: f32) -> Candidate {
         Candidate {
-            peer: vec![peer],
-            start,
-            end,
+            peer: peer(p),
+            span: Span::new(start, end),
             throughput,
             rtt_ms: 10.0,
             load: 0.0,
@@ -242,10 +249,10 @@ mod tests {
     fn covers(cands: &[Candidate], route: &[usize], num_layers: u32) -> bool {
         let mut at = 0;
         for &i in route {
-            if cands[i].start != at || cands[i].end <= at {
+            if cands[i].span.start != at || cands[i].span.end <= at {
                 return false;
             }
-            at = cands[i].end;
+            at = cands[i].span.end;
         }
         at == num_layers
     }
@@ -258,7 +265,7 @@ mod tests {
             cand(3, 0, 30, 1000.0),
         ];
         assert_eq!(find_route(&cands, 30, &[]), Some(vec![2]));
-        assert_eq!(find_route(&cands, 30, &[vec![3]]), Some(vec![0, 1]));
+        assert_eq!(find_route(&cands, 30, &[peer(3)]), Some(vec![0, 1]));
     }
 
     #[test]
@@ -282,16 +289,17 @@ mod tests {
     }
 
     #[test]
-    fn ties_break_by_peer_bytes() {
+    fn ties_break_by_peer_id() {
         let a = vec![
             cand(7, 0, 30, 100.0),
             cand(3, 0, 30, 100.0),
             cand(5, 0, 30, 100.0),
         ];
-        assert_eq!(find_route(&a, 30, &[]), Some(vec![1]));
+        let least = (0..3).min_by_key(|&i| a[i].peer).expect("three");
+        assert_eq!(find_route(&a, 30, &[]), Some(vec![least]));
         let mut b = a.clone();
         b.reverse();
-        assert_eq!(find_route(&b, 30, &[]), Some(vec![1]));
+        assert_eq!(find_route(&b, 30, &[]), Some(vec![2 - least]));
     }
 
     #[test]
@@ -335,9 +343,9 @@ mod tests {
             return;
         }
         for (i, c) in cands.iter().enumerate() {
-            if c.start == at && c.end > at && c.end <= num_layers {
+            if c.span.start == at && c.span.end > at && c.span.end <= num_layers {
                 path.push(i);
-                all_routes(cands, num_layers, c.end, path, out);
+                all_routes(cands, num_layers, c.span.end, path, out);
                 path.pop();
             }
         }
@@ -357,10 +365,9 @@ mod tests {
         )
         .prop_map(move |v| {
             v.into_iter()
-                .map(|(peer, start, len, throughput, rtt_ms, load)| Candidate {
-                    peer: vec![peer],
-                    start,
-                    end: (start + len).min(num_layers),
+                .map(|(p, start, len, throughput, rtt_ms, load)| Candidate {
+                    peer: peer(p),
+                    span: Span::new(start, (start + len).min(num_layers)),
                     throughput,
                     rtt_ms,
                     load,
@@ -375,7 +382,7 @@ mod tests {
             (num_layers, cands) in (1u32..8).prop_flat_map(|n| (Just(n), candidates(n))),
             excluded in proptest::option::of(0u8..6),
         ) {
-            let exclude: Vec<Vec<u8>> = excluded.map(|p| vec![p]).into_iter().collect();
+            let exclude: Vec<PeerId> = excluded.map(peer).into_iter().collect();
             let mut routes = Vec::new();
             all_routes(&cands, num_layers, 0, &mut Vec::new(), &mut routes);
             routes.retain(|r| r.iter().all(|&i| !exclude.contains(&cands[i].peer)));
@@ -403,7 +410,7 @@ mod tests {
             let Some(primary) = find_route(&cands, num_layers, &[]) else {
                 return Ok(());
             };
-            let used: Vec<Vec<u8>> = primary.iter().map(|&i| cands[i].peer.clone()).collect();
+            let used: Vec<PeerId> = primary.iter().map(|&i| cands[i].peer).collect();
             let disjoint_exists = find_route(&cands, num_layers, &used).is_some();
             match disjoint_backup(&cands, num_layers, &primary, &[]) {
                 // If a fully disjoint route exists, the backup is one.

@@ -2,9 +2,9 @@
 
 use libp2p::PeerId;
 use nnmesh_graph::{PartitionError, ValidateError};
-use nnmesh_protocol::message::WireError;
+use nnmesh_protocol::{Span, message::WireError};
 
-use crate::transport::{RequestError, TransportError};
+use crate::transport::{self, RequestError};
 
 /// A stage of a route, as errors name it: its index, peer and layers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,18 +13,16 @@ pub struct StageName {
     pub hop: u32,
     /// The hop's peer.
     pub peer: PeerId,
-    /// First layer.
-    pub start: u32,
-    /// End layer (exclusive).
-    pub end: u32,
+    /// Its layers.
+    pub span: Span,
 }
 
 impl std::fmt::Display for StageName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "stage {} (layers {}..{} on {})",
-            self.hop, self.start, self.end, self.peer
+            "stage {} (layers {} on {})",
+            self.hop, self.span, self.peer
         )
     }
 }
@@ -32,10 +30,10 @@ impl std::fmt::Display for StageName {
 /// What went wrong talking to the mesh.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum MeshError {
+pub enum Error {
     /// The client's own transport failed.
     #[error(transparent)]
-    Transport(#[from] TransportError),
+    Transport(#[from] transport::Error),
     /// A request got no answer.
     #[error("request to {peer} failed: {source}")]
     Request {

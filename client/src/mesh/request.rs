@@ -3,8 +3,9 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use nnmesh_graph::{Fragment, Graph, Inputs, Node, NodeId, Plan, StageSpan, partition, validate};
+use nnmesh_graph::{Fragment, Graph, Inputs, Node, NodeId, Plan, partition, validate};
 use nnmesh_protocol::{
+    Span,
     ids::{ModelId, RequestId},
     message::{
         Carried, ErrorKind, Hop, ReportBody, Request, Response, Saved, StageReport, StepRequest,
@@ -16,7 +17,7 @@ use tokio::{
     time::Instant,
 };
 
-use super::{MeshClient, MeshError, MeshOutcome, Peer, Pending, RouteHop, StageName, choose_route};
+use super::{Client, Error, Outcome, Peer, Pending, StageName, choose_route};
 use crate::transport::{PeerEvent, RequestError};
 
 /// How long a dial that checks whether a disconnected stage is still there may take.
@@ -32,12 +33,12 @@ const DEADLINES: u32 = 3;
 /// How long closing the request on each stage may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Runs `graph` through the mesh (see [`MeshClient::run`]).
+/// Runs `graph` through the mesh (see [`Client::run`]).
 pub(super) async fn run(
-    client: &MeshClient,
+    client: &Client,
     mut graph: Graph,
     model: Option<ModelId>,
-) -> Result<MeshOutcome, MeshError> {
+) -> Result<Outcome, Error> {
     let peers = client.peers().await?;
     let (model, route) = choose_route(&peers, model)?;
     let route: Vec<Peer> = route.into_iter().cloned().collect();
@@ -54,23 +55,17 @@ pub(super) async fn run(
         .await?;
     let graph_bytes = graph.to_postcard();
     if graph_bytes.len() as u64 > limits.max_graph_bytes {
-        return Err(MeshError::GraphTooLarge {
+        return Err(Error::GraphTooLarge {
             bytes: graph_bytes.len() as u64,
             limit: limits.max_graph_bytes,
         });
     }
-    let inputs = Inputs::from_tokens(&graph).ok_or_else(|| MeshError::Protocol {
+    let inputs = Inputs::from_tokens(&graph).ok_or_else(|| Error::Protocol {
         peer: route[0].peer,
         detail: "tokenization left a text prompt".into(),
     })?;
     let plan = validate(&graph, &manifest, &inputs, &limits)?;
-    let spans: Vec<StageSpan> = route
-        .iter()
-        .map(|p| StageSpan {
-            start: p.record.start,
-            end: p.record.end,
-        })
-        .collect();
+    let spans: Vec<Span> = route.iter().map(|p| p.record.span).collect();
     let fragments = partition(&graph, &plan, &manifest, &spans)?;
 
     let request = RequestId(super::rand_u64());
@@ -96,15 +91,7 @@ pub(super) async fn run(
         request,
         model,
         client_addrs,
-        hops: route
-            .iter()
-            .map(|p| Hop {
-                peer: p.peer.to_bytes(),
-                addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
-                start: p.record.start,
-                end: p.record.end,
-            })
-            .collect(),
+        hops: route.iter().map(Peer::hop).collect(),
         route: &route,
         graph: &graph,
         plan: &plan,
@@ -131,24 +118,17 @@ pub(super) async fn run(
         *client.known.lock().expect("not poisoned") = None;
     }
     let generated = result?;
-    Ok(MeshOutcome {
+    Ok(Outcome {
         saves: run.saves,
         generated,
-        route: route
-            .iter()
-            .map(|p| RouteHop {
-                peer: p.peer,
-                start: p.record.start,
-                end: p.record.end,
-            })
-            .collect(),
+        route: run.hops,
         model,
     })
 }
 
 /// The state of one request while it runs.
 struct Run<'a> {
-    client: &'a MeshClient,
+    client: &'a Client,
     request: RequestId,
     model: ModelId,
     client_addrs: Vec<String>,
@@ -171,14 +151,13 @@ impl Run<'_> {
         StageName {
             hop: hop as u32,
             peer: p.peer,
-            start: p.record.start,
-            end: p.record.end,
+            span: p.record.span,
         }
     }
 
-    fn lost(&self, hop: usize, trace: u32, step: u32, reason: String) -> MeshError {
+    fn lost(&self, hop: usize, trace: u32, step: u32, reason: String) -> Error {
         self.client.mark_dead(self.route[hop].peer);
-        MeshError::StageLost {
+        Error::StageLost {
             stage: self.stage(hop),
             trace,
             step,
@@ -187,7 +166,7 @@ impl Run<'_> {
     }
 
     /// Runs every step of every trace; returns the generated tokens.
-    async fn drive(&mut self) -> Result<Vec<Vec<Vec<u32>>>, MeshError> {
+    async fn drive(&mut self) -> Result<Vec<Vec<Vec<u32>>>, Error> {
         // Connect to every stage up front: a lost connection is how a dead
         // stage is noticed first.
         for hop in 0..self.route.len() {
@@ -226,7 +205,7 @@ impl Run<'_> {
     }
 
     /// Sends one step to the first stage and waits until the last reports it done.
-    async fn step(&mut self, trace: u32, step: u32, last: &[u32]) -> Result<Vec<u32>, MeshError> {
+    async fn step(&mut self, trace: u32, step: u32, last: &[u32]) -> Result<Vec<u32>, Error> {
         let ids: Vec<i64> = last.iter().map(|&i| i64::from(i)).collect();
         let shape = if step == 0 {
             vec![0, 0]
@@ -235,7 +214,7 @@ impl Run<'_> {
         };
         let msg = StepRequest {
             request: self.request,
-            client: self.client.peer_id().to_bytes(),
+            client: self.client.peer_id(),
             client_addrs: self.client_addrs.clone(),
             model: self.model,
             route: self.hops.clone(),
@@ -259,12 +238,12 @@ impl Run<'_> {
         {
             Ok(Response::Accepted) => {}
             Ok(other) => {
-                return Err(MeshError::Protocol {
+                return Err(Error::Protocol {
                     peer: first.peer,
                     detail: format!("Step answered {other:?}"),
                 });
             }
-            Err(MeshError::Request {
+            Err(Error::Request {
                 source:
                     e @ (RequestError::DialFailure { .. }
                     | RequestError::ConnectionClosed { .. }
@@ -297,7 +276,7 @@ impl Run<'_> {
 
     /// Waits for the step's reports until the last stage reports it done,
     /// watching the route's stages meanwhile.
-    async fn await_step(&mut self, trace: u32, step: u32) -> Result<Vec<u32>, MeshError> {
+    async fn await_step(&mut self, trace: u32, step: u32) -> Result<Vec<u32>, Error> {
         let expected = expected_saves(self.graph, self.plan, self.fragments, trace, step);
         let mut arrived = HashSet::new();
         let period = self.deadline(trace, step);
@@ -306,7 +285,7 @@ impl Run<'_> {
         loop {
             tokio::select! {
                 report = self.rx.recv() => {
-                    let report = report.ok_or(MeshError::Closed)?;
+                    let report = report.ok_or(Error::Closed)?;
                     if (report.trace, report.step) != (trace, step) {
                         tracing::warn!(report.trace, report.step, "report for another step; ignored");
                         continue;
@@ -328,7 +307,7 @@ impl Run<'_> {
                             }
                             continue;
                         }
-                        Err(broadcast::error::RecvError::Closed) => return Err(MeshError::Closed),
+                        Err(broadcast::error::RecvError::Closed) => return Err(Error::Closed),
                     };
                     if let Some(hop) = self.route.iter().position(|p| p.peer == peer)
                         && !self.reachable(hop).await
@@ -351,7 +330,7 @@ impl Run<'_> {
                     }
                     deadlines += 1;
                     if deadlines >= DEADLINES {
-                        return Err(MeshError::NoProgress {
+                        return Err(Error::NoProgress {
                             trace,
                             step,
                             secs: (period * deadlines).as_secs(),
@@ -383,10 +362,10 @@ impl Run<'_> {
         report: StageReport,
         expected: &[ExpectedSave],
         arrived: &mut HashSet<(String, Option<u32>)>,
-    ) -> Result<Option<Vec<u32>>, MeshError> {
+    ) -> Result<Option<Vec<u32>>, Error> {
         let hop = report.hop as usize;
         let peer = self.route[hop].peer;
-        let protocol = |detail: String| MeshError::Protocol { peer, detail };
+        let protocol = |detail: String| Error::Protocol { peer, detail };
         match report.body {
             ReportBody::Saves(saves) => {
                 for s in saves {
@@ -453,7 +432,7 @@ impl Run<'_> {
                     format!("stage {hop} could not hand it the step: {}", error.message),
                 ))
             }
-            ReportBody::Failed(error) => Err(MeshError::Stage {
+            ReportBody::Failed(error) => Err(Error::Stage {
                 stage: self.stage(hop),
                 trace: report.trace,
                 step: report.step,
@@ -469,7 +448,7 @@ impl Run<'_> {
         step: u32,
         expected: &[ExpectedSave],
         arrived: &HashSet<(String, Option<u32>)>,
-    ) -> Result<(), MeshError> {
+    ) -> Result<(), Error> {
         let missing: Vec<String> = expected
             .iter()
             .filter(|e| !arrived.contains(&(e.name.clone(), e.step)))
@@ -478,7 +457,7 @@ impl Run<'_> {
         if missing.is_empty() {
             Ok(())
         } else {
-            Err(MeshError::MissingSaves {
+            Err(Error::MissingSaves {
                 trace,
                 step,
                 missing: missing.join(", "),
@@ -561,10 +540,7 @@ mod tests {
         let m = tiny();
         let inputs = Inputs::from_tokens(&graph).expect("tokens");
         let plan = validate(&graph, &m, &inputs, &Limits::default()).expect("valid");
-        let route = [
-            StageSpan { start: 0, end: 2 },
-            StageSpan { start: 2, end: 4 },
-        ];
+        let route = [Span::new(0, 2), Span::new(2, 4)];
         let f = partition(&graph, &plan, &m, &route).expect("splits");
         let at = |s| {
             let mut v: Vec<(String, Option<u32>, usize)> = expected_saves(&graph, &plan, &f, 0, s)

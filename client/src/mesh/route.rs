@@ -10,7 +10,7 @@ use nnmesh_protocol::{
     route::{Candidate, find_route},
 };
 
-use super::{MeshError, Peer};
+use super::{Error, Peer};
 
 /// Picks the model (the one fully served, unless given) and the cheapest
 /// route through the nodes serving it.
@@ -20,7 +20,7 @@ use super::{MeshError, Peer};
 pub fn choose_route(
     peers: &[Peer],
     model: Option<ModelId>,
-) -> Result<(ModelId, Vec<&Peer>), MeshError> {
+) -> Result<(ModelId, Vec<&Peer>), Error> {
     let mut by_model: BTreeMap<[u8; 32], Vec<&Peer>> = BTreeMap::new();
     for p in peers {
         by_model.entry(p.record.model.0).or_default().push(p);
@@ -36,12 +36,11 @@ pub fn choose_route(
         let cands: Vec<Candidate> = ps
             .iter()
             .map(|p| Candidate {
-                peer: p.peer.to_bytes(),
-                start: p.record.start,
-                end: p.record.end,
+                peer: p.peer,
+                span: p.record.span,
                 // Records give tokens/s through the whole span; the router
                 // prices each layer at 1/throughput-per-layer.
-                throughput: p.record.throughput * (p.record.end - p.record.start) as f32,
+                throughput: p.record.throughput * p.record.span.len() as f32,
                 rtt_ms: p.rtt_ms,
                 load: p.record.load,
             })
@@ -58,12 +57,12 @@ pub fn choose_route(
     }
     match routes.len() {
         1 => Ok(routes.remove(0)),
-        0 => Err(MeshError::Coverage(if gaps.is_empty() {
+        0 => Err(Error::Coverage(if gaps.is_empty() {
             "no node serves the requested model".into()
         } else {
             gaps.join("; ")
         })),
-        _ => Err(MeshError::Ambiguous(
+        _ => Err(Error::Ambiguous(
             routes
                 .iter()
                 .map(|(id, _)| id.to_string())
@@ -103,7 +102,7 @@ pub fn holders_per_layer<'a>(
 ) -> Vec<u32> {
     let mut holders = vec![0u32; num_layers as usize];
     for r in records {
-        for l in r.start..r.end.min(num_layers) {
+        for l in r.span.start..r.span.end.min(num_layers) {
             holders[l as usize] += 1;
         }
     }

@@ -1,4 +1,4 @@
-//! The swarm task behind a [`Transport`](super::Transport): owns the swarm,
+//! The swarm task behind a [`Endpoint`](super::Transport): owns the swarm,
 //! serves commands from the handles, hands inbound requests to the
 //! application and sends its replies, without ever awaiting application work.
 
@@ -27,7 +27,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::{debug, info, trace, warn};
 
 use super::{
-    Command, Inbound, PeerEvent, RequestError, TransportError,
+    Command, Error, Inbound, PeerEvent, RequestError,
     behaviour::{Behaviour, BehaviourEvent, KAD_PROTOCOL},
     codec,
 };
@@ -62,10 +62,10 @@ pub(super) struct EventLoop {
     /// Listeners that have not reported an address yet; `start` returns
     /// once this is empty.
     pending_listeners: HashMap<ListenerId, Multiaddr>,
-    ready: Option<oneshot::Sender<Result<(), TransportError>>>,
+    ready: Option<oneshot::Sender<Result<(), Error>>>,
     pending_replies: FuturesUnordered<PendingReply>,
     requests: HashMap<request_response::OutboundRequestId, ResponseTx>,
-    dials: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, TransportError>>)>,
+    dials: HashMap<ConnectionId, (Multiaddr, oneshot::Sender<Result<PeerId, Error>>)>,
     providers: HashMap<kad::QueryId, (HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
     bootstrapped: bool,
     peer_events: broadcast::Sender<PeerEvent>,
@@ -96,7 +96,7 @@ impl EventLoop {
         swarm: Swarm<Behaviour>,
         commands: mpsc::Receiver<Command>,
         inbound: mpsc::Sender<Inbound>,
-        ready: oneshot::Sender<Result<(), TransportError>>,
+        ready: oneshot::Sender<Result<(), Error>>,
         peer_events: broadcast::Sender<PeerEvent>,
         settings: Settings,
     ) -> EventLoop {
@@ -176,7 +176,7 @@ impl EventLoop {
             let _ = reply.send(Err(RequestError::Shutdown));
         }
         for (_, (_, reply)) in self.dials.drain() {
-            let _ = reply.send(Err(TransportError::Shutdown));
+            let _ = reply.send(Err(Error::Shutdown));
         }
         for (_, (found, reply)) in self.providers.drain() {
             let _ = reply.send(found.into_iter().collect());
@@ -228,7 +228,7 @@ impl EventLoop {
                         }
                     }
                     Err(e) => {
-                        let _ = reply.send(Err(TransportError::Dial {
+                        let _ = reply.send(Err(Error::Dial {
                             addr,
                             reason: e.to_string(),
                         }));
@@ -412,7 +412,7 @@ impl EventLoop {
                         Ok(()) => "closed".to_string(),
                         Err(e) => e.to_string(),
                     };
-                    let _ = ready.send(Err(TransportError::Listen { addr, reason }));
+                    let _ = ready.send(Err(Error::Listen { addr, reason }));
                 }
             }
             SwarmEvent::ListenerError { listener_id, error } => {
@@ -436,7 +436,7 @@ impl EventLoop {
             } => {
                 debug!(peer = ?peer_id, %error, "outgoing connection failed");
                 if let Some((addr, reply)) = self.dials.remove(&connection_id) {
-                    let _ = reply.send(Err(TransportError::Dial {
+                    let _ = reply.send(Err(Error::Dial {
                         addr,
                         reason: error.to_string(),
                     }));

@@ -1,3 +1,4 @@
+use nnmesh_protocol::Span;
 mod toy;
 
 use std::collections::BTreeSet;
@@ -13,10 +14,10 @@ use crate::{
     validate::{Inputs, Limits, validate},
 };
 
-fn split(layers: &[(u32, u32)]) -> Vec<StageSpan> {
+fn split(layers: &[(u32, u32)]) -> Vec<Span> {
     layers
         .iter()
-        .map(|&(start, end)| StageSpan { start, end })
+        .map(|&(start, end)| Span { start, end })
         .collect()
 }
 
@@ -379,12 +380,7 @@ fn grow(m: &Manifest, traces: &[(u32, u8)], recipe: &[RecipeStep]) -> Graph {
 /// Whether partitioning along the finest route fails because a value is
 /// needed on an earlier stage within the step that produces it.
 fn backward_within_a_step(g: &Graph, plan: &Plan, m: &Manifest) -> bool {
-    let finest: Vec<StageSpan> = (0..m.num_layers)
-        .map(|l| StageSpan {
-            start: l,
-            end: l + 1,
-        })
-        .collect();
+    let finest: Vec<Span> = (0..m.num_layers).map(|l| Span::new(l, l + 1)).collect();
     match partition(g, plan, m, &finest) {
         Err(PartitionError::Backward { node, consumer, .. }) => {
             let produced = plan.nodes[node.index()].last_moment();
@@ -395,20 +391,14 @@ fn backward_within_a_step(g: &Graph, plan: &Plan, m: &Manifest) -> bool {
     }
 }
 
-fn route_from(m: &Manifest, cuts: &[u32]) -> Vec<StageSpan> {
+fn route_from(m: &Manifest, cuts: &[u32]) -> Vec<Span> {
     let mut cuts: Vec<u32> = cuts.iter().map(|c| 1 + c % (m.num_layers - 1)).collect();
     cuts.sort_unstable();
     cuts.dedup();
     let mut bounds = vec![0];
     bounds.extend(cuts);
     bounds.push(m.num_layers);
-    bounds
-        .windows(2)
-        .map(|w| StageSpan {
-            start: w[0],
-            end: w[1],
-        })
-        .collect()
+    bounds.windows(2).map(|w| Span::new(w[0], w[1])).collect()
 }
 
 /// The keys of every save the graph declares: `name`, or `name.stepN` for

@@ -6,15 +6,14 @@
 use std::path::Path;
 
 use anyhow::Result;
-use nnmesh_graph::{Builder, Graph, Limits, Point};
+use nnmesh_graph::{
+    Builder, Graph, Limits, Point,
+    recipes::{self, prompts},
+};
+use nnmesh_runtime::{engine::Engine, execute, hooks::NoHooks};
 
 use super::{python_json, time_median};
-use crate::{
-    cli::BenchArgs,
-    engine::Engine,
-    experiments::{self, prompts},
-    hooks::NoHooks,
-};
+use crate::cli::BenchArgs;
 
 /// Measures and prints the table.
 ///
@@ -29,7 +28,7 @@ pub(super) fn run(
     let n = engine.model.config().num_hidden_layers as u32;
     let limits = Limits::default();
     let run_graph = |g: &Graph| -> Result<()> {
-        crate::trace::run(engine, g.clone(), &limits)?;
+        execute::run(engine, g.clone(), &limits)?;
         Ok(())
     };
     let plain = |ids: &[u32]| -> Result<()> {
@@ -49,7 +48,7 @@ pub(super) fn run(
     }
     let reads = g.finish();
     let reads_s = time_median(args.runs, || run_graph(&reads))?;
-    let lens = experiments::logit_lens(&engine.tokenizer.decode(prompt)?, 0..n);
+    let lens = recipes::logit_lens(&engine.tokenizer.decode(prompt)?, 0..n);
     let lens_s = time_median(args.runs, || run_graph(&lens))?;
 
     eprintln!("graphs: {n}-layer activation patching in one batched pass ...");
@@ -57,7 +56,7 @@ pub(super) fn run(
     let corrupt_ids = engine.encode(prompts::IOI_CORRUPT)?;
     let (answer, wrong) = (engine.encode(" John")?[0], engine.encode(" Mary")?[0]);
     let layers: Vec<u32> = (0..n).collect();
-    let patch = experiments::patching(
+    let patch = recipes::patching(
         prompts::IOI_CLEAN,
         prompts::IOI_CORRUPT,
         &layers,
@@ -67,7 +66,7 @@ pub(super) fn run(
     let plain_ioi_s = time_median(args.runs, || plain(&corrupt_ids))?;
     let patch_s = time_median(args.runs, || run_graph(&patch))?;
     let patch_unshared_s = time_median(args.runs, || {
-        crate::trace::run_with(engine, patch.clone(), &limits, false)?;
+        execute::run_with(engine, patch.clone(), &limits, false)?;
         Ok(())
     })?;
 
@@ -77,7 +76,7 @@ pub(super) fn run(
             "lens_ids": prompt, "clean_ids": clean_ids, "corrupt_ids": corrupt_ids,
             "answer": answer, "wrong": wrong, "runs": args.runs.min(3),
         });
-        let model = args.model.path().display().to_string();
+        let model = args.model.path().ok()?.display().to_string();
         python_json(py, "bench_nnsight.py", &[model, spec.to_string()])
             .map_err(|e| eprintln!("NNsight figures skipped: {e:#}"))
             .ok()

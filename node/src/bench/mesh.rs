@@ -3,19 +3,68 @@
 //! 20..30), the per-hop overhead that implies, and the transfer rate of a
 //! large tensor between two transports.
 
-use std::time::{Duration, Instant};
-
-use anyhow::{Context, Result};
-use libp2p::identity::Keypair;
-use nnmesh_client::{
-    mesh::MeshClient,
-    transport::{Transport, TransportConfig},
+use std::{
+    io::{BufRead, BufReader},
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
 };
-use nnmesh_graph::{Builder, Graph, Limits};
+
+use anyhow::{Context, Result, bail};
+use libp2p::{Multiaddr, identity::Keypair};
+use nnmesh_client::{mesh, transport};
+use nnmesh_graph::{Builder, Graph, Limits, recipes};
 use nnmesh_protocol::{codec, message::Response};
+use nnmesh_runtime::{engine::Engine, execute};
 
 use super::{median, time_once};
-use crate::{cli::BenchArgs, engine::Engine, experiments, local_mesh::LocalNode};
+use crate::cli::BenchArgs;
+
+/// `nnmesh node` processes of this executable on loopback, killed when dropped.
+struct LocalNodes(Vec<Child>);
+
+impl Drop for LocalNodes {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl LocalNodes {
+    /// Starts a node serving `blocks` and waits for its first `listening`
+    /// address and its `node` line.
+    fn start(
+        &mut self,
+        model: &Path,
+        blocks: &str,
+        bootstrap: Option<&Multiaddr>,
+    ) -> Result<Multiaddr> {
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args(["node", "--blocks", blocks, "--model"])
+            .arg(model)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        if let Some(b) = bootstrap {
+            cmd.arg("--bootstrap").arg(b.to_string());
+        }
+        let mut child = cmd.spawn().context("starting a node")?;
+        let stdout = child.stdout.take().context("stdout is piped")?;
+        self.0.push(child);
+        let mut addr = None;
+        for line in BufReader::new(stdout).lines() {
+            let line = line?;
+            if let Some(a) = line.strip_prefix("listening ") {
+                addr.get_or_insert(a.parse::<Multiaddr>()?);
+            }
+            if line.starts_with("node ") {
+                return addr.context("no listening address before the node line");
+            }
+        }
+        bail!("node {blocks} exited before serving")
+    }
+}
 
 /// Measures and prints the table.
 ///
@@ -25,7 +74,7 @@ pub(super) fn run(args: &BenchArgs, engine: &Engine, prompt: &[u32]) -> Result<(
     let n = engine.model.config().num_hidden_layers as u32;
     let limits = Limits::default();
     let lens = {
-        let g = experiments::logit_lens(&engine.tokenizer.decode(prompt)?, 0..n);
+        let g = recipes::logit_lens(&engine.tokenizer.decode(prompt)?, 0..n);
         // Same tokens as the other benchmarks, whatever the tokenizer round trip does.
         with_tokens(g, prompt)
     };
@@ -38,15 +87,18 @@ pub(super) fn run(args: &BenchArgs, engine: &Engine, prompt: &[u32]) -> Result<(
     // One token: next to no compute, so what remains is the mesh's own cost.
     let tiny = empty_of(&prompt[..1]);
     eprintln!("mesh: starting 3 local nodes ...");
-    let exe = std::env::current_exe()?;
-    let nodes = LocalNode::three(&exe, &args.model.path())?;
+    let model = args.model.path()?;
+    let mut nodes = LocalNodes(Vec::new());
+    let first = nodes.start(&model, "0..10", None)?;
+    nodes.start(&model, "10..20", Some(&first))?;
+    nodes.start(&model, "20..30", Some(&first))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
-    let client = rt.block_on(MeshClient::connect(std::slice::from_ref(&nodes[0].addr)))?;
+    let client = rt.block_on(mesh::Client::connect(std::slice::from_ref(&first)))?;
     let local = |g: &Graph| -> Result<()> {
-        crate::trace::run(engine, g.clone(), &limits)?;
+        execute::run(engine, g.clone(), &limits)?;
         Ok(())
     };
     let remote = |g: &Graph| -> Result<()> {
@@ -130,13 +182,14 @@ fn with_tokens(mut g: Graph, ids: &[u32]) -> Graph {
 /// Median MB/s of `bytes`-sized requests answered with a short ack.
 async fn transfer_rate(bytes: usize, runs: usize) -> Result<f64> {
     let (server, mut inbound) =
-        Transport::start(TransportConfig::new(Keypair::generate_ed25519())).await?;
+        transport::Endpoint::start(transport::Config::new(Keypair::generate_ed25519())).await?;
     tokio::spawn(async move {
         while let Some(req) = inbound.recv().await {
             let _ = req.reply.send(codec::encode(&Response::Ack));
         }
     });
-    let (client, _) = Transport::start(TransportConfig::new(Keypair::generate_ed25519())).await?;
+    let (client, _) =
+        transport::Endpoint::start(transport::Config::new(Keypair::generate_ed25519())).await?;
     let addrs = server.listen_addrs().await;
     let payload = vec![7u8; bytes];
     let mut rates = Vec::new();

@@ -9,37 +9,36 @@
 
 use std::time::{Duration, Instant};
 
-use nnmesh_graph::{
-    DecodeError, Fragment, Graph, Limits, Manifest, NodeId, Plan, StageSpan, partition,
-};
+use nnmesh_graph::{DecodeError, Fragment, Graph, Limits, Manifest, NodeId, Plan, partition};
 use nnmesh_protocol::{
+    PeerId, Span,
     message::{ErrorKind, Hop, Saved, StepRequest, WireError},
     tensor::{WireDType, WireTensor},
+};
+use nnmesh_runtime::{
+    engine::{Engine, Padded},
+    execute::{forward_step, trace_prompts},
+    interpret::{Executor, Store, ops},
+    models::llama::{Cache, Input},
+    wire::{from_wire, to_wire},
 };
 use tch::Kind;
 
 use super::{Next, StepOutput, err};
-use crate::{
-    engine::{Engine, Padded},
-    interpret::{Executor, State, ops},
-    llama::{Cache, Input},
-    trace::{forward_step, trace_prompts},
-    wire::{from_wire, to_wire},
-};
 
 /// A request's state on this stage.
 pub(super) struct Session {
     graph: Graph,
     plan: Plan,
     fragment: Fragment,
-    state: State,
+    store: Store,
     cache: Option<Cache>,
     padded: Option<Padded>,
     /// The last (trace, step) run here.
     applied: Option<(u32, u32)>,
     /// Who the request belongs to: later steps must come for the same
     /// client along the same route.
-    client: Vec<u8>,
+    client: PeerId,
     route: Vec<Hop>,
     /// KV cache reserved for the request on this stage.
     kv_bytes: u64,
@@ -90,19 +89,13 @@ impl Session {
             e => malformed(format!("graph: {e}")),
         })?;
         let validation = |e: &dyn std::fmt::Display| err(ErrorKind::Validation, e.to_string());
-        let plan = crate::trace::plan(&graph, manifest, limits).map_err(|e| validation(&e))?;
-        let route: Vec<StageSpan> = req
-            .route
-            .iter()
-            .map(|h| StageSpan {
-                start: h.start,
-                end: h.end,
-            })
-            .collect();
+        let plan =
+            nnmesh_runtime::execute::plan(&graph, manifest, limits).map_err(|e| validation(&e))?;
+        let route: Vec<Span> = req.route.iter().map(|h| h.span).collect();
         let mut fragments =
             partition(&graph, &plan, manifest, &route).map_err(|e| validation(&e))?;
         let fragment = fragments.swap_remove(req.hop as usize);
-        let state = State::new(&graph, manifest, &engine.model, Some(&fragment.nodes))
+        let store = Store::new(&graph, manifest, &engine.model, Some(&fragment.nodes))
             .map_err(|e| validation(&e))?;
         let layers = engine.model.layers().len() as u64;
         let kv_bytes = plan
@@ -116,20 +109,20 @@ impl Session {
             graph,
             plan,
             fragment,
-            state,
+            store,
             cache: None,
             padded: None,
             applied: None,
-            client: req.client.clone(),
+            client: req.client,
             route: req.route.clone(),
             kv_bytes,
             last_used: Instant::now(),
         })
     }
 
-    /// The client the request belongs to (peer id bytes).
-    pub(super) fn client(&self) -> &[u8] {
-        &self.client
+    /// The client the request belongs to.
+    pub(super) fn client(&self) -> PeerId {
+        self.client
     }
 
     /// KV cache reserved for this session.
@@ -210,7 +203,7 @@ impl Session {
             graph,
             plan,
             fragment,
-            state,
+            store,
             cache,
             padded,
             ..
@@ -223,7 +216,7 @@ impl Session {
         };
         let stop = plan.stops[trace].filter(|a| req.step + 1 == steps && a.trace == req.trace);
         let lens = padded.lens.clone();
-        let mut exec = Executor::new(graph, plan, manifest, model, state);
+        let mut exec = Executor::new(graph, plan, manifest, model, store);
         exec.begin(req.trace, req.step, &lens);
         let input = step_input(engine, manifest, req, padded, exec.rows(), stop)?;
         for c in &req.carry {
@@ -237,7 +230,7 @@ impl Session {
             check_carried(plan, node, (req.trace, req.step), &c.value)?;
             exec.insert(node, from_wire(&c.value, device)?);
         }
-        let failed = |e: crate::hooks::HookError| {
+        let failed = |e: nnmesh_runtime::hooks::HookError| {
             err(
                 ErrorKind::Internal,
                 format!(
@@ -255,7 +248,7 @@ impl Session {
                 None
             }
         };
-        let saves = state
+        let saves = store
             .take_saves()
             .into_iter()
             .map(|s| {
@@ -268,8 +261,8 @@ impl Session {
             .collect::<Result<Vec<_>, WireError>>()?;
         let fresh = |ids: &[NodeId]| {
             ids.iter()
-                .filter(|n| state.is_fresh(**n))
-                .filter_map(|n| state.value(*n).map(|v| (n, v)))
+                .filter(|n| store.is_fresh(**n))
+                .filter_map(|n| store.value(*n).map(|v| (n, v)))
                 .map(|(n, v)| {
                     Ok(nnmesh_protocol::message::Carried {
                         node: n.0,

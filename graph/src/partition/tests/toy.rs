@@ -22,13 +22,14 @@
 //! steps of the trace), so a step's result depends on what every stage did at
 //! the earlier steps.
 
+use nnmesh_protocol::Span;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::{
     ir::{Graph, Hook, Node, NodeId, Point, WriteMode},
     manifest::{Manifest, Module},
     op::Op,
-    partition::{Fragment, StageSpan},
+    partition::Fragment,
     validate::Plan,
 };
 
@@ -123,7 +124,7 @@ struct Session<'a> {
     graph: &'a Graph,
     plan: &'a Plan,
     manifest: &'a Manifest,
-    span: StageSpan,
+    span: Span,
     first: bool,
     last: bool,
     nodes: Vec<NodeId>,
@@ -149,7 +150,7 @@ impl<'a> Session<'a> {
         manifest: &'a Manifest,
         stage: usize,
         stages: usize,
-        span: StageSpan,
+        span: Span,
         nodes: Vec<NodeId>,
     ) -> Self {
         Session {
@@ -355,10 +356,7 @@ impl<'a> Session<'a> {
 /// model; returns the saves, keyed `name` or `name.stepN` for per-step saves.
 pub(super) fn run_single(graph: &Graph, plan: &Plan, m: &Manifest) -> BTreeMap<String, Vector> {
     let all = (0..graph.nodes.len() as u32).map(NodeId).collect();
-    let span = StageSpan {
-        start: 0,
-        end: m.num_layers,
-    };
+    let span = Span::new(0, m.num_layers);
     let mut s = Session::new(graph, plan, m, 0, 1, span, all);
     for (t, &steps) in plan.steps.iter().enumerate() {
         let mut input = prompt(t as u32);

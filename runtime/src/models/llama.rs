@@ -16,11 +16,13 @@ use std::ops::Range;
 use nnmesh_graph::{Module, Point};
 use tch::{Device, Kind, Tensor};
 
+pub use self::config::{Config, ConfigError};
 use crate::{
     checkpoint::{Checkpoint, LoadError},
-    config::Config,
     hooks::{HookError, Hooks, at},
 };
+
+mod config;
 
 /// What flows into a stage: token ids (first stage) or a hidden state.
 #[derive(Debug)]
@@ -407,12 +409,12 @@ impl Model {
         let cfg = ckpt.config.clone();
         let n = cfg.num_hidden_layers;
         if layers.start >= layers.end || layers.end > n {
-            return Err(LoadError::Config(crate::config::ConfigError::Invalid(
-                format!(
+            return Err(LoadError::Config(
+                crate::models::llama::ConfigError::Invalid(format!(
                     "block range {}..{} is outside the model's {n} layers (use A..B with 0 <= A < B <= {n})",
                     layers.start, layers.end
-                ),
-            )));
+                )),
+            ));
         }
         let (hidden, inter) = (cfg.hidden_size as i64, cfg.intermediate_size as i64);
         let (heads, kv_heads, hd) = (
@@ -538,6 +540,28 @@ impl Model {
     /// The device the weights live on.
     pub fn device(&self) -> Device {
         self.device
+    }
+
+    /// The graph crate's description of the model: module tree, hook
+    /// points, shapes, and the dtype it computes in.
+    pub fn manifest(&self) -> nnmesh_graph::Manifest {
+        let cfg = &self.cfg;
+        nnmesh_graph::Manifest {
+            model: cfg.model_type.clone(),
+            num_layers: cfg.num_hidden_layers as u32,
+            hidden: cfg.hidden_size as u32,
+            heads: cfg.num_attention_heads as u32,
+            kv_heads: cfg.kv_heads() as u32,
+            head_dim: cfg.head_dim() as u32,
+            intermediate: cfg.intermediate_size as u32,
+            vocab: cfg.vocab_size as u32,
+            max_positions: cfg.max_position_embeddings as u32,
+            dtype: match self.kind {
+                Kind::Half => nnmesh_graph::DType::F16,
+                Kind::BFloat16 => nnmesh_graph::DType::Bf16,
+                _ => nnmesh_graph::DType::F32,
+            },
+        }
     }
 
     /// A fresh, empty KV cache for this stage.

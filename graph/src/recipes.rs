@@ -1,9 +1,19 @@
-//! The canonical experiments as Intervention Graphs, built with the graph
-//! crate's builder. The CLI's `lens`, `patch`, `steer`, `ablate` and
-//! `attention` commands run these, and `examples/*.json` hold them for the
-//! SmolLM2 demo prompts.
+//! The canonical experiments as Intervention Graphs, built with the
+//! [`Builder`]. The CLI's `lens`, `patch`, `steer`, `ablate` and `attention`
+//! commands run these, and `examples/*.json` are [`example`]'s output for
+//! the SmolLM2 demo prompts (a test keeps them in step).
+//!
+//! ```
+//! use nnmesh_graph::recipes::{self, prompts};
+//! let lens = recipes::logit_lens(prompts::LENS, 0..30);
+//! assert_eq!(lens.nodes.iter().filter(|n| n.kind() == "save").count(), 30);
+//! assert_eq!(recipes::example("lens", 30), Some(lens));
+//! ```
 
-use nnmesh_graph::{Builder, ConstTensor, DType, Graph, IndexItem, IndexItem::*, Point};
+use crate::{
+    builder::Builder,
+    ir::{ConstTensor, DType, Graph, IndexItem, IndexItem::*, Point},
+};
 
 /// Logit lens: for every layer `l` in `layers`, `lm_head(model.norm(layers.l.output))`
 /// at the last position, saved as `lens.l` (`[1, vocab]` logits).
@@ -176,4 +186,67 @@ pub mod prompts {
     pub const STEER_TOWARD: &str = "I love the ocean, the sea, waves and beaches.";
     /// Steering: text whose direction is subtracted.
     pub const STEER_AWAY: &str = "I love the city, the streets, traffic and buildings.";
+}
+
+/// SmolLM2's token ids of the IOI answers, `" John"` and `" Mary"`.
+pub const SMOLLM2_JOHN_MARY: (u32, u32) = (2322, 5099);
+
+/// The built-in experiments by name, as `examples/NAME.json` holds them.
+pub const EXAMPLES: [&str; 6] = [
+    "lens",
+    "patch",
+    "steer",
+    "ablate",
+    "ablate-head",
+    "attention",
+];
+
+/// A built-in experiment on the demo prompts (`lens` and `patch` over
+/// layers `0..layers`), or `None` for an unknown name.
+pub fn example(name: &str, layers: u32) -> Option<Graph> {
+    let (john, mary) = SMOLLM2_JOHN_MARY;
+    Some(match name {
+        "lens" => logit_lens(prompts::LENS, 0..layers),
+        "patch" => patching(
+            prompts::IOI_CLEAN,
+            prompts::IOI_CORRUPT,
+            &(0..layers).collect::<Vec<_>>(),
+            john,
+            mary,
+        ),
+        "steer" => steering(
+            prompts::STEER,
+            prompts::STEER_TOWARD,
+            prompts::STEER_AWAY,
+            12,
+            3.0,
+            16,
+        ),
+        "ablate" => ablation(prompts::LENS, 0, None),
+        "ablate-head" => ablation(prompts::LENS, 0, Some(3)),
+        "attention" => attention_pattern(prompts::LENS, 0),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `examples/*.json` are generated from the recipes, byte for byte.
+    #[test]
+    fn examples_are_up_to_date() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        for name in EXAMPLES {
+            let built = example(name, 30).expect("known example").to_json();
+            let file =
+                std::fs::read_to_string(dir.join(format!("{name}.json"))).expect("example exists");
+            assert_eq!(
+                built.trim(),
+                file.trim(),
+                "examples/{name}.json is stale: regenerate with `nnmesh graph {name}`"
+            );
+        }
+        assert_eq!(example("nope", 30), None);
+    }
 }

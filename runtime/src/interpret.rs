@@ -21,12 +21,12 @@ use tch::Tensor;
 
 use crate::{
     hooks::{HookError, Hooks},
-    llama::Model,
+    models::llama::Model,
 };
 
 /// A value the graph saved for the client.
 #[derive(Debug)]
-pub struct Saved {
+pub struct SavedTensor {
     /// The Save node's name.
     pub name: String,
     /// For values saved at every step of a generation, which step.
@@ -35,7 +35,7 @@ pub struct Saved {
     pub value: Tensor,
 }
 
-impl Saved {
+impl SavedTensor {
     /// `name`, or `name.stepN` for per-step values (the safetensors key).
     pub fn key(&self) -> String {
         match self.step {
@@ -53,7 +53,7 @@ fn failed(msg: impl Into<String>) -> HookError {
 /// saves, and the schedule of the step being run. A mesh stage keeps one per
 /// request (its session) and builds a short-lived [`Executor`] per step.
 #[derive(Debug)]
-pub struct State {
+pub struct Store {
     /// Nodes this executor runs.
     mine: Vec<bool>,
     /// Nodes that some Write depends on: they run at their anchor.
@@ -65,7 +65,7 @@ pub struct State {
     values: Vec<Option<Tensor>>,
     /// Values set during the current step (computed here or carried in).
     fresh: Vec<bool>,
-    saves: Vec<Saved>,
+    saves: Vec<SavedTensor>,
     // The step being run.
     trace: u32,
     step: u32,
@@ -90,10 +90,10 @@ pub struct Executor<'a> {
     plan: &'a Plan,
     manifest: &'a Manifest,
     model: &'a Model,
-    st: &'a mut State,
+    store: &'a mut Store,
 }
 
-impl State {
+impl Store {
     /// The state for `nodes` of a validated graph (`None` = every node).
     ///
     /// # Errors
@@ -147,7 +147,7 @@ impl State {
                 apply_modules[i] = Some(m);
             }
         }
-        Ok(State {
+        Ok(Store {
             mine,
             eager,
             apply_modules,
@@ -172,7 +172,7 @@ impl State {
     }
 
     /// Takes the values saved so far.
-    pub fn take_saves(&mut self) -> Vec<Saved> {
+    pub fn take_saves(&mut self) -> Vec<SavedTensor> {
         std::mem::take(&mut self.saves)
     }
 
@@ -206,39 +206,39 @@ impl<'a> Executor<'a> {
         plan: &'a Plan,
         manifest: &'a Manifest,
         model: &'a Model,
-        st: &'a mut State,
+        store: &'a mut Store,
     ) -> Self {
         Executor {
             graph,
             plan,
             manifest,
             model,
-            st,
+            store,
         }
     }
 
     fn set(&mut self, id: NodeId, value: Tensor) {
-        self.st.values[id.index()] = Some(value);
-        self.st.fresh[id.index()] = true;
+        self.store.values[id.index()] = Some(value);
+        self.store.fresh[id.index()] = true;
     }
 
     /// Sets a value computed elsewhere (carried from an earlier stage).
     pub fn insert(&mut self, node: NodeId, value: Tensor) {
-        self.st.insert(node, value);
+        self.store.insert(node, value);
     }
 
     /// Prepares step `step` of trace `trace`, whose prompts have `lens` tokens.
     pub fn begin(&mut self, trace: u32, step: u32, lens: &[usize]) {
-        self.st.fresh.iter_mut().for_each(|f| *f = false);
-        self.st.trace = trace;
-        self.st.step = step;
-        self.st.lens = lens.to_vec();
-        self.st.due.clear();
-        self.st.cursor = 0;
-        self.st.deferred.clear();
-        self.st.wanted.iter_mut().for_each(|w| *w = false);
+        self.store.fresh.iter_mut().for_each(|f| *f = false);
+        self.store.trace = trace;
+        self.store.step = step;
+        self.store.lens = lens.to_vec();
+        self.store.due.clear();
+        self.store.cursor = 0;
+        self.store.deferred.clear();
+        self.store.wanted.iter_mut().for_each(|w| *w = false);
         for (i, np) in self.plan.nodes.iter().enumerate() {
-            if !self.st.mine[i] {
+            if !self.store.mine[i] {
                 continue;
             }
             let is_due = match np.per_step {
@@ -248,15 +248,15 @@ impl<'a> Executor<'a> {
             if !is_due {
                 continue;
             }
-            self.st.due.push(NodeId(i as u32));
+            self.store.due.push(NodeId(i as u32));
             if let (Node::Read { .. } | Node::Write { .. }, Some(site)) =
                 (&self.graph.nodes[i], np.site)
             {
-                self.st.wanted[site.0 as usize] = true;
+                self.store.wanted[site.0 as usize] = true;
             }
         }
         let plan = self.plan;
-        self.st
+        self.store
             .due
             .sort_by_key(|id| (plan.nodes[id.index()].anchor.position, *id));
         let invokes = self
@@ -264,12 +264,12 @@ impl<'a> Executor<'a> {
             .traces
             .get(trace as usize)
             .map_or(0, |t| t.invokes.len());
-        (self.st.row_of, self.st.rows) = match self.sharing() {
+        (self.store.row_of, self.store.rows) = match self.sharing() {
             Some(s) => s.rows_before(self.model.layers().start as u32),
             None => ((0..invokes).collect(), invokes),
         };
         let last_step = self.plan.steps.get(trace as usize).copied().unwrap_or(1) - 1;
-        self.st.stop_at = match self.plan.stops.get(trace as usize) {
+        self.store.stop_at = match self.plan.stops.get(trace as usize) {
             Some(Some(a)) if step == last_step && a.trace == trace => Some(a.position),
             _ => None,
         };
@@ -279,11 +279,11 @@ impl<'a> Executor<'a> {
     /// the step begun (fewer than the invokes when identical prompts share
     /// rows).
     pub fn rows(&self) -> usize {
-        self.st.rows
+        self.store.rows
     }
 
     fn sharing(&self) -> Option<&Sharing> {
-        self.st.sharing.get(self.st.trace as usize)?.as_ref()
+        self.store.sharing.get(self.store.trace as usize)?.as_ref()
     }
 
     /// When invokes share rows in this step: the invoke each batch row
@@ -300,19 +300,19 @@ impl<'a> Executor<'a> {
     /// # Errors
     /// When a hooked point was never reached, or a node fails.
     pub fn finish(&mut self) -> Result<(), HookError> {
-        while self.st.cursor < self.st.due.len() {
-            let id = self.st.due[self.st.cursor];
-            self.st.cursor += 1;
+        while self.store.cursor < self.store.due.len() {
+            let id = self.store.due[self.store.cursor];
+            self.store.cursor += 1;
             match &self.graph.nodes[id.index()] {
                 Node::Read { hook } | Node::Write { hook, .. } => {
                     return Err(failed(format!(
                         "node {id}: hook {} was not reached in trace {}, step {}",
                         hook.path(),
-                        self.st.trace,
-                        self.st.step
+                        self.store.trace,
+                        self.store.step
                     )));
                 }
-                _ => self.st.deferred.push(id),
+                _ => self.store.deferred.push(id),
             }
         }
         self.run_deferred()
@@ -323,13 +323,13 @@ impl<'a> Executor<'a> {
     fn invoke_view(&self, point: Point, full: &Tensor, invoke: usize) -> Result<Tensor, HookError> {
         let err = |e: tch::TchError| failed(e.to_string());
         let row = *self
-            .st
+            .store
             .row_of
             .get(invoke)
             .ok_or_else(|| failed(format!("invoke {invoke} is out of range")))?;
         let row = full.f_narrow(0, row as i64, 1).map_err(err)?;
         let len = *self
-            .st
+            .store
             .lens
             .get(invoke)
             .ok_or_else(|| failed(format!("invoke {invoke} is out of range")))?
@@ -343,11 +343,11 @@ impl<'a> Executor<'a> {
             _ => 1,
         };
         let mut v = row;
-        if self.st.step == 0 {
+        if self.store.step == 0 {
             v = narrow_tail(v, query_dim, len)?;
         }
         if point == Point::Pattern {
-            v = narrow_tail(v, 3, len + i64::from(self.st.step))?;
+            v = narrow_tail(v, 3, len + i64::from(self.store.step))?;
         }
         Ok(v)
     }
@@ -373,7 +373,7 @@ impl<'a> Executor<'a> {
             unreachable!("write on a Write node");
         };
         let err = |e: tch::TchError| failed(format!("node {id} (write {}): {e}", hook.path()));
-        let src = self.st.values[src.index()]
+        let src = self.store.values[src.index()]
             .as_ref()
             .ok_or_else(|| failed(format!("node {id}: its value {src} was not computed")))?
             .f_to_kind(value.kind())
@@ -401,7 +401,7 @@ impl<'a> Executor<'a> {
     }
 
     fn input(&self, id: NodeId, inp: NodeId) -> Result<&Tensor, HookError> {
-        self.st.values[inp.index()].as_ref().ok_or_else(|| {
+        self.store.values[inp.index()].as_ref().ok_or_else(|| {
             failed(format!(
                 "node {id}: input {inp} has no value (it runs on another stage and was not carried)"
             ))
@@ -423,8 +423,8 @@ impl<'a> Executor<'a> {
                 self.cast_to_plan(id, out)
             }
             Node::Apply { args, .. } => {
-                let m =
-                    self.st.apply_modules[id.index()].expect("Apply modules are parsed in new()");
+                let m = self.store.apply_modules[id.index()]
+                    .expect("Apply modules are parsed in new()");
                 let x = self.input(id, args[0])?;
                 self.model
                     .apply(m, x)
@@ -433,9 +433,9 @@ impl<'a> Executor<'a> {
             Node::Save { name, value } => {
                 let v = self.input(id, *value)?.copy();
                 let per_step = self.plan.nodes[id.index()].per_step.is_some();
-                self.st.saves.push(Saved {
+                self.store.saves.push(SavedTensor {
                     name: name.clone(),
-                    step: per_step.then_some(self.st.step),
+                    step: per_step.then_some(self.store.step),
                     value: v,
                 });
                 return Ok(());
@@ -450,7 +450,7 @@ impl<'a> Executor<'a> {
     }
 
     fn cast_to_plan(&self, id: NodeId, t: Tensor) -> Tensor {
-        match self.plan.meta_at(id, self.st.step) {
+        match self.plan.meta_at(id, self.store.step) {
             Some(meta) if ops::dtype(t.kind()) != Some(meta.dtype) => {
                 t.to_kind(ops::kind(meta.dtype))
             }
@@ -461,17 +461,17 @@ impl<'a> Executor<'a> {
     /// Runs deferred nodes in waves; Apply calls of one module on values of
     /// one shape run as a single batched call.
     fn run_deferred(&mut self) -> Result<(), HookError> {
-        let mut pending = std::mem::take(&mut self.st.deferred);
+        let mut pending = std::mem::take(&mut self.store.deferred);
         // Level by level of graph depth, so the batches are a property of the
         // graph alone: a mesh stage that received some inputs as carry batches
         // exactly as a single node does, and gets bit-identical results.
-        let depth = std::mem::take(&mut self.st.depth);
+        let depth = std::mem::take(&mut self.store.depth);
         pending.sort_by_key(|id| (depth[id.index()], *id));
         let levels: Vec<&[NodeId]> = pending
             .chunk_by(|a, b| depth[a.index()] == depth[b.index()])
             .collect();
         let result = self.run_levels(&levels);
-        self.st.depth = depth;
+        self.store.depth = depth;
         result
     }
 
@@ -484,7 +484,7 @@ impl<'a> Executor<'a> {
             let mut groups: Vec<(Module, Vec<i64>, Vec<NodeId>)> = Vec::new();
             for &id in level {
                 if let Node::Apply { args, .. } = &self.graph.nodes[id.index()] {
-                    let m = self.st.apply_modules[id.index()].expect("parsed");
+                    let m = self.store.apply_modules[id.index()].expect("parsed");
                     let shape = self.input(id, args[0])?.size();
                     if shape.is_empty() {
                         self.compute(id)?;
@@ -556,9 +556,9 @@ impl Hooks for Executor<'_> {
         }
         let mut src = Vec::with_capacity(forks.len());
         for (invoke, from) in forks {
-            src.push(self.st.row_of[from] as i64);
-            self.st.row_of[invoke] = self.st.rows;
-            self.st.rows += 1;
+            src.push(self.store.row_of[from] as i64);
+            self.store.row_of[invoke] = self.store.rows;
+            self.store.rows += 1;
         }
         Some(src)
     }
@@ -566,9 +566,9 @@ impl Hooks for Executor<'_> {
     fn wants(&self, module: Module, point: Point) -> bool {
         self.manifest
             .site(module, point)
-            .is_some_and(|s| self.st.wanted[s.0 as usize])
+            .is_some_and(|s| self.store.wanted[s.0 as usize])
             || self
-                .st
+                .store
                 .stop_at
                 .is_some_and(|p| self.manifest.position(module, point) == Some(p))
     }
@@ -577,13 +577,13 @@ impl Hooks for Executor<'_> {
         let Some(Site(pos)) = self.manifest.site(module, point) else {
             return Ok(());
         };
-        while self.st.cursor < self.st.due.len() {
-            let id = self.st.due[self.st.cursor];
+        while self.store.cursor < self.store.due.len() {
+            let id = self.store.due[self.store.cursor];
             let np = &self.plan.nodes[id.index()];
             if np.anchor.position > pos {
                 break;
             }
-            self.st.cursor += 1;
+            self.store.cursor += 1;
             match &self.graph.nodes[id.index()] {
                 Node::Read { hook } => {
                     if np.site != Some(Site(pos)) {
@@ -597,11 +597,11 @@ impl Hooks for Executor<'_> {
                     self.set(id, v);
                 }
                 Node::Write { .. } => self.write(id, value)?,
-                _ if self.st.eager[id.index()] => self.compute(id)?,
-                _ => self.st.deferred.push(id),
+                _ if self.store.eager[id.index()] => self.compute(id)?,
+                _ => self.store.deferred.push(id),
             }
         }
-        if self.st.stop_at.is_some_and(|p| p <= pos) {
+        if self.store.stop_at.is_some_and(|p| p <= pos) {
             return Err(HookError::Stop);
         }
         Ok(())

@@ -4,10 +4,19 @@
 
 use nnmesh_graph::{ConstTensor, DType, Graph, Hook, IndexItem, Node, NodeId, Op, Point, Steps};
 use nnmesh_protocol::{
+    PeerId, Span,
     message::{Carried, Hop, StepRequest},
     tensor::{WireDType, WireTensor},
 };
 use serde_json::Value;
+
+/// A deterministic peer id from a one-byte seed.
+pub fn peer(seed: u8) -> PeerId {
+    libp2p::identity::Keypair::ed25519_from_bytes([seed; 32])
+        .expect("32 bytes")
+        .public()
+        .to_peer_id()
+}
 
 /// xorshift64*: a seeded, reproducible source of choices.
 pub struct Rng(u64);
@@ -529,9 +538,9 @@ pub fn step(rng: &mut Rng, s: &mut StepRequest, graph_bytes: &[u8]) {
                 let i = rng.below(s.route.len());
                 let h: &mut Hop = &mut s.route[i];
                 match rng.below(3) {
-                    0 => h.start = rng.uint() as u32 % 5,
-                    1 => h.end = rng.uint() as u32 % 5,
-                    _ => h.peer = vec![rng.next() as u8; 3],
+                    0 => h.span.start = rng.uint() as u32 % 5,
+                    1 => h.span.end = rng.uint() as u32 % 5,
+                    _ => h.peer = peer(rng.next() as u8),
                 }
             }
             7 => {
@@ -546,16 +555,15 @@ pub fn step(rng: &mut Rng, s: &mut StepRequest, graph_bytes: &[u8]) {
                     Some(graph_bytes.to_vec())
                 }
             }
-            9 => s.client = vec![rng.next() as u8; rng.below(40)],
+            9 => s.client = peer(rng.next() as u8),
             _ => {
                 if rng.chance(0.5) && !s.route.is_empty() {
                     s.route.pop();
                 } else {
                     s.route.push(s.route.first().cloned().unwrap_or(Hop {
-                        peer: Vec::new(),
+                        peer: peer(0),
                         addrs: Vec::new(),
-                        start: 0,
-                        end: 0,
+                        span: Span::new(0, 0),
                     }));
                 }
             }

@@ -14,7 +14,6 @@
 //! `scripts/fuzz.sh SECONDS` runs for longer. `NNMESH_FUZZ_SEED` picks the
 //! seed (printed with every run, so a crash can be replayed).
 
-mod common;
 #[path = "fuzz/mutate.rs"]
 mod mutate;
 
@@ -30,18 +29,15 @@ use mutate::Rng;
 use nnmesh_graph::{
     Builder, DType, Graph, IndexItem::*, Inputs, Limits, Manifest, Point, validate,
 };
-use nnmesh_node::{
-    checkpoint::Checkpoint,
-    engine::Engine,
-    llama::Model,
-    stage::{Config, Next, Stage},
-    tokenizer::Tokenizer,
-};
+use nnmesh_node::stage::{Config, Next, Stage};
 use nnmesh_protocol::{
-    codec,
+    PeerId, Span, codec,
     ids::{ModelId, RequestId},
     message::{Carried, Hop, Request, Response, Saved, StepRequest, WireError},
     tensor::WireTensor,
+};
+use nnmesh_runtime::{
+    checkpoint::Checkpoint, engine::Engine, models::llama::Model, tokenizer::Tokenizer,
 };
 use tch::{Device, Kind};
 
@@ -128,10 +124,10 @@ struct Mesh {
 }
 
 fn engine(layers: std::ops::Range<usize>) -> Engine {
-    let ckpt = Checkpoint::open(&common::root().join("node/tests/fixtures/tiny-llama"))
+    let ckpt = Checkpoint::open(&nnmesh_tests::root().join("runtime/tests/fixtures/tiny-llama"))
         .expect("tiny checkpoint opens");
     // The fixture has no tokenizer; stages only tokenize for `Tokenize`.
-    let smol = Checkpoint::open(&common::model_path()).expect("bundled model");
+    let smol = Checkpoint::open(&nnmesh_tests::model_path()).expect("bundled model");
     let tokenizer = Tokenizer::from_gguf(smol.gguf().expect("a gguf")).expect("tokenizer");
     Engine {
         model: Model::load(&ckpt, layers, Kind::Float, Device::Cpu).expect("loads"),
@@ -141,10 +137,6 @@ fn engine(layers: std::ops::Range<usize>) -> Engine {
 
 fn mesh() -> Mesh {
     let cfg = Config {
-        model: Default::default(),
-        layers: 0..0,
-        kind: Kind::Float,
-        device: Device::Cpu,
         limits: Limits {
             max_graph_bytes: 1 << 20,
             max_nodes: 512,
@@ -154,9 +146,10 @@ fn mesh() -> Mesh {
             max_new_tokens: 16,
             ..Limits::default()
         },
-        session_ttl: Duration::from_secs(600),
         max_sessions: 8,
         max_kv_bytes: 64 << 20,
+        // The model is given as engines below; path and span are unused.
+        ..Config::new(Default::default(), Span::new(0, 3))
     };
     let full = Stage::new(engine(0..3), &cfg);
     let manifest = full.manifest().clone();
@@ -168,17 +161,19 @@ fn mesh() -> Mesh {
     }
 }
 
-const CLIENT: [u8; 4] = [0xc1, 0xe0, 0x7e, 0x00];
+/// The client of every driven request.
+fn client() -> PeerId {
+    mutate::peer(0xc1)
+}
 
 fn hops(spans: &[(u32, u32)]) -> Vec<Hop> {
     spans
         .iter()
         .enumerate()
         .map(|(i, &(start, end))| Hop {
-            peer: vec![i as u8 + 1],
+            peer: mutate::peer(i as u8 + 1),
             addrs: Vec::new(),
-            start,
-            end,
+            span: Span::new(start, end),
         })
         .collect()
 }
@@ -212,7 +207,7 @@ fn drive(stages: &mut [&mut Stage], model: ModelId, request: u64, graph: &Graph)
             let ids: Vec<i64> = last.iter().map(|&i| i64::from(i)).collect();
             let mut req = StepRequest {
                 request: RequestId(request),
-                client: CLIENT.to_vec(),
+                client: client(),
                 client_addrs: Vec::new(),
                 model,
                 route: route.clone(),
@@ -265,7 +260,7 @@ fn drive(stages: &mut [&mut Stage], model: ModelId, request: u64, graph: &Graph)
         }
     }
     for s in stages.iter_mut() {
-        s.close(RequestId(request), &CLIENT);
+        s.close(RequestId(request), client());
     }
     run
 }
@@ -491,9 +486,9 @@ fn step_case(rng: &mut Rng, tally: &mut Tally, case: u64, mesh: &mut Mesh, recor
             break;
         }
     }
-    target.close(request, &CLIENT);
+    target.close(request, client());
     // Close whatever client the mutation named, too.
-    target.close(request, &bad.client);
+    target.close(request, bad.client);
     if target.panics() > panics {
         let msg = LAST_PANIC.with(|m| m.borrow().clone());
         tally.crash(

@@ -8,7 +8,7 @@ use tch::{Device, Kind, Tensor};
 use crate::{
     checkpoint::{Checkpoint, LoadError},
     hooks::{HookError, Hooks},
-    llama::{Batch, Cache, Input, Model},
+    models::llama::{Batch, Cache, Input, Model},
     tokenizer::{Tokenizer, TokenizerError},
 };
 
@@ -196,6 +196,12 @@ impl Engine {
         Ok(())
     }
 
+    /// The graph crate's description of the model: module tree, hook
+    /// points, shapes (of the whole model, whatever layers this engine hosts).
+    pub fn manifest(&self) -> nnmesh_graph::Manifest {
+        self.model.manifest()
+    }
+
     /// Tokenizes one text prompt.
     ///
     /// # Errors
@@ -270,28 +276,8 @@ impl Engine {
     }
 }
 
-/// The graph crate's description of a model: module tree, hook points, shapes.
-pub fn manifest(cfg: &crate::config::Config, kind: Kind) -> nnmesh_graph::Manifest {
-    nnmesh_graph::Manifest {
-        model: cfg.model_type.clone(),
-        num_layers: cfg.num_hidden_layers as u32,
-        hidden: cfg.hidden_size as u32,
-        heads: cfg.num_attention_heads as u32,
-        kv_heads: cfg.kv_heads() as u32,
-        head_dim: cfg.head_dim() as u32,
-        intermediate: cfg.intermediate_size as u32,
-        vocab: cfg.vocab_size as u32,
-        max_positions: cfg.max_position_embeddings as u32,
-        dtype: match kind {
-            Kind::Half => nnmesh_graph::DType::F16,
-            Kind::BFloat16 => nnmesh_graph::DType::Bf16,
-            _ => nnmesh_graph::DType::F32,
-        },
-    }
-}
-
 /// Number of parameters of the full model (the tied head counted once).
-pub fn parameter_count(cfg: &crate::config::Config) -> u64 {
+pub fn parameter_count(cfg: &crate::models::llama::Config) -> u64 {
     let (h, i, v) = (
         cfg.hidden_size as u64,
         cfg.intermediate_size as u64,

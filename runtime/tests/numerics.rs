@@ -11,12 +11,12 @@ mod common;
 use std::collections::HashMap;
 
 use common::{LOGITS, TINY_LOGITS, Tolerance, Worst};
-use nnmesh_node::{
+use nnmesh_runtime::{
     checkpoint::Checkpoint,
     engine::{Engine, Padded},
     gguf,
     hooks::NoHooks,
-    llama::{Input, Model},
+    models::llama::{Input, Model},
 };
 use serde_json::Value;
 use tch::{Device, Kind, Tensor};
@@ -31,7 +31,7 @@ fn engine() -> &'static Engine {
 }
 
 fn fixture(name: &str) -> Value {
-    let p = common::root().join("node/tests/fixtures").join(name);
+    let p = common::root().join("runtime/tests/fixtures").join(name);
     serde_json::from_str(&std::fs::read_to_string(&p).expect("fixture exists"))
         .expect("fixture is JSON")
 }
@@ -47,7 +47,7 @@ impl Reference {
         let json = fixture("reference.json");
         let file = json["tensors"].as_str().expect("tensors file named");
         let tensors =
-            Tensor::read_safetensors(common::root().join("node/tests/fixtures").join(file))
+            Tensor::read_safetensors(common::root().join("runtime/tests/fixtures").join(file))
                 .expect("reference.safetensors reads")
                 .into_iter()
                 .collect();
@@ -492,7 +492,7 @@ fn tiny_checkpoint(arch: &str) -> Checkpoint {
         .as_str()
         .expect("path")
         .to_string();
-    Checkpoint::open(&common::root().join("node/tests/fixtures").join(path))
+    Checkpoint::open(&common::root().join("runtime/tests/fixtures").join(path))
         .expect("checkpoint opens")
 }
 

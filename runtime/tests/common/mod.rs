@@ -2,12 +2,10 @@
 
 #![allow(dead_code)] // each test binary uses its own subset
 
-pub mod mesh;
-
 use std::{fmt, path::PathBuf};
 
 use nnmesh_graph::Graph;
-use nnmesh_node::engine::Engine;
+use nnmesh_runtime::engine::Engine;
 use tch::{Device, Kind, Tensor};
 
 /// The repository root.

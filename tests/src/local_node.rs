@@ -1,6 +1,5 @@
-//! Start `nnmesh node` processes on loopback (port 0) and wait until they
-//! listen: used by `nnmesh demo`-style scripts' tests, the mesh benchmark and
-//! the multi-process tests.
+//! `nnmesh node` processes on loopback (port 0), started and waited for
+//! until they listen.
 
 use std::{
     io::{BufRead, BufReader},
@@ -24,19 +23,19 @@ pub struct LocalNode {
 }
 
 impl LocalNode {
-    /// Starts `exe node --blocks BLOCKS` on `127.0.0.1:0` and waits (up to
-    /// two minutes) for its `listening` and `node` lines.
+    /// Starts `nnmesh node --blocks BLOCKS` on `127.0.0.1:0` and waits (up
+    /// to two minutes) for its `listening` and `node` lines.
     ///
     /// # Errors
     /// When the process cannot start or exits before listening.
     pub fn start(
-        exe: &Path,
         model: &Path,
         blocks: &str,
         bootstrap: Option<&Multiaddr>,
         extra: &[&str],
     ) -> Result<LocalNode> {
-        let mut cmd = Command::new(exe);
+        let exe = crate::nnmesh_exe();
+        let mut cmd = Command::new(&exe);
         cmd.args([
             "node",
             "--blocks",
@@ -48,7 +47,12 @@ impl LocalNode {
         .arg(model)
         .args(extra)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        // NNMESH_TEST_NODE_LOGS=1 shows the nodes' logs (with RUST_LOG).
+        .stderr(if std::env::var_os("NNMESH_TEST_NODE_LOGS").is_some() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        });
         if let Some(b) = bootstrap {
             cmd.arg("--bootstrap").arg(b.to_string());
         }
@@ -90,13 +94,13 @@ impl LocalNode {
     ///
     /// # Errors
     /// When a node does not start.
-    pub fn three(exe: &Path, model: &Path) -> Result<Vec<LocalNode>> {
-        let first = LocalNode::start(exe, model, "0..10", None, &[])?;
+    pub fn three(model: &Path) -> Result<Vec<LocalNode>> {
+        let first = LocalNode::start(model, "0..10", None, &[])?;
         let a = first.addr.clone();
         Ok(vec![
             first,
-            LocalNode::start(exe, model, "10..20", Some(&a), &[])?,
-            LocalNode::start(exe, model, "20..30", Some(&a), &[])?,
+            LocalNode::start(model, "10..20", Some(&a), &[])?,
+            LocalNode::start(model, "20..30", Some(&a), &[])?,
         ])
     }
 

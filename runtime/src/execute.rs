@@ -8,8 +8,8 @@ use tch::Tensor;
 use crate::{
     engine::{Engine, EngineError, Padded},
     hooks::HookError,
-    interpret::{Executor, Saved, State},
-    llama::{Batch, Cache, Input, Model},
+    interpret::{Executor, SavedTensor, Store},
+    models::llama::{Batch, Cache, Input, Model},
 };
 
 /// Why a graph could not be run.
@@ -27,7 +27,7 @@ pub enum TraceError {
 #[derive(Debug)]
 pub struct Outcome {
     /// Saved values, in the order they were saved.
-    pub saves: Vec<Saved>,
+    pub saves: Vec<SavedTensor>,
     /// Per trace, per invoke: the tokens generated (empty for single forwards).
     pub generated: Vec<Vec<Vec<u32>>>,
 }
@@ -96,7 +96,7 @@ pub fn run_with(
     share_rows: bool,
 ) -> Result<Outcome, TraceError> {
     tokenize_prompts(engine, &mut graph)?;
-    let manifest = crate::engine::manifest(engine.model.config(), engine.model.kind());
+    let manifest = engine.manifest();
     let plan = plan(&graph, &manifest, limits)?;
     run_planned(engine, &graph, &plan, &manifest, share_rows)
 }
@@ -114,7 +114,7 @@ pub fn run_planned(
 ) -> Result<Outcome, TraceError> {
     let model = &engine.model;
     let run_err = |e: HookError| TraceError::Run(e.to_string());
-    let mut state = State::new(graph, manifest, model, None).map_err(run_err)?;
+    let mut state = Store::new(graph, manifest, model, None).map_err(run_err)?;
     if !share_rows {
         state.disable_row_sharing();
     }

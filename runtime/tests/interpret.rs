@@ -5,12 +5,11 @@
 mod common;
 
 use common::{LOGITS, RESIDUAL, Tolerance};
-use nnmesh_graph::{Builder, Graph, IndexItem::*, Limits, Module, Point};
-use nnmesh_node::{
+use nnmesh_graph::{Builder, Graph, IndexItem::*, Limits, Module, Point, recipes};
+use nnmesh_runtime::{
     engine::Engine,
-    experiments,
+    execute::{self, Outcome},
     hooks::{HookError, Hooks, NoHooks},
-    trace::{self, Outcome},
 };
 use tch::{Kind, Tensor};
 
@@ -24,14 +23,14 @@ fn engine() -> &'static Engine {
 }
 
 fn run(graph: Graph) -> Outcome {
-    trace::run(engine(), graph, &Limits::default()).expect("graph runs")
+    execute::run(engine(), graph, &Limits::default()).expect("graph runs")
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
 
-const LENS: &str = experiments::prompts::LENS;
+const LENS: &str = recipes::prompts::LENS;
 
 /// Hooks written directly against the runtime, for reference computations.
 struct Direct<F: FnMut(Module, Point, &mut Tensor)> {
@@ -191,10 +190,8 @@ fn activation_patching_matches_direct_hooks() {
     let e = engine();
     let out = run(common::example("patch"));
     let (john, mary) = (2322i64, 5099i64);
-    let clean_ids = e.encode(experiments::prompts::IOI_CLEAN).expect("encodes");
-    let corrupt_ids = e
-        .encode(experiments::prompts::IOI_CORRUPT)
-        .expect("encodes");
+    let clean_ids = e.encode(recipes::prompts::IOI_CLEAN).expect("encodes");
+    let corrupt_ids = e.encode(recipes::prompts::IOI_CORRUPT).expect("encodes");
     let mut clean = Vec::new();
     let mut hooks = Direct {
         points: (0..30).map(layer_out).collect(),
@@ -251,8 +248,8 @@ fn activation_patching_matches_direct_hooks() {
 #[test]
 fn patching_the_clean_run_into_itself_gives_the_clean_difference() {
     let layers: Vec<u32> = (0..30).collect();
-    let p = experiments::prompts::IOI_CLEAN;
-    let out = run(experiments::patching(p, p, &layers, 2322, 5099));
+    let p = recipes::prompts::IOI_CLEAN;
+    let out = run(recipes::patching(p, p, &layers, 2322, 5099));
     let clean = out.get("clean").expect("clean").double_value(&[]);
     let patched = Vec::<f64>::try_from(out.get("patched").expect("patched").to_kind(Kind::Double))
         .expect("f64");
@@ -264,7 +261,7 @@ fn patching_the_clean_run_into_itself_gives_the_clean_difference() {
 #[test]
 fn shared_rows_give_the_same_patching_result() {
     let out = run(common::example("patch"));
-    let unshared = trace::run_with(
+    let unshared = execute::run_with(
         engine(),
         common::example("patch"),
         &Limits::default(),
@@ -283,7 +280,7 @@ fn shared_rows_give_the_same_patching_result() {
 #[test]
 fn steering_with_zero_vector_equals_plain_generation() {
     let e = engine();
-    let prompt = e.encode(experiments::prompts::STEER).expect("encodes");
+    let prompt = e.encode(recipes::prompts::STEER).expect("encodes");
     let plain = e
         .generate(
             std::slice::from_ref(&prompt),
@@ -292,17 +289,17 @@ fn steering_with_zero_vector_equals_plain_generation() {
             &mut |_, _| {},
         )
         .expect("generates");
-    let zero = run(experiments::steering_vector(
-        experiments::prompts::STEER,
+    let zero = run(recipes::steering_vector(
+        recipes::prompts::STEER,
         10,
         vec![0.0; 576],
         8,
     ));
     assert_eq!(zero.generated[0], plain);
-    let scaled_zero = run(experiments::steering(
-        experiments::prompts::STEER,
-        experiments::prompts::STEER_TOWARD,
-        experiments::prompts::STEER_AWAY,
+    let scaled_zero = run(recipes::steering(
+        recipes::prompts::STEER,
+        recipes::prompts::STEER_TOWARD,
+        recipes::prompts::STEER_AWAY,
         10,
         0.0,
         8,
@@ -319,7 +316,7 @@ fn steering_matches_direct_hooks_and_changes_the_text() {
         .expect("direction saved")
         .shallow_clone();
     assert_eq!(dir.size(), [1, 576]);
-    let prompt = e.encode(experiments::prompts::STEER).expect("encodes");
+    let prompt = e.encode(recipes::prompts::STEER).expect("encodes");
     let mut hooks = Direct {
         points: vec![layer_out(12)],
         f: |_, _, h: &mut Tensor| {
@@ -497,34 +494,19 @@ fn validation_errors_reach_the_caller() {
     let t = g.trace([LENS]);
     let h = g.read(t.at("model.layers.40", Point::Output));
     g.save("h", h);
-    let err = trace::run(engine(), g.finish(), &Limits::default()).expect_err("invalid");
+    let err = execute::run(engine(), g.finish(), &Limits::default()).expect_err("invalid");
     assert!(err.to_string().contains("model.layers.40"), "{err}");
 
     let g = Builder::new();
     let t = g.trace([LENS]);
     let late = g.read(t.at("model.layers.5", Point::Output));
     g.write(t.at("model.layers.3", Point::Output), late);
-    let err = trace::run(engine(), g.finish(), &Limits::default()).expect_err("out of order");
+    let err = execute::run(engine(), g.finish(), &Limits::default()).expect_err("out of order");
     let msg = err.to_string();
     assert!(
         msg.contains("model.layers.3.output") && msg.contains("model.layers.5.output"),
         "{msg}"
     );
-}
-
-#[test]
-fn examples_are_up_to_date() {
-    for name in nnmesh_node::cli::graph_cmds::EXAMPLES {
-        let built = nnmesh_node::cli::graph_cmds::example_json(name, 30).expect("known example");
-        let file =
-            std::fs::read_to_string(common::root().join("examples").join(format!("{name}.json")))
-                .expect("example exists");
-        assert_eq!(
-            built.trim(),
-            file.trim(),
-            "examples/{name}.json is stale: regenerate with `nnmesh graph {name}`"
-        );
-    }
 }
 
 #[test]

@@ -1,8 +1,6 @@
 //! The mesh end to end: real `nnmesh node` processes on loopback (port 0), a
 //! client that holds no weights, and the same graphs run in-process.
 
-mod common;
-
 use std::{
     path::{Path, PathBuf},
     time::Duration,
@@ -10,38 +8,42 @@ use std::{
 
 use libp2p::{PeerId, identity::Keypair};
 use nnmesh_client::{
-    mesh::{MeshClient, MeshError, choose_route},
-    transport::{Transport, TransportConfig},
+    mesh::{self, choose_route},
+    transport,
 };
-use nnmesh_graph::{Builder, Graph, IndexItem, IndexItem::*, Limits, Point};
-use nnmesh_node::{experiments, trace};
+use nnmesh_graph::{Builder, Graph, IndexItem, IndexItem::*, Limits, Point, recipes};
 use nnmesh_protocol::{
-    codec,
+    Span, codec,
     ids::RequestId,
     message::{ErrorKind, Hop, ReportBody, Request, Response, StepRequest},
     tensor::WireTensor,
 };
+use nnmesh_runtime::execute;
 
-use common::mesh::{assert_same, node, raw, rt, three_nodes};
+use nnmesh_tests::mesh::{assert_same, node, raw, rt, three_nodes};
 
 #[test]
 fn three_nodes_give_the_single_node_results_for_the_canonical_experiments() {
-    let model = common::model_path();
+    let model = nnmesh_tests::model_path();
     let nodes = three_nodes(&model);
-    let engine = common::load_engine();
+    let engine = nnmesh_tests::load_engine();
     let rt = rt();
     let client = rt
-        .block_on(MeshClient::connect(std::slice::from_ref(&nodes[0].addr)))
+        .block_on(mesh::Client::connect(std::slice::from_ref(&nodes[0].addr)))
         .expect("client connects");
     let (mut total, mut identical) = (0, 0);
-    for name in nnmesh_node::cli::graph_cmds::EXAMPLES {
-        let graph = common::example(name);
-        let local = trace::run(&engine, graph.clone(), &Limits::default()).expect("runs locally");
+    for name in recipes::EXAMPLES {
+        let graph = nnmesh_tests::example(name);
+        let local = execute::run(&engine, graph.clone(), &Limits::default()).expect("runs locally");
         let mesh = rt
             .block_on(client.run(graph, None))
             .expect("runs on the mesh");
-        let spans: Vec<(u32, u32)> = mesh.route.iter().map(|h| (h.start, h.end)).collect();
-        assert_eq!(spans, [(0, 10), (10, 20), (20, 30)], "{name}: route");
+        let spans: Vec<Span> = mesh.route.iter().map(|h| h.span).collect();
+        assert_eq!(
+            spans,
+            [Span::new(0, 10), Span::new(10, 20), Span::new(20, 30)],
+            "{name}: route"
+        );
         let peers: Vec<PeerId> = mesh.route.iter().map(|h| h.peer).collect();
         assert_eq!(peers, nodes.iter().map(|n| n.peer).collect::<Vec<_>>());
         identical += assert_same(name, &mesh, &local);
@@ -51,18 +53,21 @@ fn three_nodes_give_the_single_node_results_for_the_canonical_experiments() {
     // Values that flow back to an earlier stage in a later trace or step go
     // through the client: layer 25 (stage 2) steers layer 5 (stage 0).
     for graph in [backward_session(), backward_steps()] {
-        let local = trace::run(&engine, graph.clone(), &Limits::default()).expect("runs locally");
+        let local = execute::run(&engine, graph.clone(), &Limits::default()).expect("runs locally");
         let mesh = rt
             .block_on(client.run(graph, None))
             .expect("runs on the mesh");
         assert_eq!(assert_same("relayed", &mesh, &local), local.saves.len());
     }
     // Two clients at once: sessions are per request, so neither disturbs the other.
-    let (lens, steer) = (common::example("lens"), common::example("steer"));
-    let lens_local = trace::run(&engine, lens.clone(), &Limits::default()).expect("runs");
-    let steer_local = trace::run(&engine, steer.clone(), &Limits::default()).expect("runs");
+    let (lens, steer) = (
+        nnmesh_tests::example("lens"),
+        nnmesh_tests::example("steer"),
+    );
+    let lens_local = execute::run(&engine, lens.clone(), &Limits::default()).expect("runs");
+    let steer_local = execute::run(&engine, steer.clone(), &Limits::default()).expect("runs");
     let other = rt
-        .block_on(MeshClient::connect(std::slice::from_ref(&nodes[1].addr)))
+        .block_on(mesh::Client::connect(std::slice::from_ref(&nodes[1].addr)))
         .expect("second client connects");
     let (a, b) =
         rt.block_on(async { tokio::join!(client.run(lens, None), other.run(steer, None)) });
@@ -80,8 +85,8 @@ fn three_nodes_give_the_single_node_results_for_the_canonical_experiments() {
 /// Trace 0 reads layer 25; trace 1 generates with it added to layer 5.
 fn backward_session() -> Graph {
     let g = Builder::new();
-    let src = g.trace([experiments::prompts::STEER_TOWARD]);
-    let tgt = g.trace([experiments::prompts::STEER]).generate(6);
+    let src = g.trace([recipes::prompts::STEER_TOWARD]);
+    let tgt = g.trace([recipes::prompts::STEER]).generate(6);
     let dir = g
         .read(src.at("model.layers.25", Point::Output))
         .index([Full, IndexItem::slice(Some(1), None), Full])
@@ -100,7 +105,7 @@ fn backward_session() -> Graph {
 /// every later step.
 fn backward_steps() -> Graph {
     let g = Builder::new();
-    let t = g.trace([experiments::prompts::STEER]).generate(5);
+    let t = g.trace([recipes::prompts::STEER]).generate(5);
     let v = g
         .read(t.at("model.layers.25", Point::Output).step(0))
         .index([Full, At(-1), Full])
@@ -117,7 +122,7 @@ fn backward_steps() -> Graph {
 /// A copy of the model whose weights differ in one byte (of a tensor that
 /// the 20..30 stage loads), so its model id differs.
 fn foreign_model(dir: &Path) -> PathBuf {
-    let mut bytes = std::fs::read(common::model_path()).expect("model");
+    let mut bytes = std::fs::read(nnmesh_tests::model_path()).expect("model");
     let n = bytes.len();
     bytes[n - 1000] ^= 0x10;
     let p = dir.join("foreign.gguf");
@@ -129,14 +134,14 @@ fn foreign_model(dir: &Path) -> PathBuf {
 fn routes_avoid_foreign_weights_and_use_one_of_two_replicas() {
     let dir = std::env::temp_dir().join(format!("nnmesh-mesh-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("tmp");
-    let model = common::model_path();
+    let model = nnmesh_tests::model_path();
     let nodes = three_nodes(&model);
     let a = nodes[0].addr.clone();
     let replica = node("10..20", Some(&a), &model, &[]);
     let foreign = node("20..30", Some(&a), &foreign_model(&dir), &[]);
     let rt = rt();
     let client = rt
-        .block_on(MeshClient::connect(std::slice::from_ref(&a)))
+        .block_on(mesh::Client::connect(std::slice::from_ref(&a)))
         .expect("client connects");
     let peers = rt.block_on(client.discover()).expect("discovers");
     assert_eq!(peers.len(), 5, "all five nodes answer Info");
@@ -153,9 +158,9 @@ fn routes_avoid_foreign_weights_and_use_one_of_two_replicas() {
     let err = choose_route(&peers, Some(foreign_id)).expect_err("foreign model is partial");
     assert!(err.to_string().contains("layers 0..20 unserved"), "{err}");
 
-    let engine = common::load_engine();
-    let graph = common::example("lens");
-    let local = trace::run(&engine, graph.clone(), &Limits::default()).expect("runs");
+    let engine = nnmesh_tests::load_engine();
+    let graph = nnmesh_tests::example("lens");
+    let local = execute::run(&engine, graph.clone(), &Limits::default()).expect("runs");
     let mesh = rt
         .block_on(client.run(graph, None))
         .expect("runs on the mesh");
@@ -171,13 +176,13 @@ fn routes_avoid_foreign_weights_and_use_one_of_two_replicas() {
 
 #[test]
 fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
-    let model = common::model_path();
+    let model = nnmesh_tests::model_path();
     let node = node("0..30", None, &model, &["--max-message-mib", "1"]);
     let rt = rt();
     rt.block_on(async {
-        let mut cfg = TransportConfig::new(Keypair::generate_ed25519());
+        let mut cfg = transport::Config::new(Keypair::generate_ed25519());
         cfg.max_message = 8 << 20;
-        let (t, mut inbound) = Transport::start(cfg).await.expect("transport");
+        let (t, mut inbound) = transport::Endpoint::start(cfg).await.expect("transport");
         let kind = |r: Response| match r {
             Response::Error(e) => (e.kind, e.message),
             other => panic!("expected an error, got {other:?}"),
@@ -213,17 +218,16 @@ fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
         assert!(record.is_some(), "records expire");
         let rec = records[0].verify(now_ms()).expect("valid signature");
         let hop = |start, end| Hop {
-            peer: node.peer.to_bytes(),
+            peer: node.peer,
             addrs: vec![node.addr.to_string()],
-            start,
-            end,
+            span: Span::new(start, end),
         };
         let g = Builder::new();
         let tr = g.trace_tokens(vec![vec![504, 414, 46682]]);
         g.save("h", g.read(tr.at("model.layers.40", Point::Output)));
         let step = |route: Vec<Hop>, graph: &Graph| StepRequest {
             request: RequestId(7),
-            client: t.peer_id().to_bytes(),
+            client: t.peer_id(),
             client_addrs: Vec::new(),
             model: rec.model,
             route,
@@ -306,11 +310,11 @@ fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
         }
 
         // The node still serves a real request.
-        let client = MeshClient::connect(std::slice::from_ref(&node.addr))
+        let client = mesh::Client::connect(std::slice::from_ref(&node.addr))
             .await
             .expect("connects");
         let out = client
-            .run(common::example("lens"), None)
+            .run(nnmesh_tests::example("lens"), None)
             .await
             .expect("still serving");
         assert_eq!(out.saves.len(), 30);
@@ -326,17 +330,17 @@ fn now_ms() -> u64 {
 
 #[test]
 fn a_dead_stage_is_reported_by_name() {
-    let model = common::model_path();
+    let model = nnmesh_tests::model_path();
     let mut nodes = three_nodes(&model);
     let rt = rt();
     let client = rt
-        .block_on(MeshClient::connect(std::slice::from_ref(&nodes[0].addr)))
+        .block_on(mesh::Client::connect(std::slice::from_ref(&nodes[0].addr)))
         .expect("client connects");
     let dead = nodes.pop().expect("three nodes");
     drop(dead); // SIGKILL: no goodbye
     let err = rt
-        .block_on(client.run(common::example("lens"), None))
+        .block_on(client.run(nnmesh_tests::example("lens"), None))
         .expect_err("no route without layers 20..30");
-    assert!(matches!(err, MeshError::Coverage(_)), "{err}");
+    assert!(matches!(err, mesh::Error::Coverage(_)), "{err}");
     assert!(err.to_string().contains("layers 20..30 unserved"), "{err}");
 }

@@ -13,36 +13,86 @@ use memmap2::Mmap;
 use tch::{Device, Kind, Tensor};
 
 use crate::{
-    config::{Config, ConfigError},
     gguf::{Gguf, GgufError},
+    models::llama::{Config, ConfigError},
 };
 
 /// What went wrong opening a checkpoint or reading a tensor from it.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum LoadError {
-    #[error("model file {0} does not exist (run scripts/setup.sh to fetch the bundled model)")]
+    /// No file or folder at the path.
+    #[error("model file {0} does not exist")]
     NotFound(PathBuf),
+    /// Reading a file failed.
     #[error("cannot read {path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The GGUF file is malformed.
     #[error(transparent)]
     Gguf(#[from] GgufError),
+    /// The configuration is missing or invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// A safetensors file is malformed.
     #[error("{path}: {detail}")]
-    Safetensors { path: PathBuf, detail: String },
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A tensor the model needs is not in the checkpoint.
     #[error("tensor {name} is not in the checkpoint")]
-    Missing { name: String },
+    Missing {
+        /// The tensor's Hugging Face name.
+        name: String,
+    },
+    /// A tensor's dtype cannot be loaded.
     #[error("tensor {name} has dtype {dtype}, which is not supported")]
-    Dtype { name: String, dtype: String },
+    Dtype {
+        /// The tensor.
+        name: String,
+        /// Its dtype.
+        dtype: String,
+    },
+    /// A tensor's shape is not the one the configuration implies.
     #[error("tensor {name} has shape {found:?}, expected {expected:?}")]
     Shape {
+        /// The tensor.
         name: String,
+        /// Its shape.
         found: Vec<i64>,
+        /// The shape the configuration implies.
         expected: Vec<i64>,
     },
+}
+
+/// The blake3 id of a model: the GGUF file (weights, tokenizer and
+/// configuration in one), or a checkpoint folder's `config.json`,
+/// `tokenizer.json` and `*.safetensors` files (name order), so nodes that
+/// tokenize or configure the model differently never share an id.
+///
+/// # Errors
+/// When a file cannot be read.
+pub fn model_id(path: &Path) -> std::io::Result<nnmesh_protocol::ModelId> {
+    let files = if path.is_dir() {
+        let mut weights: Vec<PathBuf> = std::fs::read_dir(path)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        weights.sort();
+        let mut all = vec![path.join("config.json"), path.join("tokenizer.json")];
+        all.extend(weights);
+        all
+    } else {
+        vec![path.to_path_buf()]
+    };
+    nnmesh_protocol::ModelId::of_files(&files)
 }
 
 /// One tensor entry of a safetensors file.
@@ -364,6 +414,29 @@ fn map(file: &File) -> std::io::Result<Mmap> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_folder_model_id_covers_config_and_tokenizer() {
+        let dir = std::env::temp_dir().join(format!("nnmesh-model-id-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        for (name, text) in [
+            ("config.json", "{}"),
+            ("tokenizer.json", "{\"v\": 1}"),
+            ("model.safetensors", "weights"),
+        ] {
+            std::fs::write(dir.join(name), text).expect("write");
+        }
+        let id = model_id(&dir).expect("hashes");
+        std::fs::write(dir.join("tokenizer.json"), "{\"v\": 2}").expect("write");
+        let other_tokenizer = model_id(&dir).expect("hashes");
+        assert_ne!(
+            id, other_tokenizer,
+            "a different tokenizer is a different model"
+        );
+        std::fs::write(dir.join("config.json"), "{\"rope_theta\": 1}").expect("write");
+        assert_ne!(other_tokenizer, model_id(&dir).expect("hashes"));
+        std::fs::remove_dir_all(&dir).ok();
+    }
 
     #[test]
     fn gguf_names() {

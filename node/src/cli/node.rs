@@ -1,0 +1,151 @@
+//! `nnmesh node`: flags → [`serve::Config`] → [`serve::run`].
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use libp2p::Multiaddr;
+use nnmesh_client::transport::keys;
+use nnmesh_graph::Limits;
+use nnmesh_node::{serve, stage};
+use nnmesh_protocol::Span;
+
+use super::ModelArgs;
+
+/// Flags of `nnmesh node`.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Decoder layers to serve, `A..B` (end exclusive). The stage starting at
+    /// 0 also hosts the embedding; the one ending at the last layer also hosts
+    /// the final norm and lm_head.
+    #[arg(long)]
+    pub blocks: Span,
+    /// Address to listen on.
+    #[arg(long, default_value = "/ip4/127.0.0.1/tcp/0")]
+    pub listen: Vec<Multiaddr>,
+    /// A mesh node to join through (repeatable).
+    #[arg(long)]
+    pub bootstrap: Vec<Multiaddr>,
+    /// The node's identity key file, created on first use (a stable peer id
+    /// across restarts, for allow-lists); a fresh identity without it.
+    #[arg(long)]
+    pub identity: Option<PathBuf>,
+    /// A private mesh's pre-shared key file (`nnmesh keygen psk FILE`):
+    /// peers without the same key cannot connect.
+    #[arg(long)]
+    pub psk: Option<PathBuf>,
+    /// Serve only the peers listed in this file (one peer id per line):
+    /// clients, and the nodes that forward steps to this one.
+    #[arg(long)]
+    pub allow_peers: Option<PathBuf>,
+    /// Step requests admitted at once (running + queued); more are refused as overloaded.
+    #[arg(long, default_value_t = 8)]
+    pub queue: usize,
+    /// Most sessions (requests) open at once; more are refused as overloaded.
+    #[arg(long, default_value_t = 64)]
+    pub max_sessions: usize,
+    /// KV cache the open sessions may reserve, in MiB; a request that would
+    /// exceed it is refused as overloaded.
+    #[arg(long, default_value_t = 2048)]
+    pub kv_cache_mib: u64,
+    /// Sessions unused for this many seconds are dropped.
+    #[arg(long, default_value_t = 600)]
+    pub session_ttl_secs: u64,
+    /// Per request: most batch tokens (rows × longest prompt) of a forward.
+    #[arg(long, default_value_t = Limits::default().max_batch_tokens)]
+    pub max_batch_tokens: u64,
+    /// Per request: most MiB of activations of a forward (estimated, logits included).
+    #[arg(long, default_value_t = Limits::default().max_activation_bytes >> 20)]
+    pub max_activation_mib: u64,
+    /// Per request: most MiB of saved values.
+    #[arg(long, default_value_t = Limits::default().max_saved_bytes >> 20)]
+    pub max_saved_mib: u64,
+    /// Per request: most graph nodes.
+    #[arg(long, default_value_t = Limits::default().max_nodes)]
+    pub max_nodes: usize,
+    /// Per request: most tokens a trace may generate.
+    #[arg(long, default_value_t = Limits::default().max_new_tokens)]
+    pub max_new_tokens: u32,
+    /// Also discover peers on the LAN with mDNS.
+    #[arg(long)]
+    pub mdns: bool,
+    /// Largest message accepted or sent, in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub max_message_mib: usize,
+}
+
+impl NodeArgs {
+    /// The library's configuration for these flags (reads the key files).
+    fn config(&self) -> Result<serve::Config> {
+        let (device, kind) = self.model.device_kind()?;
+        let limits = Limits {
+            max_batch_tokens: self.max_batch_tokens,
+            max_activation_bytes: self.max_activation_mib << 20,
+            max_saved_bytes: self.max_saved_mib << 20,
+            max_nodes: self.max_nodes,
+            max_new_tokens: self.max_new_tokens,
+            // A graph must fit in a message.
+            max_graph_bytes: Limits::default()
+                .max_graph_bytes
+                .min((self.max_message_mib as u64) << 20),
+            ..Limits::default()
+        };
+        let stage = stage::Config {
+            kind,
+            device,
+            limits,
+            session_ttl: Duration::from_secs(self.session_ttl_secs),
+            max_sessions: self.max_sessions,
+            max_kv_bytes: self.kv_cache_mib << 20,
+            ..stage::Config::new(self.model.path()?, self.blocks)
+        };
+        let mut cfg = serve::Config::new(stage);
+        cfg.listen = self.listen.clone();
+        cfg.bootstrap = self.bootstrap.clone();
+        if let Some(path) = &self.identity {
+            cfg.keypair = keys::load_or_create_identity(path)?;
+        }
+        cfg.psk = self.psk.as_deref().map(keys::read_psk).transpose()?;
+        cfg.allow = self
+            .allow_peers
+            .as_deref()
+            .map(keys::read_allow_list)
+            .transpose()?;
+        cfg.queue = self.queue;
+        cfg.mdns = self.mdns;
+        cfg.max_message = self.max_message_mib << 20;
+        Ok(cfg)
+    }
+}
+
+/// Runs `nnmesh node` until Ctrl-C or SIGTERM. Prints `listening ADDR` for
+/// each address, then `node PEER serves …` (scripts and tests wait for it).
+///
+/// # Errors
+/// Bad flags or key files, a model that cannot be loaded, a transport that
+/// cannot start, or a stage that can no longer compute.
+pub fn run(args: NodeArgs) -> Result<()> {
+    let cfg = args.config()?;
+    let model = cfg.stage.model.clone();
+    eprintln!(
+        "loading layers {} of {} ...",
+        cfg.stage.span,
+        model.display()
+    );
+    serve::run(cfg, |ready| {
+        for a in &ready.addrs {
+            println!("listening {a}");
+        }
+        println!(
+            "node {} serves layers {} of {} (model id {}, {:.0} tokens/s)",
+            ready.peer,
+            ready.span,
+            model.display(),
+            ready.model,
+            ready.throughput
+        );
+    })
+    .context("nnmesh node")
+}
