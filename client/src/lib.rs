@@ -28,7 +28,6 @@
 //! # Ok(()) }
 //! ```
 
-#![warn(missing_docs)]
 
 pub mod mesh;
 pub mod transport;

@@ -134,6 +134,7 @@ impl PeerEvent {
 
 /// A failure of the transport itself.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// Building the swarm failed.
     #[error("cannot build the swarm: {0}")]
@@ -161,6 +162,7 @@ pub enum Error {
 
 /// Why a request got no response, and what that means for the remote side.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RequestError {
     /// No connection could be made: nothing was delivered.
     #[error("cannot reach {peer}: nothing was delivered")]

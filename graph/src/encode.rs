@@ -8,6 +8,7 @@ use crate::ir::{FORMAT_VERSION, Graph};
 
 /// Why bytes or text could not be decoded into a [`Graph`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DecodeError {
     /// The JSON is malformed or does not describe a graph.
     #[error("invalid graph JSON at line {line}, column {column}: {message}")]

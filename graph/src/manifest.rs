@@ -219,6 +219,7 @@ impl std::fmt::Display for Module {
 
 /// Why a module cannot be applied to the given values.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ApplyError {
     /// A module takes exactly one argument.
     #[error("{module} takes exactly 1 argument, got {found}")]

@@ -301,6 +301,7 @@ impl std::fmt::Display for Arity {
 
 /// Why an op cannot be applied to the given inputs.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum OpError {
     /// Wrong number of arguments.
     #[error("{op}: takes {expected} arguments, got {found}")]

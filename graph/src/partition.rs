@@ -46,6 +46,7 @@ pub struct Fragment {
 
 /// Why a graph cannot be split along a route.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum PartitionError {
     /// The route does not cover the model's layers exactly once, in order.
     #[error("the route does not cover layers 0..{num_layers}: {detail}")]

@@ -196,6 +196,7 @@ impl Plan {
 
 /// Why a graph was rejected; every variant names the offending node or thing.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ValidateError {
     /// The graph's format version is not the one this build runs.
     #[error("graph format version {found} is not supported (this build runs version {supported})")]

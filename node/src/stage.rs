@@ -471,6 +471,7 @@ pub struct Info {
 
 /// Why a stage did not start.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StartError {
     /// The model could not be loaded.
     #[error(transparent)]

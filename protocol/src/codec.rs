@@ -15,6 +15,7 @@ pub const MAX_MESSAGE: usize = 256 << 20;
 
 /// Why bytes could not be decoded as a message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum CodecError {
     /// The message has another wire version than this build speaks.
     #[error("wire version {found} is not supported (this build speaks {supported})")]

@@ -60,6 +60,7 @@ impl fmt::Debug for ModelId {
 
 /// Why a string is not a [`ModelId`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ParseModelIdError {
     /// The string is not 64 characters long.
     #[error("a model id is 64 hex digits, got {0} characters")]

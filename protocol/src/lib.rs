@@ -50,7 +50,6 @@
 //! # Ok::<(), CodecError>(())
 //! ```
 
-#![warn(missing_docs)]
 
 pub mod codec;
 pub mod ids;

@@ -60,6 +60,7 @@ pub struct SignedRecord {
 
 /// Why a [`SignedRecord`] was rejected.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum RecordError {
     /// The public key or the record bytes could not be decoded.
     #[error("undecodable signed record: {0}")]

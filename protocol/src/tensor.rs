@@ -31,6 +31,7 @@ impl WireDType {
 
 /// Why a [`WireTensor`] is inconsistent or of the wrong type.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum TensorError {
     /// The number of elements does not fit in memory (`shape` overflows).
     #[error("shape {shape:?} overflows the addressable size")]

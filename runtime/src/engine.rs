@@ -14,6 +14,7 @@ use crate::{
 
 /// What can go wrong loading or running an engine.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EngineError {
     #[error(transparent)]
     Load(#[from] LoadError),

@@ -14,13 +14,23 @@ use crate::{
 
 /// Why a graph could not be run.
 #[derive(Debug, thiserror::Error)]
-pub enum TraceError {
+#[non_exhaustive]
+pub enum Error {
+    /// The graph failed validation.
     #[error("invalid graph: {0}")]
     Validate(#[from] ValidateError),
+    /// The model could not take the prompts (or tokenize them).
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// A prompt is still text: tokenize the graph before validating it.
+    #[error("prompts must be tokenized before validation")]
+    Untokenized,
+    /// The forward or a node in it failed.
     #[error("running the graph: {0}")]
-    Run(String),
+    Run(#[from] HookError),
+    /// Reading the generated tokens failed.
+    #[error("reading the generated tokens: {0}")]
+    Tokens(#[from] tch::TchError),
 }
 
 /// What a graph run produced.
@@ -70,9 +80,9 @@ pub fn trace_prompts(graph: &Graph, trace: usize) -> Vec<Vec<u32>> {
 ///
 /// # Errors
 /// The first validation error found.
-pub fn plan(graph: &Graph, manifest: &Manifest, limits: &Limits) -> Result<Plan, TraceError> {
+pub fn plan(graph: &Graph, manifest: &Manifest, limits: &Limits) -> Result<Plan, Error> {
     let inputs = Inputs::from_tokens(graph)
-        .ok_or_else(|| TraceError::Run("prompts must be tokenized before validation".into()))?;
+        .ok_or(Error::Untokenized)?;
     Ok(validate(graph, manifest, &inputs, limits)?)
 }
 
@@ -80,7 +90,7 @@ pub fn plan(graph: &Graph, manifest: &Manifest, limits: &Limits) -> Result<Plan,
 ///
 /// # Errors
 /// Invalid graphs, bad prompts, or failures while running.
-pub fn run(engine: &Engine, graph: Graph, limits: &Limits) -> Result<Outcome, TraceError> {
+pub fn run(engine: &Engine, graph: Graph, limits: &Limits) -> Result<Outcome, Error> {
     run_with(engine, graph, limits, true)
 }
 
@@ -94,7 +104,7 @@ pub fn run_with(
     mut graph: Graph,
     limits: &Limits,
     share_rows: bool,
-) -> Result<Outcome, TraceError> {
+) -> Result<Outcome, Error> {
     tokenize_prompts(engine, &mut graph)?;
     let manifest = engine.manifest();
     let plan = plan(&graph, &manifest, limits)?;
@@ -111,10 +121,9 @@ pub fn run_planned(
     plan: &Plan,
     manifest: &Manifest,
     share_rows: bool,
-) -> Result<Outcome, TraceError> {
+) -> Result<Outcome, Error> {
     let model = &engine.model;
-    let run_err = |e: HookError| TraceError::Run(e.to_string());
-    let mut state = Store::new(graph, manifest, model, None).map_err(run_err)?;
+    let mut state = Store::new(graph, manifest, model, None)?;
     if !share_rows {
         state.disable_row_sharing();
     }
@@ -133,15 +142,14 @@ pub fn run_planned(
             let mut exec = Executor::new(graph, plan, manifest, model, &mut state);
             exec.begin(t as u32, step, &lens);
             let ids = Input::Tokens(input.shallow_clone());
-            let logits =
-                forward_step(model, &mut exec, &padded, step, ids, &mut cache).map_err(run_err)?;
+            let logits = forward_step(model, &mut exec, &padded, step, ids, &mut cache)?;
             let generating = graph.traces[t].max_new_tokens > 0;
             let Some(logits) = logits else { break };
             if !generating {
                 break;
             }
-            let next = logits.select(1, -1).argmax(-1, false);
-            let ids = Vec::<i64>::try_from(&next).map_err(|e| TraceError::Run(e.to_string()))?;
+            let next = logits.f_select(1, -1)?.f_argmax(-1, false)?;
+            let ids = Vec::<i64>::try_from(&next)?;
             for (row, id) in tokens.iter_mut().zip(ids) {
                 row.push(id as u32);
             }

@@ -15,6 +15,7 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 
 /// What went wrong reading a GGUF file.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum GgufError {
     #[error("cannot open {path}: {source}")]
     Open {

@@ -9,16 +9,7 @@
 use nnmesh_graph::{Module, Point};
 use tch::Tensor;
 
-/// Why a forward stopped before its end.
-#[derive(Debug, thiserror::Error)]
-pub enum HookError {
-    /// The hooks asked to end the forward early (nothing later is needed).
-    #[error("forward stopped early")]
-    Stop,
-    /// A hook failed; the message names the hook and the cause.
-    #[error("{0}")]
-    Failed(String),
-}
+pub use crate::error::HookError;
 
 /// A set of hooks on a forward pass.
 pub trait Hooks {
@@ -39,7 +30,7 @@ pub trait Hooks {
     /// Observes, and may replace, the value at a hook point.
     ///
     /// # Errors
-    /// [`HookError::Stop`] ends the forward; [`HookError::Failed`] aborts it.
+    /// [`HookError::Stop`] ends the forward; any other error aborts it.
     fn visit(&mut self, module: Module, point: Point, value: &mut Tensor) -> Result<(), HookError>;
 }
 

@@ -20,7 +20,8 @@ use nnmesh_graph::{Graph, Manifest, Module, Node, NodeId, Plan, Point, Site, Wri
 use tch::Tensor;
 
 use crate::{
-    hooks::{HookError, Hooks},
+    error::{HookError, ModuleError, NodeError},
+    hooks::Hooks,
     models::llama::Model,
 };
 
@@ -45,9 +46,6 @@ impl SavedTensor {
     }
 }
 
-fn failed(msg: impl Into<String>) -> HookError {
-    HookError::Failed(msg.into())
-}
 
 /// What an [`Executor`] keeps between steps and traces: computed values,
 /// saves, and the schedule of the step being run. A mesh stage keeps one per
@@ -135,14 +133,18 @@ impl Store {
         let mut apply_modules = vec![None; n];
         for (i, node) in graph.nodes.iter().enumerate() {
             if let Node::Apply { module, .. } = node {
+                let id = NodeId(i as u32);
                 let m = manifest
                     .parse_module(module)
-                    .ok_or_else(|| failed(format!("node {i}: unknown module {module}")))?;
+                    .ok_or_else(|| NodeError::UnknownModule(module.clone()).at(id))?;
                 if mine[i] && !model.hosts(m) {
-                    return Err(failed(format!(
-                        "node {i} applies {module}, which this stage (layers {:?}) does not host",
-                        model.layers()
-                    )));
+                    let layers = model.layers();
+                    return Err(NodeError::Module(ModuleError::NotHosted {
+                        module: module.clone(),
+                        start: layers.start,
+                        end: layers.end,
+                    })
+                    .at(id));
                 }
                 apply_modules[i] = Some(m);
             }
@@ -305,12 +307,12 @@ impl<'a> Executor<'a> {
             self.store.cursor += 1;
             match &self.graph.nodes[id.index()] {
                 Node::Read { hook } | Node::Write { hook, .. } => {
-                    return Err(failed(format!(
-                        "node {id}: hook {} was not reached in trace {}, step {}",
-                        hook.path(),
-                        self.store.trace,
-                        self.store.step
-                    )));
+                    return Err(NodeError::Unreached {
+                        hook: hook.path(),
+                        trace: self.store.trace,
+                        step: self.store.step,
+                    }
+                    .at(id));
                 }
                 _ => self.store.deferred.push(id),
             }
@@ -320,23 +322,21 @@ impl<'a> Executor<'a> {
 
     /// The per-invoke view of a hook value: one prompt's row and its own
     /// tokens (left padding stripped at the prompt step).
-    fn invoke_view(&self, point: Point, full: &Tensor, invoke: usize) -> Result<Tensor, HookError> {
-        let err = |e: tch::TchError| failed(e.to_string());
+    fn invoke_view(&self, point: Point, full: &Tensor, invoke: usize) -> Result<Tensor, NodeError> {
         let row = *self
             .store
             .row_of
             .get(invoke)
-            .ok_or_else(|| failed(format!("invoke {invoke} is out of range")))?;
-        let row = full.f_narrow(0, row as i64, 1).map_err(err)?;
+            .ok_or(NodeError::InvokeOutOfRange(invoke))?;
+        let row = full.f_narrow(0, row as i64, 1)?;
         let len = *self
             .store
             .lens
             .get(invoke)
-            .ok_or_else(|| failed(format!("invoke {invoke} is out of range")))?
-            as i64;
-        let narrow_tail = |t: Tensor, dim: i64, keep: i64| -> Result<Tensor, HookError> {
-            let size = t.size()[dim as usize];
-            t.f_narrow(dim, size - keep, keep).map_err(err)
+            .ok_or(NodeError::InvokeOutOfRange(invoke))? as i64;
+        let narrow_tail = |t: Tensor, dim: i64, keep: i64| -> Result<Tensor, NodeError> {
+            let size = t.size().get(dim as usize).copied().unwrap_or(0);
+            Ok(t.f_narrow(dim, size - keep, keep)?)
         };
         let query_dim = match point {
             Point::Q | Point::K | Point::V | Point::Pattern => 2,
@@ -352,7 +352,7 @@ impl<'a> Executor<'a> {
         Ok(v)
     }
 
-    fn read_value(&self, id: NodeId, value: &Tensor) -> Result<Tensor, HookError> {
+    fn read_value(&self, id: NodeId, value: &Tensor) -> Result<Tensor, NodeError> {
         let Node::Read { hook } = &self.graph.nodes[id.index()] else {
             unreachable!("read_value on a Read node");
         };
@@ -362,7 +362,7 @@ impl<'a> Executor<'a> {
         }
     }
 
-    fn write(&self, id: NodeId, value: &mut Tensor) -> Result<(), HookError> {
+    fn write(&self, id: NodeId, value: &mut Tensor) -> Result<(), NodeError> {
         let Node::Write {
             hook,
             value: src,
@@ -372,10 +372,13 @@ impl<'a> Executor<'a> {
         else {
             unreachable!("write on a Write node");
         };
-        let err = |e: tch::TchError| failed(format!("node {id} (write {}): {e}", hook.path()));
+        let err = |source| NodeError::Write {
+            hook: hook.path(),
+            source,
+        };
         let src = self.store.values[src.index()]
             .as_ref()
-            .ok_or_else(|| failed(format!("node {id}: its value {src} was not computed")))?
+            .ok_or(NodeError::MissingInput(*src))?
             .f_to_kind(value.kind())
             .map_err(err)?;
         if hook.invoke.is_none() && index.is_none() && *mode == WriteMode::Set {
@@ -400,38 +403,40 @@ impl<'a> Executor<'a> {
         Ok(())
     }
 
-    fn input(&self, id: NodeId, inp: NodeId) -> Result<&Tensor, HookError> {
-        self.store.values[inp.index()].as_ref().ok_or_else(|| {
-            failed(format!(
-                "node {id}: input {inp} has no value (it runs on another stage and was not carried)"
-            ))
-        })
+    fn input(&self, inp: NodeId) -> Result<&Tensor, NodeError> {
+        self.store.values[inp.index()]
+            .as_ref()
+            .ok_or(NodeError::MissingInput(inp))
     }
 
     /// Runs a node that is neither Read nor Write.
     fn compute(&mut self, id: NodeId) -> Result<(), HookError> {
+        self.compute_node(id).map_err(|e| e.at(id))
+    }
+
+    fn compute_node(&mut self, id: NodeId) -> Result<(), NodeError> {
         let node = &self.graph.nodes[id.index()];
         let out = match node {
             Node::Const { value } => ops::constant(value, self.model.device()),
             Node::Op { op, args } => {
                 let args = args
                     .iter()
-                    .map(|a| self.input(id, *a))
+                    .map(|a| self.input(*a))
                     .collect::<Result<Vec<_>, _>>()?;
-                let out = ops::eval(op, &args)
-                    .map_err(|e| failed(format!("node {id} ({}): {e}", op.name())))?;
+                let out = ops::eval(op, &args).map_err(|source| NodeError::Op {
+                    op: op.name(),
+                    source,
+                })?;
                 self.cast_to_plan(id, out)
             }
             Node::Apply { args, .. } => {
                 let m = self.store.apply_modules[id.index()]
                     .expect("Apply modules are parsed in new()");
-                let x = self.input(id, args[0])?;
-                self.model
-                    .apply(m, x)
-                    .map_err(|e| failed(format!("node {id}: {e}")))?
+                let x = self.input(args[0])?;
+                self.model.apply(m, x)?
             }
             Node::Save { name, value } => {
-                let v = self.input(id, *value)?.copy();
+                let v = self.input(*value)?.copy();
                 let per_step = self.plan.nodes[id.index()].per_step.is_some();
                 self.store.saves.push(SavedTensor {
                     name: name.clone(),
@@ -485,7 +490,7 @@ impl<'a> Executor<'a> {
             for &id in level {
                 if let Node::Apply { args, .. } = &self.graph.nodes[id.index()] {
                     let m = self.store.apply_modules[id.index()].expect("parsed");
-                    let shape = self.input(id, args[0])?.size();
+                    let shape = self.input(args[0]).map_err(|e| e.at(id))?.size();
                     if shape.is_empty() {
                         self.compute(id)?;
                         continue;
@@ -512,39 +517,51 @@ impl<'a> Executor<'a> {
                     continue;
                 }
                 let stacked = shape.len() == 1 && m != Module::Embed;
-                let err = |e: tch::TchError| failed(format!("node {}: {e}", ids[0]));
-                let xs = ids
-                    .iter()
-                    .map(|&id| match &self.graph.nodes[id.index()] {
-                        Node::Apply { args, .. } => {
-                            let x = self.input(id, args[0])?;
-                            if stacked {
-                                x.f_unsqueeze(0).map_err(err)
-                            } else {
-                                Ok(x.shallow_clone())
-                            }
-                        }
-                        _ => unreachable!("groups hold Apply nodes"),
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                let sizes: Vec<i64> = xs.iter().map(|x| x.size()[0]).collect();
-                let batch = Tensor::f_cat(&xs, 0).map_err(err)?;
-                let out = self
-                    .model
-                    .apply(m, &batch)
-                    .map_err(|e| failed(format!("node {}: {e}", ids[0])))?;
-                let parts = out.f_split_with_sizes(&sizes, 0).map_err(err)?;
+                let parts = self
+                    .apply_batched(m, &ids, stacked)
+                    .map_err(|e| e.at(ids[0]))?;
                 for (id, part) in ids.iter().zip(parts) {
-                    let part = if stacked {
-                        part.f_squeeze_dim(0).map_err(err)?
-                    } else {
-                        part
-                    };
                     self.set(*id, part);
                 }
             }
         }
         Ok(())
+    }
+
+    /// One call of module `m` on the concatenated (or, for 1-D values,
+    /// stacked) inputs of the Apply nodes `ids`, split back per node.
+    fn apply_batched(
+        &self,
+        m: Module,
+        ids: &[NodeId],
+        stacked: bool,
+    ) -> Result<Vec<Tensor>, NodeError> {
+        let xs = ids
+            .iter()
+            .map(|&id| match &self.graph.nodes[id.index()] {
+                Node::Apply { args, .. } => {
+                    let x = self.input(args[0])?;
+                    Ok(if stacked {
+                        x.f_unsqueeze(0)?
+                    } else {
+                        x.shallow_clone()
+                    })
+                }
+                _ => unreachable!("groups hold Apply nodes"),
+            })
+            .collect::<Result<Vec<_>, NodeError>>()?;
+        let sizes: Vec<i64> = xs.iter().map(|x| x.size()[0]).collect();
+        let out = self.model.apply(m, &Tensor::f_cat(&xs, 0)?)?;
+        out.f_split_with_sizes(&sizes, 0)?
+            .into_iter()
+            .map(|part| {
+                Ok(if stacked {
+                    part.f_squeeze_dim(0)?
+                } else {
+                    part
+                })
+            })
+            .collect()
     }
 }
 
@@ -587,16 +604,16 @@ impl Hooks for Executor<'_> {
             match &self.graph.nodes[id.index()] {
                 Node::Read { hook } => {
                     if np.site != Some(Site(pos)) {
-                        return Err(failed(format!(
-                            "node {id}: hook {} was not reached before {}",
-                            hook.path(),
-                            module.path()
-                        )));
+                        return Err(NodeError::Passed {
+                            hook: hook.path(),
+                            at: module.path(),
+                        }
+                        .at(id));
                     }
-                    let v = self.read_value(id, value)?;
+                    let v = self.read_value(id, value).map_err(|e| e.at(id))?;
                     self.set(id, v);
                 }
-                Node::Write { .. } => self.write(id, value)?,
+                Node::Write { .. } => self.write(id, value).map_err(|e| e.at(id))?,
                 _ if self.store.eager[id.index()] => self.compute(id)?,
                 _ => self.store.deferred.push(id),
             }

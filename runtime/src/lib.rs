@@ -7,7 +7,7 @@
 //! - The model: [`models::llama`], a Llama-family decoder built from a block
 //!   range, reading only those weights; [`hooks`], how a forward is observed
 //!   and changed; [`engine`], a model with its tokenizer, batching and
-//!   generation.
+//!   generation; [`error`], what a forward and the nodes in it fail with.
 //! - Graphs: [`interpret`] runs a graph's nodes at the hook points of
 //!   forward passes; [`execute`] runs a whole graph on one node (tokenize,
 //!   validate, every trace and step); [`wire`] converts tensors to and from
@@ -35,6 +35,7 @@
 
 pub mod checkpoint;
 pub mod engine;
+pub mod error;
 pub mod execute;
 pub mod gguf;
 pub mod hooks;

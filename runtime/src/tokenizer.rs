@@ -14,6 +14,7 @@ use crate::gguf::Gguf;
 
 /// A tokenizer that cannot be built, or text that cannot be encoded.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TokenizerError {
     #[error("tokenizer model {0:?} is not supported (byte-level BPE \"gpt2\" is)")]
     Model(String),

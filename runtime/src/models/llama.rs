@@ -19,6 +19,7 @@ use tch::{Device, Kind, Tensor};
 pub use self::config::{Config, ConfigError};
 use crate::{
     checkpoint::{Checkpoint, LoadError},
+    error::{InputError, ModuleError},
     hooks::{HookError, Hooks, at},
 };
 
@@ -76,19 +77,6 @@ impl Cache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
-}
-
-/// A module call outside the forward pass that cannot be made.
-#[derive(Debug, thiserror::Error)]
-pub enum ApplyError {
-    #[error("module {module} is not hosted by this stage (layers {start}..{end})")]
-    NotHosted {
-        module: String,
-        start: usize,
-        end: usize,
-    },
-    #[error("module {module} cannot be applied: {detail}")]
-    Invalid { module: String, detail: String },
 }
 
 #[derive(Debug)]
@@ -586,10 +574,7 @@ impl Model {
         let mut xs = match input {
             Input::Tokens(ids) => {
                 let Some(embed) = &self.embed else {
-                    return Err(HookError::Failed(
-                        "this stage does not host model.embed_tokens; send it a hidden state"
-                            .into(),
-                    ));
+                    return Err(InputError::NoEmbedding.into());
                 };
                 hooked(hooks, Module::Embed, &ids, |ids, _| {
                     Ok(Tensor::embedding(embed, ids, -1, false, false))
@@ -597,7 +582,7 @@ impl Model {
             }
             Input::Hidden(h) => h.to_kind(self.kind),
         };
-        let (_, t, _) = xs.size3().map_err(|e| HookError::Failed(e.to_string()))?;
+        let (_, t, _) = xs.size3().map_err(|_| InputError::Shape(xs.size()))?;
         let past = cache.as_ref().map_or(0, |c| c.len());
         let (cos, sin) = self.rope.cos_sin(&batch.positions, self.kind);
         let mask = Mask::new(batch, t, past, self.device);
@@ -631,17 +616,21 @@ impl Model {
     ///
     /// # Errors
     /// When the module is not hosted here or the value has the wrong shape.
-    pub fn apply(&self, module: Module, xs: &Tensor) -> Result<Tensor, ApplyError> {
-        let not_hosted = || ApplyError::NotHosted {
+    pub fn apply(&self, module: Module, xs: &Tensor) -> Result<Tensor, ModuleError> {
+        let not_hosted = || ModuleError::NotHosted {
             module: module.path(),
             start: self.layers_range.start,
             end: self.layers_range.end,
         };
-        let invalid = |detail: String| ApplyError::Invalid {
-            module: module.path(),
-            detail,
+        // Without hooks, a forward can only fail on its input.
+        let invalid = |e: HookError| match e {
+            HookError::Input(source) => ModuleError::Input {
+                module: module.path(),
+                source,
+            },
+            other => unreachable!("a forward without hooks neither stops nor fails a node: {other}"),
         };
-        let block = |i: u32| -> Result<&Block, ApplyError> {
+        let block = |i: u32| -> Result<&Block, ModuleError> {
             let i = i as usize;
             if !self.layers_range.contains(&i) {
                 return Err(not_hosted());
@@ -653,9 +642,10 @@ impl Model {
         } else {
             xs.to_kind(self.kind)
         };
-        let seq_ctx = |xs: &Tensor| -> Result<(Tensor, Tensor, Mask), ApplyError> {
-            let (b, t, _) = xs.size3().map_err(|_| {
-                invalid(format!("needs a [b, t, hidden] value, got {:?}", xs.size()))
+        let seq_ctx = |xs: &Tensor| -> Result<(Tensor, Tensor, Mask), ModuleError> {
+            let (b, t, _) = xs.size3().map_err(|_| ModuleError::Input {
+                module: module.path(),
+                source: InputError::Shape(xs.size()),
             })?;
             let batch = Batch::contiguous(b, t, 0, self.device);
             let (cos, sin) = self.rope.cos_sin(&batch.positions, self.kind);
@@ -682,14 +672,14 @@ impl Model {
                 } else {
                     block(i)?.self_attn.forward(&xs, &ctx, None, no)
                 };
-                r.map_err(|e| invalid(e.to_string()))?
+                r.map_err(invalid)?
             }
             Module::InputNorm(i) => block(i)?.input_layernorm.forward(&xs),
             Module::PostNorm(i) => block(i)?.post_attention_layernorm.forward(&xs),
             Module::Mlp(i) => block(i)?
                 .mlp
                 .forward(i, &xs, no)
-                .map_err(|e| invalid(e.to_string()))?,
+                .map_err(invalid)?,
             Module::QProj(i) => block(i)?.self_attn.q_proj.forward(&xs),
             Module::KProj(i) => block(i)?.self_attn.k_proj.forward(&xs),
             Module::VProj(i) => block(i)?.self_attn.v_proj.forward(&xs),

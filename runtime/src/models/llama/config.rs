@@ -95,6 +95,7 @@ fn parse_scaling(v: serde_json::Value, ty: Option<&str>) -> Result<Option<RopeSc
 
 /// A configuration that cannot be used.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     #[error("architecture {0:?} is not supported (llama, mistral, qwen2 are)")]
     Architecture(String),
