@@ -23,13 +23,13 @@ const TEXT: &str = "The history of the Eiffel Tower begins in 1884, when two eng
 const DECODE_PROMPT: &str = "The Eiffel Tower is in the city of";
 
 /// Median of a non-empty sample.
-pub fn median(mut xs: Vec<f64>) -> f64 {
+pub(crate) fn median(mut xs: Vec<f64>) -> f64 {
     xs.sort_by(f64::total_cmp);
     xs[xs.len() / 2]
 }
 
 /// `prompt_tokens` token ids of deterministic English text.
-pub fn prompt_ids(engine: &Engine, prompt_tokens: usize) -> Result<Vec<u32>> {
+pub(crate) fn prompt_ids(engine: &Engine, prompt_tokens: usize) -> Result<Vec<u32>> {
     let mut ids = Vec::new();
     while ids.len() < prompt_tokens {
         ids.extend(engine.encode(TEXT)?);
@@ -39,7 +39,7 @@ pub fn prompt_ids(engine: &Engine, prompt_tokens: usize) -> Result<Vec<u32>> {
 }
 
 /// Times `f` `runs` times after one warm-up; returns the median seconds.
-pub fn time_median(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+pub(crate) fn time_median(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
     let mut times = Vec::with_capacity(runs);
     for _ in 0..runs.max(1) {
@@ -51,7 +51,7 @@ pub fn time_median(runs: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64
 }
 
 /// Seconds one call of `f` takes.
-pub fn time_once(f: impl FnOnce() -> Result<()>) -> Result<f64> {
+pub(crate) fn time_once(f: impl FnOnce() -> Result<()>) -> Result<f64> {
     let t = Instant::now();
     f()?;
     Ok(t.elapsed().as_secs_f64())
@@ -59,7 +59,7 @@ pub fn time_once(f: impl FnOnce() -> Result<()>) -> Result<f64> {
 
 /// The project's virtualenv Python (`./.venv`, as `scripts/bench.sh` runs
 /// from the checkout), if present.
-pub fn default_python() -> Option<PathBuf> {
+pub(crate) fn default_python() -> Option<PathBuf> {
     let py = PathBuf::from(".venv/bin/python");
     py.exists().then_some(py)
 }
@@ -71,7 +71,7 @@ fn script(name: &str) -> Option<PathBuf> {
 }
 
 /// Runs a Python benchmark script and parses its last JSON line.
-pub fn python_json(python: &Path, script_name: &str, args: &[String]) -> Result<serde_json::Value> {
+pub(crate) fn python_json(python: &Path, script_name: &str, args: &[String]) -> Result<serde_json::Value> {
     let script = script(script_name).with_context(|| {
         format!("./scripts/{script_name} not found (run nnmesh bench from an nnmesh checkout)")
     })?;
@@ -99,7 +99,7 @@ pub fn python_json(python: &Path, script_name: &str, args: &[String]) -> Result<
 ///
 /// # Errors
 /// When the model cannot be loaded or run.
-pub fn run(args: &BenchArgs) -> Result<()> {
+pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     let t0 = Instant::now();
     let engine = args.model.load(None)?;
     let load_s = t0.elapsed().as_secs_f64();

@@ -15,12 +15,12 @@ use clap::{Args, Parser, Subcommand};
 use nnmesh_runtime::engine::Engine;
 
 /// The bundled default model, as `scripts/setup.sh` unpacks it.
-pub const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
+pub(crate) const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// nnmesh: look inside, and change, the computation of large transformers.
 #[derive(Debug, Parser)]
 #[command(name = "nnmesh", version, about)]
-pub struct Cli {
+pub(crate) struct Cli {
     /// More log output (-v info, -vv debug).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -30,7 +30,7 @@ pub struct Cli {
 
 impl Cli {
     /// The tracing filter the verbosity asks for.
-    pub fn log_filter(&self) -> &'static str {
+    pub(crate) fn log_filter(&self) -> &'static str {
         match self.verbose {
             0 => "warn",
             1 => "info",
@@ -41,7 +41,7 @@ impl Cli {
 
 /// Which model to load and how.
 #[derive(Debug, Args, Clone)]
-pub struct ModelArgs {
+pub(crate) struct ModelArgs {
     /// A .gguf file or a Hugging Face folder (config.json + *.safetensors +
     /// tokenizer.json); defaults to $NNMESH_MODEL, then ./models/ (where
     /// scripts/setup.sh puts the bundled SmolLM2).
@@ -62,7 +62,7 @@ impl ModelArgs {
     /// # Errors
     /// When none is given and there is no `./models/` copy, with how to
     /// point the binary at a model.
-    pub fn path(&self) -> Result<PathBuf> {
+    pub(crate) fn path(&self) -> Result<PathBuf> {
         if let Some(p) = &self.model {
             return Ok(p.clone());
         }
@@ -84,7 +84,7 @@ impl ModelArgs {
     ///
     /// # Errors
     /// An unknown device or dtype.
-    pub fn device_kind(&self) -> Result<(tch::Device, tch::Kind)> {
+    pub(crate) fn device_kind(&self) -> Result<(tch::Device, tch::Kind)> {
         let device = parse_device(&self.device)?;
         Ok((device, parse_kind(&self.dtype, device)?))
     }
@@ -93,7 +93,7 @@ impl ModelArgs {
     ///
     /// # Errors
     /// Bad flags or a model that cannot be loaded.
-    pub fn load(&self, layers: Option<std::ops::Range<usize>>) -> Result<Engine> {
+    pub(crate) fn load(&self, layers: Option<std::ops::Range<usize>>) -> Result<Engine> {
         let (device, kind) = self.device_kind()?;
         let path = self.path()?;
         eprintln!("loading {} ...", path.display());
@@ -135,7 +135,7 @@ fn parse_kind(s: &str, device: tch::Device) -> Result<tch::Kind> {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// Print the architecture, sizes and module tree with hook points and shapes.
     Inspect {
         #[command(flatten)]
@@ -206,7 +206,7 @@ pub enum Command {
 
 /// What `nnmesh keygen` creates.
 #[derive(Debug, Subcommand)]
-pub enum Keygen {
+pub(crate) enum Keygen {
     /// An identity key file (loaded, not replaced, if it exists); prints its peer id.
     Identity {
         /// The file.
@@ -221,7 +221,7 @@ pub enum Keygen {
 
 /// Flags of `nnmesh bench`.
 #[derive(Debug, Args)]
-pub struct BenchArgs {
+pub(crate) struct BenchArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Prompt length for the prefill benchmark.
@@ -249,7 +249,7 @@ pub struct BenchArgs {
 ///
 /// # Errors
 /// Any failure, with context for the user.
-pub fn run(cli: Cli) -> Result<()> {
+pub(crate) fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Inspect { model, tokens } => model::inspect(&model, tokens),
         Command::Generate {

@@ -9,7 +9,7 @@
 //! # Containment
 //! A stage serves strangers, so one request can never take it down:
 //! [`Stage::step`] checks every field a peer sent before it reaches a tensor
-//! op (see [`session`]), runs the step under `catch_unwind`, and on any
+//! op (the `session` module), runs the step under `catch_unwind`, and on any
 //! failure drops that request's session and answers with a [`WireError`].
 //! The next request is served as if nothing happened. Only when a probe
 //! forward fails after a contained panic (the stage itself is broken, not

@@ -16,22 +16,37 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum EngineError {
+    /// The checkpoint cannot be loaded.
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// The tokenizer cannot be loaded or failed.
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
+    /// A prompt (with the tokens to generate) longer than the model's context.
     #[error("prompt {index} has {tokens} tokens; the model's context is {max} tokens")]
     TooLong {
+        /// The prompt.
         index: usize,
+        /// Its tokens plus those to generate.
         tokens: usize,
+        /// The model's context.
         max: usize,
     },
+    /// A prompt without tokens.
     #[error("prompt {0} is empty")]
     Empty(usize),
+    /// No prompt at all.
     #[error("no prompt given")]
     NoPrompt,
+    /// A token id outside the vocabulary.
     #[error("token id {id} is outside the vocabulary of {vocab}")]
-    TokenId { id: u32, vocab: usize },
+    TokenId {
+        /// The id.
+        id: u32,
+        /// The vocabulary size.
+        vocab: usize,
+    },
+    /// The forward failed.
     #[error(transparent)]
     Hook(#[from] HookError),
 }
@@ -43,32 +58,6 @@ pub struct Engine {
     pub model: Model,
     /// The model's tokenizer.
     pub tokenizer: Tokenizer,
-}
-
-/// Parses `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available).
-pub fn parse_device(s: &str) -> Result<Device, String> {
-    match s {
-        "cpu" => Ok(Device::Cpu),
-        "auto" => Ok(Device::cuda_if_available()),
-        "cuda" => Ok(Device::Cuda(0)),
-        s => s
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(Device::Cuda)
-            .ok_or_else(|| format!("unknown device {s:?} (cpu, cuda, cuda:N, auto)")),
-    }
-}
-
-/// Parses `f32`, `f16`, `bf16`, or `auto` (f32 on CPU, bf16 on CUDA).
-pub fn parse_kind(s: &str, device: Device) -> Result<Kind, String> {
-    match s {
-        "f32" => Ok(Kind::Float),
-        "f16" => Ok(Kind::Half),
-        "bf16" => Ok(Kind::BFloat16),
-        "auto" if device.is_cuda() => Ok(Kind::BFloat16),
-        "auto" => Ok(Kind::Float),
-        s => Err(format!("unknown dtype {s:?} (f32, f16, bf16, auto)")),
-    }
 }
 
 /// Prompts as one left-padded batch.

@@ -17,31 +17,75 @@ const DEFAULT_ALIGNMENT: u64 = 32;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum GgufError {
+    /// The file cannot be opened or mapped.
     #[error("cannot open {path}: {source}")]
     Open {
+        /// The file.
         path: String,
+        /// The I/O error.
         source: std::io::Error,
     },
+    /// The file does not start with `GGUF`.
     #[error("{path} is not a GGUF file (magic {magic:?})")]
-    Magic { path: String, magic: [u8; 4] },
+    Magic {
+        /// The file.
+        path: String,
+        /// Its first four bytes.
+        magic: [u8; 4],
+    },
+    /// A GGUF version this reader does not read.
     #[error("GGUF version {0} is not supported (2 and 3 are)")]
     Version(u32),
+    /// The file ends before a header, value or tensor does.
     #[error("GGUF file is truncated: needed {needed} bytes at offset {offset}, file has {len}")]
-    Truncated { offset: u64, needed: u64, len: u64 },
+    Truncated {
+        /// Where the read started.
+        offset: u64,
+        /// Bytes needed.
+        needed: u64,
+        /// The file's length.
+        len: u64,
+    },
+    /// A metadata value of an unknown type.
     #[error("GGUF metadata {key:?} has an unknown value type {ty}")]
-    ValueType { key: String, ty: u32 },
+    ValueType {
+        /// The metadata key.
+        key: String,
+        /// The type code.
+        ty: u32,
+    },
+    /// A metadata value that is missing or of the wrong kind.
     #[error("GGUF metadata {key:?}: {detail}")]
-    Metadata { key: String, detail: String },
+    Metadata {
+        /// The metadata key.
+        key: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// A tensor of a quantization type this reader does not dequantize.
     #[error("tensor {name:?} has quantization type {ty} ({}), which is not supported", type_name(*ty))]
-    Unsupported { name: String, ty: u32 },
+    Unsupported {
+        /// The tensor.
+        name: String,
+        /// The GGML type code.
+        ty: u32,
+    },
+    /// A tensor the model needs is not in the file.
     #[error("tensor {0:?} is not in the file")]
     Missing(String),
+    /// A tensor whose header does not fit the file (shape, offset, size).
     #[error("tensor {name:?}: {detail}")]
-    Tensor { name: String, detail: String },
+    Tensor {
+        /// The tensor.
+        name: String,
+        /// What is wrong.
+        detail: String,
+    },
 }
 
-/// A metadata value.
+/// A metadata value, one variant per GGUF value type.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(missing_docs)] // the variants are the GGUF types they are named after
 pub enum Value {
     U8(u8),
     I8(i8),

@@ -16,12 +16,16 @@ use crate::gguf::Gguf;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TokenizerError {
+    /// A tokenizer model other than byte-level BPE.
     #[error("tokenizer model {0:?} is not supported (byte-level BPE \"gpt2\" is)")]
     Model(String),
+    /// A pre-tokenizer this runtime does not know.
     #[error("pre-tokenizer {0:?} is not supported (smollm, gpt2, llama-bpe, qwen2 are)")]
     Pre(String),
+    /// The tokenizers crate failed to build or run the tokenizer.
     #[error("tokenizer: {0}")]
     Build(String),
+    /// The GGUF metadata holding the tokenizer is malformed.
     #[error(transparent)]
     Gguf(#[from] crate::gguf::GgufError),
 }

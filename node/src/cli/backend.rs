@@ -19,7 +19,7 @@ use super::ModelArgs;
 
 /// How a client joins a mesh.
 #[derive(Debug, Args, Clone)]
-pub struct MeshArgs {
+pub(crate) struct MeshArgs {
     /// Run through the mesh reachable at this address (repeatable), e.g.
     /// /ip4/127.0.0.1/tcp/4001/p2p/12D3Koo...; without it the model runs here.
     #[arg(long)]
@@ -41,7 +41,7 @@ impl MeshArgs {
     ///
     /// # Errors
     /// Unreadable key files, or a mesh that cannot be reached.
-    pub fn connect(&self, rt: &tokio::runtime::Runtime) -> Result<mesh::Client> {
+    pub(crate) fn connect(&self, rt: &tokio::runtime::Runtime) -> Result<mesh::Client> {
         use nnmesh_client::transport::{self, keys};
         let keypair = match &self.identity {
             Some(path) => keys::load_or_create_identity(path)?,
@@ -55,7 +55,7 @@ impl MeshArgs {
 
 /// Where a graph runs: this process (a full model) or a mesh.
 #[derive(Debug, Args, Clone)]
-pub struct RunArgs {
+pub(crate) struct RunArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     #[command(flatten)]
@@ -67,7 +67,7 @@ pub struct RunArgs {
 
 /// A model to run graphs on: loaded here, or a mesh of stage nodes.
 #[derive(Debug)]
-pub enum Backend {
+pub(super) enum Backend {
     /// The full model in this process.
     Local(Engine),
     /// A mesh; the tokenizer (read from the local model file) shows tokens.
@@ -90,7 +90,7 @@ impl Backend {
     ///
     /// # Errors
     /// A model that cannot be loaded or a mesh that cannot be reached.
-    pub fn open(run: &RunArgs) -> Result<Self> {
+    pub(super) fn open(run: &RunArgs) -> Result<Self> {
         if run.mesh.mesh.is_empty() {
             return Ok(Backend::Local(run.model.load(None)?));
         }
@@ -123,7 +123,7 @@ impl Backend {
     }
 
     /// The tokenizer.
-    pub fn tokenizer(&self) -> &Tokenizer {
+    pub(super) fn tokenizer(&self) -> &Tokenizer {
         match self {
             Backend::Local(e) => &e.tokenizer,
             Backend::Mesh { tokenizer, .. } => tokenizer,
@@ -131,7 +131,7 @@ impl Backend {
     }
 
     /// Number of decoder layers.
-    pub fn num_layers(&self) -> u32 {
+    pub(super) fn num_layers(&self) -> u32 {
         match self {
             Backend::Local(e) => e.model.config().num_hidden_layers as u32,
             Backend::Mesh { num_layers, .. } => *num_layers,
@@ -142,7 +142,7 @@ impl Backend {
     ///
     /// # Errors
     /// When tokenization fails.
-    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+    pub(super) fn encode(&self, text: &str) -> Result<Vec<u32>> {
         Ok(self.tokenizer().encode(text)?)
     }
 
@@ -150,7 +150,7 @@ impl Backend {
     ///
     /// # Errors
     /// Validation or run failures, naming the failing stage on a mesh.
-    pub fn execute(&self, graph: Graph) -> Result<Outcome> {
+    pub(super) fn execute(&self, graph: Graph) -> Result<Outcome> {
         match self {
             Backend::Local(engine) => Ok(execute::run(engine, graph, &Limits::default())?),
             Backend::Mesh {

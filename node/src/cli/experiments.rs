@@ -19,7 +19,7 @@ use super::{
 
 /// The built-in experiments.
 #[derive(Debug, Subcommand)]
-pub enum Experiment {
+pub(crate) enum Experiment {
     /// Logit lens: the top next token of every layer's residual stream.
     Lens {
         #[command(flatten)]
@@ -89,7 +89,7 @@ pub enum Experiment {
 ///
 /// # Errors
 /// A file that cannot be read or parsed, or a failing run.
-pub fn trace_file(run: &RunArgs, graph: &Path) -> Result<()> {
+pub(super) fn trace_file(run: &RunArgs, graph: &Path) -> Result<()> {
     let text = std::fs::read_to_string(graph)
         .with_context(|| format!("reading graph {}", graph.display()))?;
     let g = Graph::from_json(&text).with_context(|| format!("parsing {}", graph.display()))?;
@@ -124,7 +124,7 @@ fn single_token(backend: &Backend, text: &str) -> Result<u32> {
 ///
 /// # Errors
 /// Loading, validation or run failures.
-pub fn experiment(e: Experiment) -> Result<()> {
+pub(super) fn experiment(e: Experiment) -> Result<()> {
     match e {
         Experiment::Lens { run, prompt } => {
             let engine = Backend::open(&run)?;
@@ -284,7 +284,7 @@ fn shade(x: f32) -> char {
 ///
 /// # Errors
 /// An unknown experiment name.
-pub fn example_json(name: &str, layers: u32) -> Result<String> {
+pub(super) fn example_json(name: &str, layers: u32) -> Result<String> {
     match recipes::example(name, layers) {
         Some(g) => Ok(g.to_json()),
         None => bail!(

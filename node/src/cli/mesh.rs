@@ -6,7 +6,7 @@ use nnmesh_client::{mesh::holders_per_layer, transport::keys};
 use super::{Keygen, backend::MeshArgs};
 
 /// `nnmesh keygen`.
-pub fn keygen(what: Keygen) -> Result<()> {
+pub(super) fn keygen(what: Keygen) -> Result<()> {
     match what {
         Keygen::Identity { file } => {
             let key = keys::load_or_create_identity(&file)?;
@@ -25,7 +25,7 @@ pub fn keygen(what: Keygen) -> Result<()> {
 }
 
 /// `nnmesh status`: peers, and holders per block of each model.
-pub fn status(mesh: &MeshArgs) -> Result<()> {
+pub(super) fn status(mesh: &MeshArgs) -> Result<()> {
     if mesh.mesh.is_empty() {
         bail!("nnmesh status needs --mesh ADDR");
     }

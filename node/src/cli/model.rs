@@ -9,7 +9,7 @@ use nnmesh_runtime::hooks::NoHooks;
 use super::ModelArgs;
 
 /// `nnmesh inspect`.
-pub fn inspect(args: &ModelArgs, t: u64) -> Result<()> {
+pub(super) fn inspect(args: &ModelArgs, t: u64) -> Result<()> {
     let engine = args.load(None)?;
     let cfg = engine.model.config();
     let m = engine.manifest();
@@ -91,7 +91,7 @@ fn human(n: u64) -> String {
 }
 
 /// `nnmesh generate`: streams the text as it is generated.
-pub fn generate(args: &ModelArgs, prompt: &str, max_new: usize) -> Result<()> {
+pub(super) fn generate(args: &ModelArgs, prompt: &str, max_new: usize) -> Result<()> {
     let engine = args.load(None)?;
     let ids = engine.encode(prompt)?;
     let mut out = std::io::stdout().lock();
@@ -134,7 +134,7 @@ pub fn generate(args: &ModelArgs, prompt: &str, max_new: usize) -> Result<()> {
 }
 
 /// `nnmesh forward`: the top next tokens.
-pub fn forward(args: &ModelArgs, prompt: &str, k: i64, json: bool) -> Result<()> {
+pub(super) fn forward(args: &ModelArgs, prompt: &str, k: i64, json: bool) -> Result<()> {
     if k < 1 {
         bail!("--top must be at least 1");
     }

@@ -14,7 +14,7 @@ use super::ModelArgs;
 
 /// Flags of `nnmesh node`.
 #[derive(Debug, Args)]
-pub struct NodeArgs {
+pub(crate) struct NodeArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Decoder layers to serve, `A..B` (end exclusive). The stage starting at
@@ -126,7 +126,7 @@ impl NodeArgs {
 /// # Errors
 /// Bad flags or key files, a model that cannot be loaded, a transport that
 /// cannot start, or a stage that can no longer compute.
-pub fn run(args: NodeArgs) -> Result<()> {
+pub(super) fn run(args: NodeArgs) -> Result<()> {
     let cfg = args.config()?;
     let model = cfg.stage.model.clone();
     eprintln!(

@@ -8,7 +8,7 @@ use tch::{Kind, Tensor};
 use super::backend::RunArgs;
 
 /// Writes every saved value to `--out` (safetensors), if given.
-pub fn write_out(run: &RunArgs, out: &Outcome) -> Result<()> {
+pub(super) fn write_out(run: &RunArgs, out: &Outcome) -> Result<()> {
     if let Some(path) = &run.out {
         let named: Vec<(String, Tensor)> = out
             .saves
@@ -23,7 +23,7 @@ pub fn write_out(run: &RunArgs, out: &Outcome) -> Result<()> {
 }
 
 /// Prints the tokens each invoke generated.
-pub fn print_generated(tok: &Tokenizer, out: &Outcome) {
+pub(super) fn print_generated(tok: &Tokenizer, out: &Outcome) {
     for (t, rows) in out.generated.iter().enumerate() {
         for (i, ids) in rows.iter().enumerate().filter(|(_, ids)| !ids.is_empty()) {
             println!(
@@ -36,7 +36,7 @@ pub fn print_generated(tok: &Tokenizer, out: &Outcome) {
 
 /// Prints one saved value: shape and dtype, then the top tokens if it looks
 /// like logits, else summary statistics.
-pub fn print_saved(tok: &Tokenizer, s: &SavedTensor) {
+pub(super) fn print_saved(tok: &Tokenizer, s: &SavedTensor) {
     let v = &s.value;
     println!("{}  {:?} {:?}", s.key(), v.kind(), v.size());
     let numel = v.numel();
@@ -68,7 +68,7 @@ fn tok_vocab(tok: &Tokenizer) -> i64 {
 }
 
 /// `" Paris" 0.62, " Rome" 0.05, …` for a `[vocab]` logits row.
-pub fn top_tokens(tok: &Tokenizer, logits: &Tensor, k: i64) -> String {
+pub(super) fn top_tokens(tok: &Tokenizer, logits: &Tensor, k: i64) -> String {
     let probs = logits.to_kind(Kind::Float).softmax(-1, Kind::Float);
     let (p, idx) = probs.topk(k, -1, true, true);
     let p = Vec::<f32>::try_from(&p).unwrap_or_default();

@@ -9,25 +9,25 @@ use nnmesh_runtime::engine::Engine;
 use tch::{Device, Kind, Tensor};
 
 /// The repository root.
-pub fn root() -> PathBuf {
+pub(crate) fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
 /// `$NNMESH_MODEL`, or the bundled SmolLM2 that scripts/setup.sh unpacks.
-pub fn model_path() -> PathBuf {
+pub(crate) fn model_path() -> PathBuf {
     std::env::var_os("NNMESH_MODEL")
         .map(PathBuf::from)
         .unwrap_or_else(|| root().join("models/SmolLM2-135M-Instruct.Q4_1.gguf"))
 }
 
 /// The full model in f32 on the CPU.
-pub fn load_engine() -> Engine {
+pub(crate) fn load_engine() -> Engine {
     Engine::load(&model_path(), None, Kind::Float, Device::Cpu)
         .expect("bundled model loads (run scripts/setup.sh)")
 }
 
 /// A graph from `examples/NAME.json`.
-pub fn example(name: &str) -> Graph {
+pub(crate) fn example(name: &str) -> Graph {
     let text = std::fs::read_to_string(root().join("examples").join(format!("{name}.json")))
         .expect("example exists");
     Graph::from_json(&text).expect("example parses")
@@ -46,7 +46,7 @@ pub fn example(name: &str) -> Graph {
 /// our logits equal transformers' bit for bit, so all the drift is the
 /// kernels'.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Tolerance {
+pub(crate) struct Tolerance {
     /// Absolute part, for values near zero.
     pub atol: f64,
     /// Part relative to `|reference|`.
@@ -63,7 +63,7 @@ pub struct Tolerance {
 /// 0.29 of this bound with AVX2 kernels forced, 0.40 with SSE4.2, and the
 /// EPYC fixture 0.33 of it here. A RoPE base 1% off already fails it 9-40x
 /// (see `planted_bugs_fail_the_checks`).
-pub const LOGITS: Tolerance = Tolerance {
+pub(crate) const LOGITS: Tolerance = Tolerance {
     atol: 2e-4,
     rtol: 1e-5,
 };
@@ -76,7 +76,7 @@ pub const LOGITS: Tolerance = Tolerance {
 /// 1.5e-5 with rtol 1e-6. This bound (1.6e-3 at |h| = 754, 1e-4 near 0) is
 /// about 6x the worst of them. Deeper layers drift more (up to 3.7e-2 at
 /// |h| = 20,212 in layer 20, AVX-512 vs AVX2): do not reuse it there.
-pub const RESIDUAL: Tolerance = Tolerance {
+pub(crate) const RESIDUAL: Tolerance = Tolerance {
     atol: 1e-4,
     rtol: 2e-6,
 };
@@ -84,7 +84,7 @@ pub const RESIDUAL: Tolerance = Tolerance {
 /// The tiny random checkpoints' logits (|logit| < 1, hidden size 64, three
 /// layers). Measured drift between kernel sets: at most 2.7e-7 (a few ulps).
 /// This bound is 1e-6 + 2e-6 * |logit| (2.2e-6 at the largest logits).
-pub const TINY_LOGITS: Tolerance = Tolerance {
+pub(crate) const TINY_LOGITS: Tolerance = Tolerance {
     atol: 1e-6,
     rtol: 2e-6,
 };
@@ -92,7 +92,7 @@ pub const TINY_LOGITS: Tolerance = Tolerance {
 /// The element of `ours` that is furthest outside its bound (or, when all
 /// are inside, closest to it).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Worst {
+pub(crate) struct Worst {
     /// Its index in the compared tensors.
     pub index: Vec<i64>,
     /// Our value.
@@ -105,13 +105,13 @@ pub struct Worst {
 
 impl Worst {
     /// `|ours - reference|`.
-    pub fn diff(&self) -> f64 {
+    pub(crate) fn diff(&self) -> f64 {
         (self.ours - self.reference).abs()
     }
 
     /// How many times the bound the difference is: above 1 is a violation.
     /// A NaN on either side is an infinite violation.
-    pub fn ratio(&self) -> f64 {
+    pub(crate) fn ratio(&self) -> f64 {
         let d = self.diff();
         if d.is_nan() {
             f64::INFINITY
@@ -123,7 +123,7 @@ impl Worst {
     }
 
     /// Whether the difference exceeds its bound.
-    pub fn violated(&self) -> bool {
+    pub(crate) fn violated(&self) -> bool {
         self.ratio() > 1.0
     }
 }
@@ -148,7 +148,7 @@ impl fmt::Display for Worst {
 ///
 /// # Panics
 /// When the shapes differ or the tensors are empty.
-pub fn closeness(name: &str, ours: &Tensor, reference: &Tensor, tol: Tolerance) -> Worst {
+pub(crate) fn closeness(name: &str, ours: &Tensor, reference: &Tensor, tol: Tolerance) -> Worst {
     assert_eq!(ours.size(), reference.size(), "{name}: shapes differ");
     let shape = ours.size();
     // In f64 so that the check adds no rounding of its own.
@@ -182,7 +182,7 @@ pub fn closeness(name: &str, ours: &Tensor, reference: &Tensor, tol: Tolerance) 
 ///
 /// # Panics
 /// When an element is outside its bound, or as [`closeness`].
-pub fn assert_close(name: &str, ours: &Tensor, reference: &Tensor, tol: Tolerance) -> Worst {
+pub(crate) fn assert_close(name: &str, ours: &Tensor, reference: &Tensor, tol: Tolerance) -> Worst {
     let worst = closeness(name, ours, reference, tol);
     assert!(!worst.violated(), "{name}: {worst} (tolerance {tol:?})");
     eprintln!("{name}: within tolerance; {worst}");

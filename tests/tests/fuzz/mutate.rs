@@ -11,7 +11,7 @@ use nnmesh_protocol::{
 use serde_json::Value;
 
 /// A deterministic peer id from a one-byte seed.
-pub fn peer(seed: u8) -> PeerId {
+pub(crate) fn peer(seed: u8) -> PeerId {
     libp2p::identity::Keypair::ed25519_from_bytes([seed; 32])
         .expect("32 bytes")
         .public()
@@ -19,21 +19,21 @@ pub fn peer(seed: u8) -> PeerId {
 }
 
 /// xorshift64*: a seeded, reproducible source of choices.
-pub struct Rng(u64);
+pub(crate) struct Rng(u64);
 
 impl Rng {
-    pub fn new(seed: u64) -> Rng {
+    pub(crate) fn new(seed: u64) -> Rng {
         Rng(seed.max(1))
     }
 
-    pub fn next(&mut self) -> u64 {
+    pub(crate) fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    pub fn below(&mut self, n: usize) -> usize {
+    pub(crate) fn below(&mut self, n: usize) -> usize {
         if n == 0 {
             0
         } else {
@@ -41,16 +41,16 @@ impl Rng {
         }
     }
 
-    pub fn chance(&mut self, p: f64) -> bool {
+    pub(crate) fn chance(&mut self, p: f64) -> bool {
         (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
     }
 
-    pub fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
+    pub(crate) fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
         &xs[self.below(xs.len())]
     }
 
     /// Integers where bugs live: around 0, the type limits, and small values.
-    pub fn int(&mut self) -> i64 {
+    pub(crate) fn int(&mut self) -> i64 {
         match self.below(8) {
             0 => *self.pick(&[0, 1, -1, 2, -2]),
             1 => *self.pick(&[i64::MAX, i64::MIN, i64::MAX - 1, i64::MIN + 1]),
@@ -61,11 +61,11 @@ impl Rng {
         }
     }
 
-    pub fn uint(&mut self) -> u64 {
+    pub(crate) fn uint(&mut self) -> u64 {
         self.int().unsigned_abs()
     }
 
-    pub fn float(&mut self) -> f64 {
+    pub(crate) fn float(&mut self) -> f64 {
         match self.below(6) {
             0 => *self.pick(&[f64::NAN, f64::INFINITY, f64::NEG_INFINITY, -0.0]),
             1 => *self.pick(&[f64::MAX, f64::MIN_POSITIVE, 1e300, -1e300]),
@@ -75,7 +75,7 @@ impl Rng {
 }
 
 /// Flips, overwrites, inserts, deletes, truncates or splices bytes.
-pub fn bytes(rng: &mut Rng, b: &mut Vec<u8>, other: &[u8]) {
+pub(crate) fn bytes(rng: &mut Rng, b: &mut Vec<u8>, other: &[u8]) {
     for _ in 0..1 + rng.below(4) {
         let at = rng.below(b.len() + 1);
         match rng.below(7) {
@@ -108,7 +108,7 @@ pub fn bytes(rng: &mut Rng, b: &mut Vec<u8>, other: &[u8]) {
 }
 
 /// Mutates a JSON tree in place: numbers, strings, arrays, objects.
-pub fn json(rng: &mut Rng, v: &mut Value) {
+pub(crate) fn json(rng: &mut Rng, v: &mut Value) {
     let mut nodes = Vec::new();
     collect(v, &mut Vec::new(), &mut nodes);
     for _ in 0..1 + rng.below(3) {
@@ -360,7 +360,7 @@ fn random_node(rng: &mut Rng, len: usize, traces: usize) -> Node {
 
 /// Mutates a graph structurally: nodes replaced, inserted, deleted or
 /// rewired; hooks, ops and prompts changed.
-pub fn graph(rng: &mut Rng, g: &mut Graph) {
+pub(crate) fn graph(rng: &mut Rng, g: &mut Graph) {
     for _ in 0..1 + rng.below(3) {
         let (len, traces) = (g.nodes.len(), g.traces.len());
         match rng.below(9) {
@@ -508,7 +508,7 @@ fn tensor(rng: &mut Rng, t: &mut WireTensor) {
 }
 
 /// Mutates a stage message field by field.
-pub fn step(rng: &mut Rng, s: &mut StepRequest, graph_bytes: &[u8]) {
+pub(crate) fn step(rng: &mut Rng, s: &mut StepRequest, graph_bytes: &[u8]) {
     for _ in 0..1 + rng.below(2) {
         match rng.below(11) {
             0 => s.hop = rng.uint() as u32 % 5,

@@ -97,10 +97,13 @@ fn parse_scaling(v: serde_json::Value, ty: Option<&str>) -> Result<Option<RopeSc
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
+    /// An architecture other than the Llama family.
     #[error("architecture {0:?} is not supported (llama, mistral, qwen2 are)")]
     Architecture(String),
+    /// A configuration value that is missing or makes no sense, and which.
     #[error("invalid config: {0}")]
     Invalid(String),
+    /// The GGUF metadata holding the configuration is malformed.
     #[error(transparent)]
     Gguf(#[from] crate::gguf::GgufError),
 }
