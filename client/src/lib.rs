@@ -28,6 +28,5 @@
 //! # Ok(()) }
 //! ```
 
-
 pub mod mesh;
 pub mod transport;

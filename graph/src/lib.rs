@@ -65,7 +65,6 @@
 //! and shape inference, [`partition`](mod@partition) the pipeline split,
 //! [`recipes`] the canonical experiments.
 
-
 pub mod builder;
 pub mod encode;
 pub mod ir;

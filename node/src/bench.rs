@@ -71,7 +71,11 @@ fn script(name: &str) -> Option<PathBuf> {
 }
 
 /// Runs a Python benchmark script and parses its last JSON line.
-pub(crate) fn python_json(python: &Path, script_name: &str, args: &[String]) -> Result<serde_json::Value> {
+pub(crate) fn python_json(
+    python: &Path,
+    script_name: &str,
+    args: &[String],
+) -> Result<serde_json::Value> {
     let script = script(script_name).with_context(|| {
         format!("./scripts/{script_name} not found (run nnmesh bench from an nnmesh checkout)")
     })?;

@@ -50,7 +50,6 @@
 //! # Ok::<(), CodecError>(())
 //! ```
 
-
 pub mod codec;
 pub mod ids;
 pub mod limits;

@@ -81,8 +81,7 @@ pub fn trace_prompts(graph: &Graph, trace: usize) -> Vec<Vec<u32>> {
 /// # Errors
 /// The first validation error found.
 pub fn plan(graph: &Graph, manifest: &Manifest, limits: &Limits) -> Result<Plan, Error> {
-    let inputs = Inputs::from_tokens(graph)
-        .ok_or(Error::Untokenized)?;
+    let inputs = Inputs::from_tokens(graph).ok_or(Error::Untokenized)?;
     Ok(validate(graph, manifest, &inputs, limits)?)
 }
 

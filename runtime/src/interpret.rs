@@ -46,7 +46,6 @@ impl SavedTensor {
     }
 }
 
-
 /// What an [`Executor`] keeps between steps and traces: computed values,
 /// saves, and the schedule of the step being run. A mesh stage keeps one per
 /// request (its session) and builds a short-lived [`Executor`] per step.

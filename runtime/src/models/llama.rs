@@ -628,7 +628,9 @@ impl Model {
                 module: module.path(),
                 source,
             },
-            other => unreachable!("a forward without hooks neither stops nor fails a node: {other}"),
+            other => {
+                unreachable!("a forward without hooks neither stops nor fails a node: {other}")
+            }
         };
         let block = |i: u32| -> Result<&Block, ModuleError> {
             let i = i as usize;
@@ -676,10 +678,7 @@ impl Model {
             }
             Module::InputNorm(i) => block(i)?.input_layernorm.forward(&xs),
             Module::PostNorm(i) => block(i)?.post_attention_layernorm.forward(&xs),
-            Module::Mlp(i) => block(i)?
-                .mlp
-                .forward(i, &xs, no)
-                .map_err(invalid)?,
+            Module::Mlp(i) => block(i)?.mlp.forward(i, &xs, no).map_err(invalid)?,
             Module::QProj(i) => block(i)?.self_attn.q_proj.forward(&xs),
             Module::KProj(i) => block(i)?.self_attn.k_proj.forward(&xs),
             Module::VProj(i) => block(i)?.self_attn.v_proj.forward(&xs),
