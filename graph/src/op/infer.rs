@@ -419,6 +419,7 @@ fn reshape(from: &[u64], to: &[i64]) -> Result<Vec<u64>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ir::IndexItem;
 
     fn m(shape: &[u64], dtype: DType) -> TensorMeta {
         TensorMeta::new(shape, dtype)
