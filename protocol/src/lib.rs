@@ -2,9 +2,9 @@
 //! tensors inside them, content ids, signed mesh records, the versioned
 //! codec and the shared route search.
 //!
-//! This crate is a leaf: no async runtime and no networking, so the node, the
-//! client and the simulator all build on exactly the same types and
-//! algorithms.
+//! This crate is a leaf: no async runtime and no networking, so the nodes
+//! and the clients build on exactly the same types and algorithms (and a
+//! simulator can, later).
 //!
 //! - [`ids`]: [`RequestId`], [`ModelId`] (blake3 of the weight files).
 //! - [`tensor`]: [`WireTensor`], raw little-endian bytes with dtype and shape.

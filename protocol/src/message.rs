@@ -116,7 +116,8 @@ pub struct StageReport {
 pub enum ReportBody {
     /// Values the graph saved on this stage.
     Saves(Vec<Saved>),
-    /// Values to relay through the client (e.g. for a replayed hop).
+    /// Values an earlier stage needs in a later step or trace: the client
+    /// hands them to the first stage with its next step.
     Relay(Vec<Carried>),
     /// The trace finished; the generated tokens.
     Done {

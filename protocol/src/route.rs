@@ -1,7 +1,8 @@
 //! Route search: the cheapest chain of stages covering every layer.
 //!
-//! Pure and deterministic, so the client, the nodes and the simulator all
-//! pick the same routes from the same inputs.
+//! Pure and deterministic: a client picks the same route from the same
+//! records every time, and anything else that routes (a simulator, a
+//! replacement search) can share it.
 //!
 //! # Cost model
 //!

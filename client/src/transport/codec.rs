@@ -1,11 +1,12 @@
 //! A request-response codec for raw byte messages: a `u32` little-endian
 //! length, then the bytes.
 //!
-//! Unlike libp2p's cbor/json codecs, which silently truncate at 1 MiB, this
-//! codec refuses a frame above its limit with a [`FrameTooLarge`] error on
+//! libp2p's cbor/json codecs read at most 1 MiB of a request (10 MiB of a
+//! response) by default: a larger one is cut there and fails to decode on
+//! the receiver, and the sender only sees its stream close. This codec
+//! refuses a frame above its limit with a [`FrameTooLarge`] error on
 //! whichever side notices (the writer before sending, the reader after the
-//! length prefix), so an oversize message is an error, never a hang or a
-//! truncated decode.
+//! length prefix), so an oversize message is an error that says so.
 
 use std::io;
 
