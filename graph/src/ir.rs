@@ -4,6 +4,8 @@
 //! [`Graph::to_json`]); postcard is the canonical wire form that the content
 //! hash is taken over (see [`Graph::to_postcard`]).
 
+pub(crate) mod bounded;
+
 use serde::{Deserialize, Serialize};
 
 use crate::op::Op;
@@ -19,10 +21,10 @@ pub struct Graph {
     /// Format version, always [`FORMAT_VERSION`] for graphs this crate writes.
     pub version: u32,
     /// The forward passes (or generations) of the session, run in this order.
-    #[serde(deserialize_with = "crate::encode::bounded::traces")]
+    #[serde(deserialize_with = "crate::ir::bounded::traces")]
     pub traces: Vec<Trace>,
     /// The nodes; a node may only name earlier nodes as inputs.
-    #[serde(deserialize_with = "crate::encode::bounded::nodes")]
+    #[serde(deserialize_with = "crate::ir::bounded::nodes")]
     pub nodes: Vec<Node>,
 }
 
@@ -44,7 +46,7 @@ impl Default for Graph {
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub struct Trace {
     /// The prompts of the batch, one per batch row.
-    #[serde(deserialize_with = "crate::encode::bounded::invokes")]
+    #[serde(deserialize_with = "crate::ir::bounded::invokes")]
     pub invokes: Vec<Invoke>,
     /// Number of tokens to generate greedily; 0 means a single forward pass.
     #[serde(default)]

@@ -14,7 +14,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::{
     gguf::{Gguf, GgufError},
-    models::llama::{Config, ConfigError},
+    models::llama::config::{Config, ConfigError},
 };
 
 /// What went wrong opening a checkpoint or reading a tensor from it.

@@ -23,7 +23,7 @@ use crate::{
     hooks::{HookError, Hooks, at},
 };
 
-mod config;
+pub mod config;
 
 /// What flows into a stage: token ids (first stage) or a hidden state.
 #[derive(Debug)]
