@@ -326,6 +326,34 @@ impl Client {
         }
     }
 
+    /// The tokenizer of the model (the one fully served, unless given), as
+    /// `tokenizer.json` bytes from a node that serves it: a client needs no
+    /// weights to tokenize prompts or show tokens.
+    ///
+    /// # Errors
+    /// Discovery, no fully served model, or no node that sends it.
+    pub async fn tokenizer(&self, model: Option<ModelId>) -> Result<(ModelId, Vec<u8>), Error> {
+        let peers = self.peers().await?;
+        let (model, route) = choose_route(&peers, model)?;
+        let mut last = Error::NoPeers;
+        for p in route {
+            match self
+                .call(p.peer, p.addrs.clone(), &Request::Tokenizer { model })
+                .await
+            {
+                Ok(Response::Tokenizer { json }) => return Ok((model, json)),
+                Ok(other) => {
+                    last = Error::Protocol {
+                        peer: p.peer,
+                        detail: format!("Tokenizer answered {other:?}"),
+                    }
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
     /// Runs a graph through the mesh and collects its saves.
     ///
     /// # Errors

@@ -144,6 +144,7 @@ struct Server {
     model: ModelId,
     model_name: String,
     manifest: Vec<u8>,
+    tokenizer: Vec<u8>,
     num_layers: u32,
     span: Span,
     throughput: f32,
@@ -223,6 +224,7 @@ async fn serve(
         model,
         model_name: info.manifest.model.clone(),
         manifest: postcard::to_allocvec(&info.manifest).expect("a manifest encodes"),
+        tokenizer: info.tokenizer,
         num_layers,
         span: cfg.stage.span,
         throughput: info.throughput,
@@ -356,6 +358,21 @@ fn handle(node: Arc<Server>, inb: Inbound) {
             }
         }
         Request::Report(_) => refuse(inb, ErrorKind::UnknownRequest, "nodes do not take reports"),
+        Request::Tokenizer { model } => {
+            if model != node.model {
+                return refuse(
+                    inb,
+                    ErrorKind::NotServed,
+                    format!("this node serves model {}, not {model}", node.model),
+                );
+            }
+            reply(
+                inb,
+                &Response::Tokenizer {
+                    json: node.tokenizer.clone(),
+                },
+            );
+        }
         Request::Step(step) => {
             if let Err(e) = node.check_step(&inb.peer, &step) {
                 tracing::warn!(peer = %inb.peer, error = %e, "step refused");

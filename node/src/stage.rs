@@ -467,6 +467,8 @@ pub struct Info {
     pub manifest: Manifest,
     /// Measured throughput, tokens per second.
     pub throughput: f32,
+    /// The tokenizer as `tokenizer.json` (what weightless clients fetch).
+    pub tokenizer: Vec<u8>,
 }
 
 /// Why a stage did not start.
@@ -501,13 +503,17 @@ pub async fn spawn(
     arbiter.spawn_fn(move || {
         let loaded = std::panic::catch_unwind(|| Stage::load(&cfg));
         let started = match loaded {
-            Ok(Ok(stage)) => {
-                let info = Info {
-                    manifest: stage.manifest.clone(),
-                    throughput: stage.throughput,
-                };
-                Ok((StageActor { stage, fatal }.start(), info))
-            }
+            Ok(Ok(stage)) => match stage.engine.tokenizer.to_json() {
+                Ok(json) => {
+                    let info = Info {
+                        manifest: stage.manifest.clone(),
+                        throughput: stage.throughput,
+                        tokenizer: json.into_bytes(),
+                    };
+                    Ok((StageActor { stage, fatal }.start(), info))
+                }
+                Err(e) => Err(StartError::Load(e.into())),
+            },
             Ok(Err(e)) => Err(StartError::Load(e)),
             Err(payload) => Err(StartError::Panicked(panic_message(payload.as_ref()))),
         };

@@ -243,6 +243,7 @@ mod tests {
             any::<u64>().prop_map(|r| Request::Close {
                 request: RequestId(r)
             }),
+            model_id().prop_map(|model| Request::Tokenizer { model }),
         ]
     }
 
@@ -263,6 +264,7 @@ mod tests {
             Just(Response::Accepted),
             Just(Response::Ack),
             wire_error().prop_map(Response::Error),
+            bytes(64).prop_map(|json| Response::Tokenizer { json }),
         ]
     }
 
@@ -415,6 +417,13 @@ mod tests {
                 SNAP_CLOSE,
             ),
             (
+                "request/tokenizer",
+                encode(&Request::Tokenizer {
+                    model: ModelId([0x22; 32]),
+                }),
+                SNAP_TOKENIZER,
+            ),
+            (
                 "response/info",
                 encode(&Response::Info {
                     records: vec![SignedRecord {
@@ -442,6 +451,13 @@ mod tests {
                 encode(&Response::Error(sample_error)),
                 SNAP_RESP_ERROR,
             ),
+            (
+                "response/tokenizer",
+                encode(&Response::Tokenizer {
+                    json: b"{}".to_vec(),
+                }),
+                SNAP_RESP_TOKENIZER,
+            ),
         ]
     }
 
@@ -454,10 +470,13 @@ mod tests {
     const SNAP_REPORT_DONE: &str = "020003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df280003020201c801";
     const SNAP_REPORT_FAILED: &str = "020003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df28000303050462757379";
     const SNAP_CLOSE: &str = "02000401";
+    const SNAP_TOKENIZER: &str =
+        "0200052222222222222222222222222222222222222222222222222222222222222222";
     const SNAP_RESP_INFO: &str = "0200000102010201030204050106";
     const SNAP_RESP_TOKENS: &str = "0200010202010200";
     const SNAP_RESP_ACCEPTED: &str = "020002";
     const SNAP_RESP_ACK: &str = "020003";
+    const SNAP_RESP_TOKENIZER: &str = "020005027b7d";
     const SNAP_RESP_ERROR: &str = "020004050462757379";
 
     #[test]

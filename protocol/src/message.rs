@@ -52,6 +52,12 @@ pub enum Request {
         /// The request to close.
         request: RequestId,
     },
+    /// Ask for the tokenizer of `model` (a Hugging Face `tokenizer.json`), so
+    /// a client without the weights can tokenize and show tokens itself.
+    Tokenizer {
+        /// The model whose tokenizer to send.
+        model: ModelId,
+    },
 }
 
 /// One step of one trace, addressed to hop `hop` of `route`.
@@ -158,6 +164,12 @@ pub enum Response {
     Ack,
     /// The request failed.
     Error(WireError),
+    /// Answer to [`Request::Tokenizer`]: the tokenizer as `tokenizer.json`.
+    Tokenizer {
+        /// The JSON bytes.
+        #[serde(with = "serde_bytes")]
+        json: Vec<u8>,
+    },
 }
 
 /// An error as sent to a peer.

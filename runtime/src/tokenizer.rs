@@ -53,10 +53,37 @@ impl Tokenizer {
     /// When the file cannot be read or parsed.
     pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
         let inner = HfTokenizer::from_file(path).map_err(build_err)?;
-        let eos = ["</s>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>"]
+        Ok(Tokenizer {
+            eos: Self::eos_of(&inner),
+            inner,
+        })
+    }
+
+    /// Loads a tokenizer from the bytes of a `tokenizer.json` (what
+    /// [`Tokenizer::to_json`] writes; a mesh client gets it from a node).
+    ///
+    /// # Errors
+    /// When the bytes are not a tokenizer.
+    pub fn from_json(json: &[u8]) -> Result<Self, TokenizerError> {
+        let inner = HfTokenizer::from_bytes(json).map_err(build_err)?;
+        Ok(Tokenizer {
+            eos: Self::eos_of(&inner),
+            inner,
+        })
+    }
+
+    /// The tokenizer as a Hugging Face `tokenizer.json`.
+    ///
+    /// # Errors
+    /// When it cannot be serialized.
+    pub fn to_json(&self) -> Result<String, TokenizerError> {
+        self.inner.to_string(false).map_err(build_err)
+    }
+
+    fn eos_of(inner: &HfTokenizer) -> Option<u32> {
+        ["</s>", "<|endoftext|>", "<|end_of_text|>", "<|im_end|>"]
             .iter()
-            .find_map(|t| inner.token_to_id(t));
-        Ok(Tokenizer { inner, eos })
+            .find_map(|t| inner.token_to_id(t))
     }
 
     /// Rebuilds the tokenizer stored in a GGUF file's metadata.

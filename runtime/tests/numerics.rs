@@ -205,6 +205,27 @@ fn tokenizer_ids_match_transformers() {
     }
 }
 
+/// The tokenizer a node sends a weightless client (as `tokenizer.json`)
+/// tokenizes like the one it loaded from the GGUF file.
+#[test]
+fn the_tokenizer_travels_as_json() {
+    let e = engine();
+    let json = e.tokenizer.to_json().expect("serializes");
+    let sent = nnmesh_runtime::tokenizer::Tokenizer::from_json(json.as_bytes()).expect("loads");
+    let f = fixture("reference.json");
+    for case in f["prompts"].as_array().expect("prompts") {
+        let prompt = case["prompt"].as_str().expect("prompt");
+        assert_eq!(
+            sent.encode(prompt).expect("encodes"),
+            ids(&case["ids"]),
+            "{prompt:?}"
+        );
+        assert_eq!(sent.decode(&ids(&case["ids"])).expect("decodes"), prompt);
+    }
+    assert_eq!(sent.vocab_size(), e.tokenizer.vocab_size());
+    assert!(nnmesh_runtime::tokenizer::Tokenizer::from_json(b"not json").is_err());
+}
+
 #[test]
 fn logits_match_transformers() {
     let e = engine();

@@ -344,3 +344,39 @@ fn a_dead_stage_is_reported_by_name() {
     assert!(matches!(err, mesh::Error::Coverage(_)), "{err}");
     assert!(err.to_string().contains("layers 20..30 unserved"), "{err}");
 }
+
+/// A client without any model file: the tokenizer comes from the mesh, and
+/// the CLI's `--mesh` commands run from anywhere.
+#[test]
+fn a_client_without_weights_gets_the_tokenizer_from_the_mesh() {
+    let nodes = three_nodes(&nnmesh_tests::model_path());
+    let rt = rt();
+    let client = rt
+        .block_on(mesh::Client::connect(std::slice::from_ref(&nodes[0].addr)))
+        .expect("client connects");
+    let (_, json) = rt
+        .block_on(client.tokenizer(None))
+        .expect("a node sends it");
+    let local = nnmesh_tests::load_engine()
+        .tokenizer
+        .to_json()
+        .expect("serializes");
+    assert_eq!(json, local.into_bytes(), "the node's own tokenizer");
+
+    let empty = std::env::temp_dir().join(format!("nnmesh-weightless-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).expect("temp dir");
+    let out = std::process::Command::new(nnmesh_tests::nnmesh_exe())
+        .args(["lens", "--mesh", &nodes[0].addr.to_string()])
+        .current_dir(&empty)
+        .env("NNMESH_MODEL", empty.join("no-such-model.gguf"))
+        .output()
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains(" Paris"), "{stdout}");
+    std::fs::remove_dir_all(&empty).ok();
+}

@@ -8,7 +8,6 @@ use clap::Args;
 use nnmesh_client::mesh;
 use nnmesh_graph::{Graph, Limits};
 use nnmesh_runtime::{
-    checkpoint::Checkpoint,
     engine::Engine,
     execute::{self, Outcome},
     interpret::SavedTensor,
@@ -70,7 +69,7 @@ pub(crate) struct RunArgs {
 pub(super) enum Backend {
     /// The full model in this process.
     Local(Engine),
-    /// A mesh; the tokenizer (read from the local model file) shows tokens.
+    /// A mesh; the tokenizer (fetched from it) shows tokens.
     Mesh {
         /// The client.
         client: mesh::Client,
@@ -94,31 +93,24 @@ impl Backend {
         if run.mesh.mesh.is_empty() {
             return Ok(Backend::Local(run.model.load(None)?));
         }
-        let path = run.model.path()?;
-        let ckpt = Checkpoint::open(&path).with_context(|| {
-            format!(
-                "the mesh client reads the tokenizer from {} (pass --model)",
-                path.display()
-            )
-        })?;
-        let tokenizer = match ckpt.gguf() {
-            Some(g) => Tokenizer::from_gguf(g)?,
-            None => Tokenizer::from_file(&path.join("tokenizer.json"))?,
-        };
+        // No weights here: the tokenizer comes from the mesh.
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?;
         let client = run.mesh.connect(&rt)?;
         let peers = rt.block_on(client.discover())?;
-        let (_, route) = mesh::choose_route(&peers, run.mesh.model_id)?;
+        let (model, route) = mesh::choose_route(&peers, run.mesh.model_id)?;
         let num_layers = route[0].record.num_layers;
+        let (_, json) = rt.block_on(client.tokenizer(Some(model)))?;
+        let tokenizer =
+            Tokenizer::from_json(&json).context("the tokenizer the mesh sent is not valid")?;
         Ok(Backend::Mesh {
             client,
             rt,
             tokenizer,
             num_layers,
-            model: run.mesh.model_id,
+            model: Some(model),
         })
     }
 
