@@ -66,7 +66,8 @@ pub(crate) fn on_runtime<T: Send + 'static>(
 ) -> PyResult<T> {
     let mut task = rt.spawn(fut);
     loop {
-        let done = py.detach(|| rt.block_on(tokio::time::timeout(TICK, &mut task)));
+        // The timer must be made inside the runtime.
+        let done = py.detach(|| rt.block_on(async { tokio::time::timeout(TICK, &mut task).await }));
         match done {
             Ok(Ok(v)) => return Ok(v),
             Ok(Err(e)) => return Err(RunError::new_err(format!("the mesh task failed: {e}"))),

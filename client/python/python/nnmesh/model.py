@@ -95,6 +95,9 @@ class Tokenizer:
 
     def decode(self, ids: Any) -> str:
         """The text of token ids (a list, a tensor, or one id)."""
+        from .proxy import unwrap
+
+        ids = unwrap(ids)
         if isinstance(ids, torch.Tensor):
             ids = ids.reshape(-1).tolist()
         elif isinstance(ids, int):

@@ -42,7 +42,7 @@ from .proxy import Proxy
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
-_SKIP = (_PACKAGE_DIR, _TORCH_DIR, "<frozen ", "<string>")
+_SKIP = (_PACKAGE_DIR, _TORCH_DIR, "<frozen ")
 
 #: The JSON dtype names of torch dtypes.
 DTYPES = {
