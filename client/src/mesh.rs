@@ -4,19 +4,23 @@
 //! [`Client::run`] tokenizes a graph's prompts on the first stage,
 //! validates and partitions the graph locally against the route's own
 //! limits (so a bad graph fails before anything is sent), then drives each
-//! step of each trace: the first hop gets a `Step`, every hop pushes hidden
-//! state and carry to the next, saves come back as reports, and the last hop
+//! step of each trace hop by hop: every hop gets its input from the client
+//! (token ids at the first, the previous hop's hidden state and carried
+//! values after), and reports its saves and its output back; the last hop
 //! reports the step done (with the greedy next tokens when the trace
 //! generates).
 //!
 //! The client trusts no report blindly: a report must come from the stage of
 //! the route it names, carry only the saves that stage's fragment produces,
 //! and a step only ends when every save the graph declares for it has
-//! arrived ([`Error::MissingSaves`] otherwise). A stage that dies is
-//! named within seconds ([`Error::StageLost`]): connection loss and
-//! unanswered pings are watched, and a step that makes no progress within a
-//! deadline derived from the stages' advertised throughput gets every stage
-//! probed.
+//! arrived ([`Error::MissingSaves`] otherwise). A stage that dies is noticed
+//! within seconds (connection loss, unanswered pings, and a deadline derived
+//! from the stages' advertised throughput) and replaced: the client keeps
+//! every input it sent each hop, so another holder of the same layers (or a
+//! chain of holders covering them) replays them to rebuild the KV cache and
+//! the request goes on, with the same tokens and saves
+//! ([`Outcome::failovers`] counts the replacements). When no live holder can
+//! take over, the request fails naming the stage ([`Error::GaveUp`]).
 
 // Errors are the cold path and carry the context a user needs (peer ids,
 // validation details); boxing them would only add noise.
@@ -30,7 +34,7 @@ use std::{
 use libp2p::{Multiaddr, PeerId, identity::Keypair};
 use nnmesh_graph::{Graph, Manifest, Prompt};
 use nnmesh_protocol::{
-    codec,
+    Span, codec,
     ids::{ModelId, RequestId},
     message::{ErrorKind, Hop, Request, Response, Saved, StageReport, WireError},
     record::{STAGES_KEY, SignedRecord, StageRecord},
@@ -44,7 +48,7 @@ mod request;
 mod route;
 
 pub use error::{Error, StageName};
-pub use route::{choose_route, coverage_gaps, holders_per_layer};
+pub use route::{Route, candidate, choose_route, coverage_gaps, holders_per_layer};
 
 /// A node found in the mesh, with its verified record.
 #[derive(Debug, Clone)]
@@ -62,12 +66,13 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// The peer as a hop of a route.
-    pub fn hop(&self) -> Hop {
+    /// The peer as a hop of a route, running `span` (part or all of what
+    /// it serves).
+    pub fn hop(&self, span: Span) -> Hop {
         Hop {
             peer: self.peer,
             addrs: self.addrs.iter().map(|a| a.to_string()).collect(),
-            span: self.record.span,
+            span,
         }
     }
 }
@@ -79,10 +84,12 @@ pub struct Outcome {
     pub saves: Vec<Saved>,
     /// Per trace, per invoke: generated tokens.
     pub generated: Vec<Vec<Vec<u32>>>,
-    /// The route taken.
+    /// The route at the end (after any fail-over).
     pub route: Vec<Hop>,
     /// The model id served.
     pub model: ModelId,
+    /// Stages replaced along the way.
+    pub failovers: u32,
 }
 
 /// A running request's report queue, and the peers allowed to report to
@@ -121,6 +128,8 @@ impl std::fmt::Debug for Pending {
 /// How long a discovery result is reused before the mesh is asked again
 /// (records are re-verified then; a failed run forgets it at once).
 const DISCOVERY_TTL: Duration = Duration::from_secs(20);
+/// Discoveries retried (200 ms, doubling) while no route covers the model.
+const COVERAGE_RETRIES: u32 = 4;
 /// How long a peer found dead is left out of discovery.
 const DEAD_TTL: Duration = Duration::from_secs(60);
 
@@ -326,6 +335,30 @@ impl Client {
         }
     }
 
+    /// Peers among which a route for `model` exists. A node that just joined
+    /// may not be in the DHT yet, so a mesh that lacks layers is looked at
+    /// again a few times (about 3 s in all) before the gap is reported.
+    async fn routable_peers(&self, model: Option<ModelId>) -> Result<Vec<Peer>, Error> {
+        let mut wait = Duration::from_millis(200);
+        let mut attempt = 0;
+        loop {
+            let peers = match self.peers().await {
+                Ok(p) => p,
+                Err(Error::NoPeers) if attempt < COVERAGE_RETRIES => Vec::new(),
+                Err(e) => return Err(e),
+            };
+            match choose_route(&peers, model) {
+                Ok(_) => return Ok(peers),
+                Err(Error::Coverage(_)) if attempt < COVERAGE_RETRIES => {}
+                Err(e) => return Err(e),
+            }
+            *self.known.lock().expect("not poisoned") = None;
+            tokio::time::sleep(wait).await;
+            wait *= 2;
+            attempt += 1;
+        }
+    }
+
     /// The tokenizer of the model (the one fully served, unless given), as
     /// `tokenizer.json` bytes from a node that serves it: a client needs no
     /// weights to tokenize prompts or show tokens.
@@ -333,10 +366,10 @@ impl Client {
     /// # Errors
     /// Discovery, no fully served model, or no node that sends it.
     pub async fn tokenizer(&self, model: Option<ModelId>) -> Result<(ModelId, Vec<u8>), Error> {
-        let peers = self.peers().await?;
+        let peers = self.routable_peers(model).await?;
         let (model, route) = choose_route(&peers, model)?;
         let mut last = Error::NoPeers;
-        for p in route {
+        for (p, _) in route {
             match self
                 .call(p.peer, p.addrs.clone(), &Request::Tokenizer { model })
                 .await

@@ -100,8 +100,8 @@ async fn fake_stage(
                                 request: step.request,
                                 hop: 0,
                                 peer: t.peer_id(),
-                                trace: step.trace,
-                                step: step.step,
+                                trace: step.input.trace,
+                                step: step.input.step,
                                 body,
                             }));
                             let _ = t
@@ -159,13 +159,13 @@ async fn run_against(script: Script) -> Result<(Result<(), mesh::Error>, Vec<Ste
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_honest_fake_stage_completes() -> Result<()> {
     let (out, steps) = run_against(Box::new(|s| {
-        vec![saved(s.step), ReportBody::Done { tokens: vec![7] }]
+        vec![saved(s.input.step), ReportBody::Done { tokens: vec![7] }]
     }))
     .await?;
     out?;
     assert_eq!(steps.len(), 2);
     assert_eq!(
-        steps[1].tokens.to_i64()?,
+        steps[1].input.tokens.to_i64()?,
         [7],
         "the reported token is fed back"
     );
@@ -176,7 +176,7 @@ async fn an_honest_fake_stage_completes() -> Result<()> {
 async fn done_with_the_wrong_token_count_is_refused() -> Result<()> {
     // Today's panic: two tokens for one row would build a bad [1, 1] tensor.
     let (out, _) = run_against(Box::new(|s| {
-        vec![saved(s.step), ReportBody::Done { tokens: vec![7, 8] }]
+        vec![saved(s.input.step), ReportBody::Done { tokens: vec![7, 8] }]
     }))
     .await?;
     let e = out.expect_err("wrong token count");
@@ -206,7 +206,7 @@ async fn undeclared_or_repeated_saves_are_refused() -> Result<()> {
         vec![
             ReportBody::Saves(vec![Saved {
                 name: "not-in-the-graph".into(),
-                step: Some(s.step),
+                step: Some(s.input.step),
                 value: WireTensor::from_f32(vec![1], &[0.0]).expect("consistent"),
             }]),
             ReportBody::Done { tokens: vec![7] },
@@ -218,8 +218,8 @@ async fn undeclared_or_repeated_saves_are_refused() -> Result<()> {
 
     let (out, _) = run_against(Box::new(|s| {
         vec![
-            saved(s.step),
-            saved(s.step),
+            saved(s.input.step),
+            saved(s.input.step),
             ReportBody::Done { tokens: vec![7] },
         ]
     }))
@@ -237,7 +237,7 @@ async fn reports_from_peers_off_the_route_are_refused() -> Result<()> {
     // The stage reports only after the rogue has tried its report.
     let gate = Arc::new(Semaphore::new(0));
     let stage = fake_stage(
-        Box::new(|s| vec![saved(s.step), ReportBody::Done { tokens: vec![7] }]),
+        Box::new(|s| vec![saved(s.input.step), ReportBody::Done { tokens: vec![7] }]),
         tx,
         Some(gate.clone()),
     )
@@ -304,7 +304,7 @@ async fn a_stage_that_vanishes_mid_step_is_named() -> Result<()> {
     let e = tokio::time::timeout(Duration::from_secs(30), run)
         .await??
         .expect_err("the stage is gone");
-    assert!(matches!(e, mesh::Error::StageLost { .. }), "{e}");
+    assert!(matches!(e, mesh::Error::GaveUp { .. }), "{e}");
     let msg = e.to_string();
     assert!(
         msg.contains(&peer.to_string()) && msg.contains("layers 0..4"),

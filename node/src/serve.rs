@@ -5,15 +5,14 @@
 //! [`STAGES_KEY`] in the DHT, answers `Info` with a freshly signed record,
 //! and runs `Step` requests: admitted through a bounded semaphore (refused
 //! as overloaded beyond it), answered `Accepted` at once, computed on the
-//! stage thread, then pushed on to the next hop (hidden state + carry)
-//! while saves go straight to the client. A compute permit is never held
-//! across a network call.
+//! stage thread, then reported to the client: saves, relayed values, and
+//! the step's output (the next hop's input) or, on the last hop, its end.
+//! A compute permit is never held across a network call.
 //!
 //! What the node checks before anything reaches the stage: the message
-//! decodes, names this node's model and layers and this node as the hop, and
-//! comes from whom it must (the client itself at hop 0, the previous hop
-//! after that); with an allow-list ([`Config::allow`]), that the requester
-//! and the client are listed. The stage then checks the step's contents (see [`crate::stage`]).
+//! decodes, names this node's model, layers it holds and this node as the
+//! hop, and comes from the request's client; with an allow-list
+//! ([`Config::allow`]), that the client is listed. The stage then checks the step's contents (see [`crate::stage`]).
 
 use std::{
     collections::HashSet,
@@ -24,13 +23,13 @@ use std::{
 
 use actix::Addr;
 use libp2p::{Multiaddr, PeerId, identity::Keypair, pnet::PreSharedKey};
-use nnmesh_client::transport::{self, Inbound, RequestError};
+use nnmesh_client::transport::{self, Inbound};
 use nnmesh_graph::Limits;
 use nnmesh_protocol::{
     Span, codec,
     ids::ModelId,
     message::{
-        ErrorKind, Hop, ReportBody, Request, Response, Saved, StageReport, StepRequest, WireError,
+        ErrorKind, ReportBody, Request, Response, Saved, StageReport, StepRequest, WireError,
     },
     record::{STAGES_KEY, SignedRecord, StageRecord},
 };
@@ -385,8 +384,8 @@ fn handle(node: Arc<Server>, inb: Inbound) {
             let span = tracing::info_span!(
                 "request",
                 request = step.request.0,
-                trace = step.trace,
-                step = step.step,
+                trace = step.input.trace,
+                step = step.input.step,
                 hop = step.hop
             );
             tokio::spawn(
@@ -453,7 +452,8 @@ impl Server {
                 ),
             )
         })?;
-        if hop.span != self.span || hop.peer != self.endpoint.peer_id() {
+        let held = hop.span.start >= self.span.start && hop.span.end <= self.span.end;
+        if hop.span.is_empty() || !held || hop.peer != self.endpoint.peer_id() {
             return Err(WireError::new(
                 ErrorKind::NotServed,
                 format!(
@@ -462,25 +462,13 @@ impl Server {
                 ),
             ));
         }
-        let sender = match s.hop.checked_sub(1) {
-            None => s.client,
-            Some(prev) => s.route[prev as usize].peer,
-        };
-        if *from != sender {
+        if *from != s.client {
             return Err(WireError::new(
                 ErrorKind::Forbidden,
-                format!(
-                    "hop {} takes steps from {} only, not from {from}",
-                    s.hop,
-                    if s.hop == 0 {
-                        "the request's client"
-                    } else {
-                        "the previous hop"
-                    }
-                ),
+                format!("steps of a request come from its client, not from {from}"),
             ));
         }
-        self.check_allowed(&s.client)
+        Ok(())
     }
 
     /// The stage actor is gone: nothing can be served any more.
@@ -501,8 +489,8 @@ impl Server {
             request: step.request,
             hop: step.hop,
             peer: self.endpoint.peer_id(),
-            trace: step.trace,
-            step: step.step,
+            trace: step.input.trace,
+            step: step.input.step,
             body,
         }));
         let bytes = self
@@ -537,7 +525,7 @@ impl Server {
     async fn process(&self, step: StepRequest, permit: tokio::sync::OwnedSemaphorePermit) {
         let out = self.stage.send(RunStep(Box::new(step.clone()))).await;
         drop(permit);
-        let out = match out {
+        let mut out = match out {
             Ok(Ok(out)) => out,
             Ok(Err(e)) => return self.report_failure(&step, e).await,
             Err(e) => {
@@ -546,34 +534,32 @@ impl Server {
                 return self.report_failure(&step, e).await;
             }
         };
-        if let Err(e) = self.send_saves(&step, out.saves).await {
+        if let Err(e) = self.send_saves(&step, std::mem::take(&mut out.saves)).await {
             tracing::warn!(error = %e, "could not send saves to the client");
             return self.close(&step);
         }
         if !out.relay.is_empty()
-            && let Err(e) = self.report(&step, ReportBody::Relay(out.relay)).await
+            && let Err(e) = self
+                .report(&step, ReportBody::Relay(out.relay.clone()))
+                .await
         {
             tracing::warn!(error = %e, "could not relay values to the client");
             return self.close(&step);
         }
-        let hidden = match out.next {
-            Next::Done(tokens) => {
-                if let Err(e) = self.report(&step, ReportBody::Done { tokens }).await {
-                    tracing::warn!(error = %e, "could not report completion to the client");
-                }
-                return;
-            }
-            Next::Hidden(h) => Some(h),
-            Next::Stopped => None,
+        if !out.replayed.is_empty()
+            && let Err(e) = self
+                .report(&step, ReportBody::Replayed(out.replayed.clone()))
+                .await
+        {
+            tracing::warn!(error = %e, "could not send replayed outputs to the client");
+            return self.close(&step);
+        }
+        let body = match out.next {
+            Next::Done(tokens) => ReportBody::Done { tokens },
+            Next::Hidden(_) | Next::Stopped => ReportBody::Output(out.output()),
         };
-        let next = StepRequest {
-            hop: step.hop + 1,
-            hidden,
-            carry: out.carry,
-            ..step.clone()
-        };
-        if let Err(e) = self.push(next).await {
-            self.report_failure(&step, e).await;
+        if let Err(e) = self.report(&step, body).await {
+            tracing::warn!(error = %e, "could not report the step's end to the client");
         }
     }
 
@@ -607,45 +593,5 @@ impl Server {
             }
         }
         Ok(())
-    }
-
-    /// Hands the step on to the next hop; an error names it.
-    async fn push(&self, next: StepRequest) -> Result<(), WireError> {
-        let Some(Hop { peer, addrs, .. }) = next.route.get(next.hop as usize).cloned() else {
-            return Err(WireError::new(
-                ErrorKind::Internal,
-                "no next hop after a middle stage",
-            ));
-        };
-        let hop = next.hop;
-        let addrs: Vec<Multiaddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
-        let bytes = self
-            .endpoint
-            .request(peer, addrs, codec::encode(&Request::Step(Box::new(next))))
-            .await
-            .map_err(|e| {
-                let kind = match e {
-                    RequestError::DialFailure { .. }
-                    | RequestError::ConnectionClosed { .. }
-                    | RequestError::Timeout { .. } => ErrorKind::Unreachable,
-                    _ => ErrorKind::Internal,
-                };
-                WireError::new(kind, format!("hop {hop} ({peer}): {e}"))
-            })?;
-        match codec::decode::<Response>(&bytes) {
-            Ok(Response::Accepted) => Ok(()),
-            Ok(Response::Error(e)) => Err(WireError::new(
-                e.kind,
-                format!("hop {hop} ({peer}) refused the step: {}", e.message),
-            )),
-            Ok(other) => Err(WireError::new(
-                ErrorKind::Internal,
-                format!("hop {hop} ({peer}) answered {other:?}"),
-            )),
-            Err(e) => Err(WireError::new(
-                ErrorKind::Internal,
-                format!("hop {hop} ({peer}): {e}"),
-            )),
-        }
     }
 }

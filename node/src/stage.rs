@@ -30,7 +30,7 @@ use nnmesh_graph::{Limits, Manifest};
 use nnmesh_protocol::{
     PeerId, Span,
     ids::RequestId,
-    message::{Carried, ErrorKind, Saved, StepRequest, WireError},
+    message::{Carried, ErrorKind, HopOutput, Saved, StepRequest, WireError},
     tensor::WireTensor,
 };
 use tch::{Device, Kind, Tensor};
@@ -96,6 +96,21 @@ pub struct StepOutput {
     /// Values an earlier stage needs in a later step or trace: sent to the
     /// client, which hands them to the first stage with its next step.
     pub relay: Vec<Carried>,
+    /// The outputs of the steps replayed first, when the request asked.
+    pub replayed: Vec<HopOutput>,
+}
+
+impl StepOutput {
+    /// What the next hop gets from this one.
+    pub fn output(&self) -> HopOutput {
+        HopOutput {
+            hidden: match &self.next {
+                Next::Hidden(h) => Some(h.clone()),
+                Next::Stopped | Next::Done(_) => None,
+            },
+            carry: self.carry.clone(),
+        }
+    }
 }
 
 /// Where a step goes after this stage.
@@ -247,18 +262,20 @@ impl Stage {
                 ),
             )
         })?;
-        if hop.span.range() != layers {
+        let span = hop.span.range();
+        if span.is_empty() || span.start < layers.start || span.end > layers.end {
             return Err(err(
                 ErrorKind::NotServed,
                 format!(
-                    "this stage serves layers {}..{}, not {}",
+                    "this stage serves layers {}..{}, which do not hold {}",
                     layers.start, layers.end, hop.span
                 ),
             ));
         }
         let now = Instant::now();
-        if let Some(session) = self.sessions.get(&req.request) {
+        if let Some(session) = self.sessions.get_mut(&req.request) {
             session.check_next(req)?;
+            session.adopt_route(&self.manifest, req)?;
         } else {
             let session = self.open(req)?;
             self.sessions.insert(req.request, session);
@@ -285,8 +302,8 @@ impl Stage {
                     ErrorKind::Internal,
                     format!(
                         "trace {} step {} failed on this stage: {}",
-                        req.trace,
-                        req.step,
+                        req.input.trace,
+                        req.input.step,
                         panic_message(payload.as_ref())
                     ),
                 ))
@@ -554,8 +571,8 @@ impl Handler<RunStep> for StageActor {
         let span = tracing::info_span!(
             "step",
             request = req.request.0,
-            trace = req.trace,
-            step = req.step,
+            trace = req.input.trace,
+            step = req.input.step,
             hop = req.hop
         );
         let _e = span.enter();

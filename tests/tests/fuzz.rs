@@ -33,7 +33,7 @@ use nnmesh_node::stage::{Config, Next, Stage};
 use nnmesh_protocol::{
     PeerId, Span, codec,
     ids::{ModelId, RequestId},
-    message::{Carried, Hop, Request, Response, Saved, StepRequest, WireError},
+    message::{Carried, Hop, Request, Response, Saved, StepInput, StepRequest, WireError},
     tensor::WireTensor,
 };
 use nnmesh_runtime::{
@@ -203,6 +203,8 @@ fn drive(stages: &mut [&mut Stage], model: ModelId, request: u64, graph: &Graph)
     let mut relayed: Vec<Carried> = Vec::new();
     'traces: for (t, trace) in graph.traces.iter().enumerate() {
         let mut last: Vec<u32> = Vec::new();
+        // Positions each stage's cache holds for this trace.
+        let mut past = 0;
         for step in 0..trace.steps() {
             let ids: Vec<i64> = last.iter().map(|&i| i64::from(i)).collect();
             let mut req = StepRequest {
@@ -213,19 +215,24 @@ fn drive(stages: &mut [&mut Stage], model: ModelId, request: u64, graph: &Graph)
                 route: route.clone(),
                 hop: 0,
                 graph: (step == 0).then(|| bytes.clone()),
-                trace: t as u32,
-                step,
-                tokens: WireTensor::from_i64(
-                    if step == 0 {
-                        vec![0, 0]
-                    } else {
-                        vec![ids.len() as u64, 1]
-                    },
-                    &ids,
-                )
-                .expect("one id per row"),
-                hidden: None,
-                carry: std::mem::take(&mut relayed),
+                input: StepInput {
+                    trace: t as u32,
+                    step,
+                    past,
+                    tokens: WireTensor::from_i64(
+                        if step == 0 {
+                            vec![0, 0]
+                        } else {
+                            vec![ids.len() as u64, 1]
+                        },
+                        &ids,
+                    )
+                    .expect("one id per row"),
+                    hidden: None,
+                    carry: std::mem::take(&mut relayed),
+                },
+                replay: Vec::new(),
+                replay_outputs: false,
             };
             for (k, stage) in stages.iter_mut().enumerate() {
                 req.hop = k as u32;
@@ -236,27 +243,27 @@ fn drive(stages: &mut [&mut Stage], model: ModelId, request: u64, graph: &Graph)
                         break 'traces;
                     }
                     Ok(out) => {
+                        let next = out.output();
                         run.saves.extend(out.saves);
                         relayed.extend(out.relay);
-                        match out.next {
-                            Next::Done(tokens) => {
-                                if !tokens.is_empty() {
-                                    run.tokens.push(tokens.clone());
-                                    last = tokens;
-                                }
-                            }
-                            Next::Hidden(h) => {
-                                req.hidden = Some(h);
-                                req.carry = out.carry;
-                            }
-                            Next::Stopped => {
-                                req.hidden = None;
-                                req.carry = out.carry;
-                            }
+                        if let Next::Done(tokens) = out.next
+                            && !tokens.is_empty()
+                        {
+                            run.tokens.push(tokens.clone());
+                            last = tokens;
                         }
+                        // The client hands each hop the previous one's
+                        // output, and the first hop only the relays.
+                        req.input.hidden = next.hidden;
+                        req.input.carry = next.carry;
                     }
                 }
             }
+            past = if step == 0 {
+                trace_positions(graph, t)
+            } else {
+                past + 1
+            };
         }
     }
     for s in stages.iter_mut() {
@@ -705,6 +712,7 @@ fn regression_a_carried_value_of_the_wrong_shape_is_refused() {
     let mut bad = run.received[2][0].clone();
     bad.request = RequestId(2);
     let carried = bad
+        .input
         .carry
         .first_mut()
         .expect("the lens carries values to the last stage");
@@ -714,4 +722,18 @@ fn regression_a_carried_value_of_the_wrong_shape_is_refused() {
     assert_eq!(e.kind, nnmesh_protocol::message::ErrorKind::Malformed);
     assert!(e.message.contains("carried node"), "{}", e.message);
     assert_eq!(last.panics(), 0, "refused before any tensor op");
+}
+
+/// Positions a trace's prompt fills: its longest invoke (the fuzz seeds give
+/// token ids, never text).
+fn trace_positions(graph: &Graph, trace: usize) -> u32 {
+    graph.traces[trace]
+        .invokes
+        .iter()
+        .map(|i| match &i.prompt {
+            nnmesh_graph::Prompt::Tokens(t) => t.len() as u32,
+            nnmesh_graph::Prompt::Text(_) => unreachable!("fuzz seeds give token ids"),
+        })
+        .max()
+        .unwrap_or(0)
 }

@@ -1,14 +1,31 @@
-//! One request along one route: sending its steps, checking every report,
-//! and noticing a stage that dies.
+//! One request along one route: driving each step hop by hop, checking
+//! every report, noticing a stage that dies, and carrying the request
+//! across its loss.
+//!
+//! The client sends each hop its input and gets back the hop's output (the
+//! next hop's input), so it holds every hop's history: the inputs of every
+//! step it ran. When a hop fails in a way another holder could survive, the
+//! [`Failover`] state machine picks a replacement (one or several holders
+//! covering its layers); the first gets the dead hop's whole history to
+//! replay before the step at hand, at the same positions (each input says
+//! how many positions its KV cache must hold, and the stage checks), and a
+//! chain of several replacements passes the replayed outputs along. Saves
+//! and relays of replayed steps are not reported again; when a step is
+//! retried, what arrived before the failure is kept and repeats dropped.
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant as StdInstant},
+};
 
-use nnmesh_graph::{Fragment, Graph, Inputs, Node, NodeId, Plan, partition, validate};
+use nnmesh_control::failover::{self, Action, Event, Failover, Failure};
+use nnmesh_graph::{Fragment, Graph, Inputs, Manifest, Node, NodeId, Plan, partition, validate};
 use nnmesh_protocol::{
     Span,
     ids::{ModelId, RequestId},
     message::{
-        Carried, ErrorKind, Hop, ReportBody, Request, Response, Saved, StageReport, StepRequest,
+        Carried, Hop, HopOutput, ReportBody, Request, Response, Saved, StageReport, StepInput,
+        StepRequest,
     },
     tensor::WireTensor,
 };
@@ -17,18 +34,18 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Client, Error, Outcome, Peer, Pending, StageName, choose_route};
+use super::{Client, Error, Outcome, Peer, Pending, StageName, candidate, choose_route};
 use crate::transport::{PeerEvent, RequestError};
 
 /// How long a dial that checks whether a disconnected stage is still there may take.
 const REDIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a stage may take to answer a liveness probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-/// A step's deadline: this much, plus [`DEADLINE_FACTOR`] times the compute
-/// time the route's advertised throughput predicts.
+/// A hop's deadline for a step: this much, plus [`DEADLINE_FACTOR`] times
+/// the compute time its advertised throughput predicts.
 const DEADLINE_BASE: Duration = Duration::from_secs(10);
 const DEADLINE_FACTOR: f64 = 20.0;
-/// Deadlines a step may pass while every stage still answers probes.
+/// Deadlines a step may pass while the stage still answers probes.
 const DEADLINES: u32 = 3;
 /// How long closing the request on each stage may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -39,19 +56,22 @@ pub(super) async fn run(
     mut graph: Graph,
     model: Option<ModelId>,
 ) -> Result<Outcome, Error> {
-    let peers = client.peers().await?;
+    let peers = client.routable_peers(model).await?;
     let (model, route) = choose_route(&peers, model)?;
-    let route: Vec<Peer> = route.into_iter().cloned().collect();
-    let manifest = route[0].manifest.clone();
+    let route: Vec<Stage> = route
+        .into_iter()
+        .map(|(p, span)| Stage::new(p.clone(), span))
+        .collect();
+    let manifest = route[0].peer.manifest.clone();
     // The graph must pass on every stage: check it against the tightest limits.
     let limits = route
         .iter()
         .skip(1)
-        .fold(route[0].record.limits.clone(), |l, p| {
-            l.tightest(&p.record.limits)
+        .fold(route[0].peer.record.limits.clone(), |l, s| {
+            l.tightest(&s.peer.record.limits)
         });
     client
-        .tokenize_prompts(&route[0], model, &mut graph)
+        .tokenize_prompts(&route[0].peer, model, &mut graph)
         .await?;
     let graph_bytes = graph.to_postcard();
     if graph_bytes.len() as u64 > limits.max_graph_bytes {
@@ -61,11 +81,11 @@ pub(super) async fn run(
         });
     }
     let inputs = Inputs::from_tokens(&graph).ok_or_else(|| Error::Protocol {
-        peer: route[0].peer,
+        peer: route[0].peer.peer,
         detail: "tokenization left a text prompt".into(),
     })?;
     let plan = validate(&graph, &manifest, &inputs, &limits)?;
-    let spans: Vec<Span> = route.iter().map(|p| p.record.span).collect();
+    let spans: Vec<Span> = route.iter().map(|s| s.span).collect();
     let fragments = partition(&graph, &plan, &manifest, &spans)?;
 
     let request = RequestId(super::rand_u64());
@@ -76,7 +96,7 @@ pub(super) async fn run(
         request,
         Pending {
             reports: tx,
-            route: route.iter().map(|p| p.peer).collect(),
+            route: route.iter().map(|s| s.peer.peer).collect(),
         },
     );
     let client_addrs = client
@@ -91,16 +111,19 @@ pub(super) async fn run(
         request,
         model,
         client_addrs,
-        hops: route.iter().map(Peer::hop).collect(),
-        route: &route,
+        route,
         graph: &graph,
         plan: &plan,
-        fragments: &fragments,
+        manifest: &manifest,
+        fragments,
         graph_bytes,
         rx,
         events,
+        failover: Failover::new(failover::Config::default(), request.0),
+        used: Vec::new(),
         saves: Vec::new(),
         relayed: Vec::new(),
+        failovers: 0,
     };
     let result = run.drive().await;
     client
@@ -108,10 +131,12 @@ pub(super) async fn run(
         .lock()
         .expect("not poisoned")
         .remove(&request);
+    // Close the request on every stage it touched, the replaced ones too.
     let close = Request::Close { request };
-    let closes = route
-        .iter()
-        .map(|p| tokio::time::timeout(CLOSE_TIMEOUT, client.call(p.peer, p.addrs.clone(), &close)));
+    let closes =
+        run.route.iter().map(|s| &s.peer).chain(&run.used).map(|p| {
+            tokio::time::timeout(CLOSE_TIMEOUT, client.call(p.peer, p.addrs.clone(), &close))
+        });
     futures::future::join_all(closes).await;
     if result.is_err() {
         // The mesh may have changed under us: look again next time.
@@ -121,9 +146,74 @@ pub(super) async fn run(
     Ok(Outcome {
         saves: run.saves,
         generated,
-        route: run.hops,
+        route: run.route.iter().map(Stage::hop).collect(),
         model,
+        failovers: run.failovers,
     })
+}
+
+/// A hop of the route, with what the client sent it.
+#[derive(Debug)]
+struct Stage {
+    peer: Peer,
+    /// The layers it runs (part or all of what it serves).
+    span: Span,
+    /// The inputs of every step it finished, in order: what a replacement
+    /// replays.
+    history: Vec<StepInput>,
+    /// Whether it has the request's session (and so needs no graph).
+    opened: bool,
+    /// Steps to replay before its first step (a replacement).
+    replay: Vec<StepInput>,
+    /// Whether the next stage is a replacement too, needing the outputs of
+    /// this one's replay.
+    replay_outputs: bool,
+}
+
+impl Stage {
+    fn new(peer: Peer, span: Span) -> Stage {
+        Stage {
+            peer,
+            span,
+            history: Vec::new(),
+            opened: false,
+            replay: Vec::new(),
+            replay_outputs: false,
+        }
+    }
+
+    fn hop(&self) -> Hop {
+        self.peer.hop(self.span)
+    }
+}
+
+/// How one hop's step ended.
+enum HopResult {
+    /// A non-last hop: the next hop's input.
+    Output(HopOutput),
+    /// The last hop: the greedy next tokens.
+    Done(Vec<u32>),
+}
+
+/// Why one hop's step did not end.
+enum HopError {
+    /// A failure fail-over may carry the request across.
+    Failed {
+        failure: Failure,
+        /// What happened, for the error if fail-over gives up.
+        detail: String,
+        /// The stage's own error, returned as is if the failure is not
+        /// retriable (a refusal or failure any holder would repeat).
+        error: Option<Error>,
+    },
+    /// The request cannot go on (the client's own failure, a lying stage).
+    Fatal(Error),
+}
+
+impl From<Error> for HopError {
+    fn from(e: Error) -> Self {
+        HopError::Fatal(e)
+    }
 }
 
 /// The state of one request while it runs.
@@ -132,48 +222,49 @@ struct Run<'a> {
     request: RequestId,
     model: ModelId,
     client_addrs: Vec<String>,
-    hops: Vec<Hop>,
-    route: &'a [Peer],
+    route: Vec<Stage>,
     graph: &'a Graph,
     plan: &'a Plan,
-    fragments: &'a [Fragment],
+    manifest: &'a Manifest,
+    fragments: Vec<Fragment>,
     graph_bytes: Vec<u8>,
     rx: mpsc::Receiver<StageReport>,
     events: broadcast::Receiver<PeerEvent>,
+    failover: Failover,
+    /// Peers replaced along the way (closed at the end too).
+    used: Vec<Peer>,
     saves: Vec<Saved>,
     /// Values later stages sent back for earlier ones, for the next step.
     relayed: Vec<Carried>,
+    failovers: u32,
 }
 
 impl Run<'_> {
     fn stage(&self, hop: usize) -> StageName {
-        let p = &self.route[hop];
+        let s = &self.route[hop];
         StageName {
             hop: hop as u32,
-            peer: p.peer,
-            span: p.record.span,
+            peer: s.peer.peer,
+            span: s.span,
         }
     }
 
-    fn lost(&self, hop: usize, trace: u32, step: u32, reason: String) -> Error {
-        self.client.mark_dead(self.route[hop].peer);
-        Error::StageLost {
-            stage: self.stage(hop),
-            trace,
-            step,
-            reason,
+    fn hops(&self) -> Vec<Hop> {
+        self.route.iter().map(Stage::hop).collect()
+    }
+
+    /// Positions every hop's KV cache holds for `trace` before `step`.
+    fn past(&self, trace: u32, step: u32) -> u32 {
+        if step == 0 {
+            0
+        } else {
+            let longest = self.plan.costs[trace as usize].prompt_tokens as u32;
+            longest + step - 1
         }
     }
 
     /// Runs every step of every trace; returns the generated tokens.
     async fn drive(&mut self) -> Result<Vec<Vec<Vec<u32>>>, Error> {
-        // Connect to every stage up front: a lost connection is how a dead
-        // stage is noticed first.
-        for hop in 0..self.route.len() {
-            if !self.reachable(hop).await {
-                return Err(self.lost(hop, 0, 0, "it cannot be reached".into()));
-            }
-        }
         let mut generated = Vec::new();
         for (t, trace) in self.graph.traces.iter().enumerate() {
             let rows = trace.invokes.len();
@@ -193,18 +284,8 @@ impl Run<'_> {
         Ok(generated)
     }
 
-    /// Whether stage `hop` can be reached (connected, or dialled anew).
-    async fn reachable(&self, hop: usize) -> bool {
-        let Some(addr) = self.route[hop].addrs.first() else {
-            return false;
-        };
-        matches!(
-            tokio::time::timeout(REDIAL_TIMEOUT, self.client.transport.dial(addr.clone())).await,
-            Ok(Ok(_))
-        )
-    }
-
-    /// Sends one step to the first stage and waits until the last reports it done.
+    /// Runs one step through every hop, replacing hops that fail; returns
+    /// the last hop's tokens.
     async fn step(&mut self, trace: u32, step: u32, last: &[u32]) -> Result<Vec<u32>, Error> {
         let ids: Vec<i64> = last.iter().map(|&i| i64::from(i)).collect();
         let shape = if step == 0 {
@@ -212,119 +293,323 @@ impl Run<'_> {
         } else {
             vec![ids.len() as u64, 1]
         };
+        let past = self.past(trace, step);
+        let mut input = StepInput {
+            trace,
+            step,
+            past,
+            tokens: WireTensor::from_i64(shape, &ids).expect("one id per row"),
+            hidden: None,
+            // Values later stages sent back for earlier ones.
+            carry: std::mem::take(&mut self.relayed),
+        };
+        let mut arrived = HashSet::new();
+        let mut retried = false;
+        let mut hop = 0;
+        loop {
+            match self.run_hop(hop, &input, &mut arrived, retried).await {
+                Ok(HopResult::Output(out)) => {
+                    self.route[hop].history.push(input);
+                    input = StepInput {
+                        trace,
+                        step,
+                        past,
+                        tokens: WireTensor::from_i64(vec![0, 0], &[]).expect("empty"),
+                        hidden: out.hidden,
+                        carry: out.carry,
+                    };
+                    hop += 1;
+                }
+                Ok(HopResult::Done(tokens)) => {
+                    self.route[hop].history.push(input);
+                    self.check_complete(trace, step, &arrived)?;
+                    if retried {
+                        self.failover.on_event(now(), Event::Recovered);
+                    }
+                    return Ok(tokens);
+                }
+                Err(HopError::Fatal(e)) => return Err(e),
+                Err(HopError::Failed {
+                    failure,
+                    detail,
+                    error,
+                }) => {
+                    self.fail_over(hop, trace, step, failure, detail, error)
+                        .await?;
+                    retried = true;
+                }
+            }
+        }
+    }
+
+    /// Replaces hop `hop` after it failed, or says why it cannot be.
+    async fn fail_over(
+        &mut self,
+        hop: usize,
+        trace: u32,
+        step: u32,
+        failure: Failure,
+        detail: String,
+        error: Option<Error>,
+    ) -> Result<(), Error> {
+        let dead = self.stage(hop);
+        tracing::warn!(%dead, trace, step, %detail, "a stage failed; failing over");
+        if failure == Failure::Lost {
+            self.client.mark_dead(dead.peer);
+        }
+        let mut actions = self.failover.on_event(
+            now(),
+            Event::HopFailed {
+                peer: dead.peer,
+                span: dead.span,
+                failure,
+            },
+        );
+        let mut peers: Vec<Peer> = Vec::new();
+        while let Some(action) = actions.pop() {
+            actions = match action {
+                Action::Discover { span } => {
+                    peers = self
+                        .client
+                        .discover()
+                        .await
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|p| self.same_model(p))
+                        .collect();
+                    let cands: Vec<_> = peers.iter().map(candidate).collect();
+                    self.failover.on_event(
+                        now(),
+                        Event::Candidates {
+                            span,
+                            cands: &cands,
+                        },
+                    )
+                }
+                Action::WaitUntil { at, span } => {
+                    tokio::time::sleep_until(Instant::from_std(at)).await;
+                    self.failover.on_event(now(), Event::Woke { span })
+                }
+                Action::Replace { span, legs } => {
+                    let new: Vec<Stage> = legs
+                        .iter()
+                        .map(|l| Stage::new(peers[l.candidate].clone(), l.span))
+                        .collect();
+                    self.replace(hop, span, new)?;
+                    Vec::new()
+                }
+                Action::GiveUp(why) => {
+                    let gave_up = |why| Error::GaveUp {
+                        stage: dead,
+                        trace,
+                        step,
+                        failure: detail,
+                        why,
+                    };
+                    return Err(match why {
+                        // Not a mesh problem: the stage's own error says it best.
+                        failover::GiveUp::NotRetriable { .. } => {
+                            error.unwrap_or_else(|| gave_up(why))
+                        }
+                        why => gave_up(why),
+                    });
+                }
+            };
+        }
+        Ok(())
+    }
+
+    /// Whether `p` serves this request's model in the same dtype (a
+    /// replacement must compute exactly what the failed stage did).
+    fn same_model(&self, p: &Peer) -> bool {
+        p.record.model == self.model && p.manifest == *self.manifest
+    }
+
+    /// Puts `new` (covering `span`) in place of hop `hop`; the first new
+    /// stage replays the old one's history.
+    fn replace(&mut self, hop: usize, span: Span, mut new: Vec<Stage>) -> Result<(), Error> {
+        let old = &self.route[hop];
+        debug_assert_eq!(old.span, span);
+        let replays = new.len() > 1;
+        if let Some(first) = new.first_mut() {
+            first.replay = old.history.clone();
+            first.replay_outputs = replays;
+        }
+        let spans: Vec<Span> = self.route[..hop]
+            .iter()
+            .map(|s| s.span)
+            .chain(new.iter().map(|s| s.span))
+            .chain(self.route[hop + 1..].iter().map(|s| s.span))
+            .collect();
+        let fragments = partition(self.graph, self.plan, self.manifest, &spans)?;
+        tracing::info!(
+            replaced = %self.stage(hop),
+            by = ?new.iter().map(|s| format!("{} on {}", s.span, s.peer.peer)).collect::<Vec<_>>(),
+            replay = old.history.len(),
+            "stage replaced"
+        );
+        let removed: Vec<Stage> = self.route.splice(hop..=hop, new).collect();
+        self.used.extend(removed.into_iter().map(|s| s.peer));
+        self.fragments = fragments;
+        self.failovers += 1;
+        // Reports of the new route's peers are accepted from now on.
+        if let Some(p) = self
+            .client
+            .pending
+            .lock()
+            .expect("not poisoned")
+            .get_mut(&self.request)
+        {
+            p.route = self.route.iter().map(|s| s.peer.peer).collect();
+        }
+        Ok(())
+    }
+
+    /// Sends hop `hop` its input (and, for a replacement, what to replay)
+    /// and waits for its output.
+    async fn run_hop(
+        &mut self,
+        hop: usize,
+        input: &StepInput,
+        arrived: &mut HashSet<(String, Option<u32>)>,
+        retried: bool,
+    ) -> Result<HopResult, HopError> {
+        let stage = &self.route[hop];
+        let peer = stage.peer.peer;
         let msg = StepRequest {
             request: self.request,
             client: self.client.peer_id(),
             client_addrs: self.client_addrs.clone(),
             model: self.model,
-            route: self.hops.clone(),
-            hop: 0,
-            graph: (step == 0).then(|| self.graph_bytes.clone()),
-            trace,
-            step,
-            tokens: WireTensor::from_i64(shape, &ids).expect("one id per row"),
-            hidden: None,
-            carry: std::mem::take(&mut self.relayed),
+            route: self.hops(),
+            hop: hop as u32,
+            graph: (!stage.opened).then(|| self.graph_bytes.clone()),
+            input: input.clone(),
+            replay: stage.replay.clone(),
+            replay_outputs: stage.replay_outputs,
         };
-        let first = &self.route[0];
         match self
             .client
             .call(
-                first.peer,
-                first.addrs.clone(),
+                peer,
+                stage.peer.addrs.clone(),
                 &Request::Step(Box::new(msg)),
             )
             .await
         {
             Ok(Response::Accepted) => {}
             Ok(other) => {
-                return Err(Error::Protocol {
-                    peer: first.peer,
+                return Err(HopError::Fatal(Error::Protocol {
+                    peer,
                     detail: format!("Step answered {other:?}"),
+                }));
+            }
+            Err(Error::Remote { peer, error }) => {
+                return Err(HopError::Failed {
+                    failure: Failure::Refused(error.kind),
+                    detail: format!("it refused the step: {error}"),
+                    error: Some(Error::Remote { peer, error }),
                 });
             }
             Err(Error::Request {
                 source:
                     e @ (RequestError::DialFailure { .. }
                     | RequestError::ConnectionClosed { .. }
-                    | RequestError::Timeout { .. }),
+                    | RequestError::Timeout { .. }
+                    | RequestError::Io { .. }),
                 ..
-            }) => return Err(self.lost(0, trace, step, e.to_string())),
-            Err(e) => return Err(e),
+            }) => {
+                let detail = e.to_string();
+                return Err(HopError::Failed {
+                    failure: Failure::Lost,
+                    error: None,
+                    detail,
+                });
+            }
+            Err(e) => return Err(HopError::Fatal(e)),
         }
-        self.await_step(trace, step).await
+        let stage = &mut self.route[hop];
+        stage.opened = true;
+        let replayed = std::mem::take(&mut stage.replay);
+        stage.replay_outputs = false;
+        self.await_hop(hop, input, &replayed, arrived, retried)
+            .await
     }
 
-    /// The deadline of a step: a base plus a multiple of the compute time
-    /// the stages' advertised throughput predicts for its tokens.
-    fn deadline(&self, trace: u32, step: u32) -> Duration {
-        let t = trace as usize;
+    /// The deadline of a hop's step: a base plus a multiple of the compute
+    /// time its advertised throughput predicts for the step's tokens (and
+    /// for the steps it replays first).
+    fn deadline(&self, hop: usize, input: &StepInput, replayed: usize) -> Duration {
+        let t = input.trace as usize;
         let rows = self.graph.traces[t].invokes.len() as f64;
-        let tokens = if step == 0 {
-            let longest = self.plan.costs.get(t).map_or(1, |c| c.prompt_tokens);
-            rows * longest as f64
+        let tokens = if input.step == 0 {
+            rows * self.plan.costs[t].prompt_tokens as f64
         } else {
             rows
         };
-        let secs: f64 = self
-            .route
-            .iter()
-            .map(|p| tokens / f64::from(p.record.throughput.max(1e-3)))
-            .sum();
-        DEADLINE_BASE + Duration::from_secs_f64((secs * DEADLINE_FACTOR).min(3600.0))
+        let prefix = replayed as f64 * rows * 2.0;
+        let tps = f64::from(self.route[hop].peer.record.throughput.max(1e-3));
+        let secs = (tokens + prefix) / tps * DEADLINE_FACTOR;
+        DEADLINE_BASE + Duration::from_secs_f64(secs.min(3600.0))
     }
 
-    /// Waits for the step's reports until the last stage reports it done,
-    /// watching the route's stages meanwhile.
-    async fn await_step(&mut self, trace: u32, step: u32) -> Result<Vec<u32>, Error> {
-        let expected = expected_saves(self.graph, self.plan, self.fragments, trace, step);
-        let mut arrived = HashSet::new();
-        let period = self.deadline(trace, step);
+    /// Waits for hop `hop`'s reports of the step until its output, watching it.
+    async fn await_hop(
+        &mut self,
+        hop: usize,
+        input: &StepInput,
+        replayed: &[StepInput],
+        arrived: &mut HashSet<(String, Option<u32>)>,
+        retried: bool,
+    ) -> Result<HopResult, HopError> {
+        let (trace, step) = (input.trace, input.step);
+        let expected = expected_saves(self.graph, self.plan, &self.fragments, trace, step);
+        let peer = self.route[hop].peer.peer;
+        let period = self.deadline(hop, input, replayed.len());
         let mut deadline = Instant::now() + period;
         let mut deadlines = 0;
+        let lost = |reason: String| HopError::Failed {
+            failure: Failure::Lost,
+            error: None,
+            detail: reason,
+        };
         loop {
             tokio::select! {
                 report = self.rx.recv() => {
                     let report = report.ok_or(Error::Closed)?;
-                    if (report.trace, report.step) != (trace, step) {
-                        tracing::warn!(report.trace, report.step, "report for another step; ignored");
+                    if (report.trace, report.step, report.hop as usize) != (trace, step, hop)
+                        || report.peer != peer
+                    {
+                        tracing::debug!(report.trace, report.step, report.hop, "report for another step or hop; ignored");
                         continue;
                     }
-                    if let Some(tokens) = self.on_report(report, &expected, &mut arrived)? {
-                        self.check_complete(trace, step, &expected, &arrived)?;
-                        return Ok(tokens);
+                    if let Some(result) = self.on_report(
+                        hop, report.body, input, replayed, &expected, arrived, retried,
+                    )? {
+                        return Ok(result);
                     }
                 }
                 event = self.events.recv() => {
-                    let peer = match event {
-                        Ok(e) => e.peer(),
-                        // Missed events: check every stage.
-                        Err(broadcast::error::RecvError::Lagged(_)) => {
-                            for hop in 0..self.route.len() {
-                                if !self.reachable(hop).await {
-                                    return Err(self.lost(hop, trace, step, "its connection was lost".into()));
-                                }
-                            }
-                            continue;
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return Err(Error::Closed),
+                    let event = match event {
+                        Ok(e) if e.peer() == peer => e,
+                        Ok(_) => continue,
+                        // Missed events: check the hop.
+                        Err(broadcast::error::RecvError::Lagged(_)) => PeerEvent::Disconnected(peer),
+                        Err(broadcast::error::RecvError::Closed) => return Err(Error::Closed.into()),
                     };
-                    if let Some(hop) = self.route.iter().position(|p| p.peer == peer)
-                        && !self.reachable(hop).await
-                    {
+                    if !self.reachable(hop).await {
                         let why = match event {
-                            Ok(PeerEvent::Unresponsive(_)) => "it stopped answering pings",
-                            _ => "its connection was lost and it cannot be reached again",
+                            PeerEvent::Unresponsive(_) => "it stopped answering pings",
+                            PeerEvent::Disconnected(_) => {
+                                "its connection was lost and it cannot be reached again"
+                            }
                         };
-                        return Err(self.lost(hop, trace, step, why.into()));
+                        return Err(lost(why.into()));
                     }
                 }
                 () = tokio::time::sleep_until(deadline) => {
-                    if let Some(hop) = self.silent_stage().await {
-                        return Err(self.lost(
-                            hop,
-                            trace,
-                            step,
+                    if !self.answers_probe(hop).await {
+                        return Err(lost(
                             format!("no progress within {} s and no answer to a probe", period.as_secs()),
                         ));
                     }
@@ -334,7 +619,8 @@ impl Run<'_> {
                             trace,
                             step,
                             secs: (period * deadlines).as_secs(),
-                        });
+                        }
+                        .into());
                     }
                     deadline += period;
                 }
@@ -342,31 +628,46 @@ impl Run<'_> {
         }
     }
 
-    /// The first stage that does not answer an `Info` probe in time.
-    async fn silent_stage(&self) -> Option<usize> {
-        let probes = self.route.iter().map(|p| {
-            tokio::time::timeout(
-                PROBE_TIMEOUT,
-                self.client.call(p.peer, p.addrs.clone(), &Request::Info),
-            )
-        });
-        futures::future::join_all(probes)
-            .await
-            .into_iter()
-            .position(|r| !matches!(r, Ok(Ok(Response::Info { .. }))))
+    /// Whether stage `hop` can be reached (connected, or dialled anew).
+    async fn reachable(&self, hop: usize) -> bool {
+        let Some(addr) = self.route[hop].peer.addrs.first() else {
+            return false;
+        };
+        matches!(
+            tokio::time::timeout(REDIAL_TIMEOUT, self.client.transport.dial(addr.clone())).await,
+            Ok(Ok(_))
+        )
     }
 
-    /// Checks and files one report; `Some(tokens)` when it ends the step.
+    /// Whether stage `hop` answers an `Info` probe in time.
+    async fn answers_probe(&self, hop: usize) -> bool {
+        let p = &self.route[hop].peer;
+        matches!(
+            tokio::time::timeout(
+                PROBE_TIMEOUT,
+                self.client.call(p.peer, p.addrs.clone(), &Request::Info)
+            )
+            .await,
+            Ok(Ok(Response::Info { .. }))
+        )
+    }
+
+    /// Checks and files one report of hop `hop`; `Some` when it ends the step.
+    #[allow(clippy::too_many_arguments)]
     fn on_report(
         &mut self,
-        report: StageReport,
+        hop: usize,
+        body: ReportBody,
+        input: &StepInput,
+        replayed: &[StepInput],
         expected: &[ExpectedSave],
         arrived: &mut HashSet<(String, Option<u32>)>,
-    ) -> Result<Option<Vec<u32>>, Error> {
-        let hop = report.hop as usize;
-        let peer = self.route[hop].peer;
-        let protocol = |detail: String| Error::Protocol { peer, detail };
-        match report.body {
+        retried: bool,
+    ) -> Result<Option<HopResult>, HopError> {
+        let peer = self.route[hop].peer.peer;
+        let protocol = |detail: String| HopError::Fatal(Error::Protocol { peer, detail });
+        let last = hop + 1 == self.route.len();
+        match body {
             ReportBody::Saves(saves) => {
                 for s in saves {
                     let known = expected
@@ -374,11 +675,15 @@ impl Run<'_> {
                         .any(|e| e.name == s.name && e.step == s.step && e.stage == hop);
                     if !known {
                         return Err(protocol(format!(
-                            "stage {hop} sent save {:?} (step {:?}), which the graph does not make there at trace {}, step {}",
-                            s.name, s.step, report.trace, report.step
+                            "stage {hop} sent save {:?} (step {:?}), which the graph does not make there",
+                            s.name, s.step
                         )));
                     }
                     if !arrived.insert((s.name.clone(), s.step)) {
+                        if retried {
+                            // Delivered before the failure: keep the first.
+                            continue;
+                        }
                         return Err(protocol(format!(
                             "stage {hop} sent save {:?} twice",
                             s.name
@@ -396,18 +701,53 @@ impl Run<'_> {
                         c.node
                     )));
                 }
-                self.relayed.extend(values);
+                for c in values {
+                    if !self.relayed.iter().any(|r| r.node == c.node) {
+                        self.relayed.push(c);
+                    }
+                }
                 Ok(None)
             }
+            ReportBody::Replayed(outputs) => {
+                // A chain of replacements: the next one replays these.
+                let next = hop + 1;
+                let wanted = next < self.route.len() && !self.route[next].opened;
+                if !wanted || outputs.len() != replayed.len() {
+                    return Err(protocol(format!(
+                        "stage {hop} sent {} replayed outputs, {} expected",
+                        outputs.len(),
+                        if wanted { replayed.len() } else { 0 }
+                    )));
+                }
+                self.route[next].replay = replayed
+                    .iter()
+                    .zip(outputs)
+                    .map(|(i, o)| StepInput {
+                        trace: i.trace,
+                        step: i.step,
+                        past: i.past,
+                        tokens: WireTensor::from_i64(vec![0, 0], &[]).expect("empty"),
+                        hidden: o.hidden,
+                        carry: o.carry,
+                    })
+                    .collect();
+                self.route[next].replay_outputs =
+                    next + 1 < self.route.len() && !self.route[next + 1].opened;
+                Ok(None)
+            }
+            ReportBody::Output(out) if !last => Ok(Some(HopResult::Output(out))),
+            ReportBody::Output(_) => Err(protocol(format!(
+                "stage {hop} is the last and sent an output instead of finishing the step"
+            ))),
             ReportBody::Done { tokens } => {
-                if hop + 1 != self.route.len() {
+                if !last {
                     return Err(protocol(format!(
                         "stage {hop} reported a step done, but only the last stage can"
                     )));
                 }
-                let t = report.trace as usize;
+                let t = input.trace as usize;
                 let trace = &self.graph.traces[t];
-                let stopped = report.step + 1 == self.plan.steps[t] && self.plan.stops[t].is_some();
+                let stopped = input.step + 1 == self.plan.steps[t] && self.plan.stops[t].is_some();
                 let want = if trace.max_new_tokens > 0 && !stopped {
                     trace.invokes.len()
                 } else {
@@ -417,26 +757,20 @@ impl Run<'_> {
                     return Err(protocol(format!(
                         "stage {hop} reported {} tokens for trace {t}, step {}; expected {want} (one per invoke when generating)",
                         tokens.len(),
-                        report.step
+                        input.step
                     )));
                 }
-                Ok(Some(tokens))
+                Ok(Some(HopResult::Done(tokens)))
             }
-            ReportBody::Failed(error)
-                if error.kind == ErrorKind::Unreachable && hop + 1 < self.route.len() =>
-            {
-                Err(self.lost(
-                    hop + 1,
-                    report.trace,
-                    report.step,
-                    format!("stage {hop} could not hand it the step: {}", error.message),
-                ))
-            }
-            ReportBody::Failed(error) => Err(Error::Stage {
-                stage: self.stage(hop),
-                trace: report.trace,
-                step: report.step,
-                error,
+            ReportBody::Failed(error) => Err(HopError::Failed {
+                failure: Failure::Failed(error.kind),
+                detail: format!("it reported {error}"),
+                error: Some(Error::Stage {
+                    stage: self.stage(hop),
+                    trace: input.trace,
+                    step: input.step,
+                    error,
+                }),
             }),
         }
     }
@@ -446,9 +780,9 @@ impl Run<'_> {
         &self,
         trace: u32,
         step: u32,
-        expected: &[ExpectedSave],
         arrived: &HashSet<(String, Option<u32>)>,
     ) -> Result<(), Error> {
+        let expected = expected_saves(self.graph, self.plan, &self.fragments, trace, step);
         let missing: Vec<String> = expected
             .iter()
             .filter(|e| !arrived.contains(&(e.name.clone(), e.step)))
@@ -464,6 +798,10 @@ impl Run<'_> {
             })
         }
     }
+}
+
+fn now() -> StdInstant {
+    StdInstant::now()
 }
 
 /// A save the graph makes at a step, and the stage that makes it.
@@ -509,7 +847,7 @@ fn expected_saves(
 
 #[cfg(test)]
 mod tests {
-    use nnmesh_graph::{Builder, DType, IndexItem::*, Limits, Manifest, Point};
+    use nnmesh_graph::{Builder, DType, IndexItem::*, Limits, Point};
 
     use super::*;
 

@@ -1,26 +1,39 @@
 //! Choosing a route: which model is fully served, and the cheapest chain of
-//! stages through it (the shared [`find_route`] search over RTT, compute and
-//! load), plus the coverage figures `nnmesh status` prints.
+//! holders through it (the control crate's [`find_route`] search over RTT,
+//! compute and load, using any part of a holder's span), plus the coverage
+//! figures `nnmesh status` prints.
 
 use std::collections::BTreeMap;
 
-use nnmesh_protocol::{
-    ids::ModelId,
-    record::StageRecord,
-    route::{Candidate, find_route},
-};
+use nnmesh_control::route::{Candidate, find_route};
+use nnmesh_protocol::{Span, ids::ModelId, record::StageRecord};
 
 use super::{Error, Peer};
 
+/// The router's view of a peer.
+pub fn candidate(p: &Peer) -> Candidate {
+    Candidate {
+        peer: p.peer,
+        span: p.record.span,
+        // Records give tokens/s through the whole span; the router prices
+        // each layer at 1/throughput-per-layer.
+        throughput: p.record.throughput * p.record.span.len() as f32,
+        rtt_ms: p.rtt_ms,
+        load: p.record.load,
+    }
+}
+
+/// A route: each peer with the layers it runs for the request (part or all
+/// of what it serves), in layer order.
+pub type Route<'a> = Vec<(&'a Peer, Span)>;
+
 /// Picks the model (the one fully served, unless given) and the cheapest
-/// route through the nodes serving it.
+/// route through the nodes serving it: each peer with the layers it runs
+/// (part or all of what it serves).
 ///
 /// # Errors
 /// When no model, or more than one, is fully served.
-pub fn choose_route(
-    peers: &[Peer],
-    model: Option<ModelId>,
-) -> Result<(ModelId, Vec<&Peer>), Error> {
+pub fn choose_route(peers: &[Peer], model: Option<ModelId>) -> Result<(ModelId, Route<'_>), Error> {
     let mut by_model: BTreeMap<[u8; 32], Vec<&Peer>> = BTreeMap::new();
     for p in peers {
         by_model.entry(p.record.model.0).or_default().push(p);
@@ -33,20 +46,14 @@ pub fn choose_route(
             continue;
         }
         let n = ps[0].record.num_layers;
-        let cands: Vec<Candidate> = ps
-            .iter()
-            .map(|p| Candidate {
-                peer: p.peer,
-                span: p.record.span,
-                // Records give tokens/s through the whole span; the router
-                // prices each layer at 1/throughput-per-layer.
-                throughput: p.record.throughput * p.record.span.len() as f32,
-                rtt_ms: p.rtt_ms,
-                load: p.record.load,
-            })
-            .collect();
-        match find_route(&cands, n, &[]) {
-            Some(idx) => routes.push((id, idx.into_iter().map(|i| ps[i]).collect::<Vec<_>>())),
+        let cands: Vec<Candidate> = ps.iter().map(|p| candidate(p)).collect();
+        match find_route(&cands, Span::new(0, n), &[]) {
+            Some(legs) => routes.push((
+                id,
+                legs.into_iter()
+                    .map(|l| (ps[l.candidate], l.span))
+                    .collect::<Vec<_>>(),
+            )),
             None => gaps.push(format!(
                 "{} ({}): {}",
                 ps[0].record.model_name,

@@ -101,7 +101,7 @@ impl Backend {
         let client = run.mesh.connect(&rt)?;
         let peers = rt.block_on(client.discover())?;
         let (model, route) = mesh::choose_route(&peers, run.mesh.model_id)?;
-        let num_layers = route[0].record.num_layers;
+        let num_layers = route[0].0.record.num_layers;
         let (_, json) = rt.block_on(client.tokenizer(Some(model)))?;
         let tokenizer =
             Tokenizer::from_json(&json).context("the tokenizer the mesh sent is not valid")?;
