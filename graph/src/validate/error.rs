@@ -348,7 +348,7 @@ pub enum ValidateError {
         needed: u64,
         /// The limit.
         limit: u64,
-        /// The name of the [`Limits`] field, e.g. `max_batch_tokens`.
+        /// The name of the [`Limits`](crate::Limits) field, e.g. `max_batch_tokens`.
         limit_name: &'static str,
     },
     /// Two saves with the same name.
