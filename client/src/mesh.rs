@@ -92,6 +92,47 @@ pub struct Outcome {
     pub failovers: u32,
 }
 
+/// What a running request reports as it goes (see [`Client::run_with`]):
+/// for progress displays, logs, and tests that act at a precise point.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Progress {
+    /// The route was chosen.
+    Route(Vec<Hop>),
+    /// A hop accepted a step (after replaying `replay` earlier steps first,
+    /// for a replacement).
+    Accepted {
+        /// The trace.
+        trace: u32,
+        /// The step.
+        step: u32,
+        /// The hop.
+        stage: StageName,
+        /// Steps it replays before this one.
+        replay: u32,
+    },
+    /// A step finished on every hop.
+    Step {
+        /// The trace.
+        trace: u32,
+        /// The step.
+        step: u32,
+        /// Steps of the trace in all.
+        steps: u32,
+    },
+    /// A failed stage was replaced.
+    FailedOver {
+        /// The stage that failed.
+        failed: StageName,
+        /// How it failed.
+        reason: String,
+        /// Its replacement (one hop or several), in layer order.
+        by: Vec<Hop>,
+        /// Steps the replacement replays.
+        replay: u32,
+    },
+}
+
 /// A running request's report queue, and the peers allowed to report to
 /// it (its route, by hop).
 struct Pending {
@@ -115,6 +156,8 @@ pub struct Client {
     known: Known,
     /// Peers that were found dead, left out of discovery for [`DEAD_TTL`].
     dead: Dead,
+    /// The limits of fail-over.
+    failover: nnmesh_control::failover::Config,
 }
 
 impl std::fmt::Debug for Pending {
@@ -202,7 +245,16 @@ impl Client {
             pending,
             known: Arc::default(),
             dead: Arc::default(),
+            failover: nnmesh_control::failover::Config::default(),
         })
+    }
+
+    /// The client with other fail-over limits (how many failures a request
+    /// survives, how long to look for a replacement, how long a failed peer
+    /// is left out).
+    pub fn with_failover(mut self, cfg: nnmesh_control::failover::Config) -> Self {
+        self.failover = cfg;
+        self
     }
 
     /// The client's own peer id.
@@ -324,7 +376,11 @@ impl Client {
             .expect("not poisoned")
             .as_ref()
             .filter(|(at, _)| at.elapsed() < DISCOVERY_TTL)
-            .map(|(_, peers)| peers.clone());
+            .map(|(_, peers)| {
+                let mut peers = peers.clone();
+                peers.retain(|p| !self.is_dead(&p.peer));
+                peers
+            });
         match cached {
             Some(p) => Ok(p),
             None => {
@@ -393,7 +449,22 @@ impl Client {
     /// Discovery, validation, partitioning, a stage failure or a lost stage
     /// (naming it), or a result that would be partial.
     pub async fn run(&self, graph: Graph, model: Option<ModelId>) -> Result<Outcome, Error> {
-        request::run(self, graph, model).await
+        request::run(self, graph, model, &mut |_| {}).await
+    }
+
+    /// [`Client::run`], calling `progress` at each step of the way (the
+    /// route, each hop's step, each step done, each fail-over). The call is
+    /// made from the request's task: keep it short.
+    ///
+    /// # Errors
+    /// As [`Client::run`].
+    pub async fn run_with(
+        &self,
+        graph: Graph,
+        model: Option<ModelId>,
+        mut progress: impl FnMut(&Progress) + Send,
+    ) -> Result<Outcome, Error> {
+        request::run(self, graph, model, &mut progress).await
     }
 
     async fn tokenize_prompts(

@@ -8,7 +8,9 @@
 //!   longer serves those layers, or lost the session — replaces the hop's
 //!   layers; one that would repeat anywhere (the graph failed validation or
 //!   at run time, the client is not allowed) gives up at once.
-//! - A failed peer is left out of replacements for [`Config::blacklist`].
+//! - A failed peer is left out of replacements for [`Config::blacklist`],
+//!   unless it is the only holder left and its failure was transient (it
+//!   was busy, or lost the session): then it is asked again.
 //! - When no replacement covers the layers, the client waits with
 //!   exponential backoff (jittered) and looks again, up to
 //!   [`Config::max_attempts`] times, then gives up naming the layers.
@@ -100,6 +102,16 @@ impl Failure {
                     | ErrorKind::Forbidden
             ),
         }
+    }
+
+    /// Whether the same peer may succeed if asked again soon: it is alive
+    /// and was only busy, or lost the session (a replay rebuilds it).
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            Failure::Refused(ErrorKind::Overloaded | ErrorKind::UnknownRequest)
+                | Failure::Failed(ErrorKind::Overloaded | ErrorKind::UnknownRequest)
+        )
     }
 }
 
@@ -193,7 +205,9 @@ pub struct Failover {
     failures: u32,
     /// Searches for the layers being replaced.
     attempts: u32,
-    blacklist: HashMap<PeerId, Instant>,
+    /// Failed peers: until when they are left out, and whether the failure
+    /// was transient ([`Failure::is_transient`]).
+    blacklist: HashMap<PeerId, (Instant, bool)>,
     rng: u64,
 }
 
@@ -216,7 +230,9 @@ impl Failover {
 
     /// Whether `peer` is left out of replacements at `now`.
     pub fn is_blacklisted(&self, now: Instant, peer: &PeerId) -> bool {
-        self.blacklist.get(peer).is_some_and(|&until| now < until)
+        self.blacklist
+            .get(peer)
+            .is_some_and(|&(until, _)| now < until)
     }
 
     /// Takes an event; returns what to do.
@@ -228,7 +244,8 @@ impl Failover {
                 failure,
             } => {
                 self.failures += 1;
-                self.blacklist.insert(peer, now + self.cfg.blacklist);
+                self.blacklist
+                    .insert(peer, (now + self.cfg.blacklist, failure.is_transient()));
                 if !failure.is_retriable() {
                     let (Failure::Refused(kind) | Failure::Failed(kind)) = failure else {
                         unreachable!("a lost hop is retriable")
@@ -245,13 +262,20 @@ impl Failover {
             }
             Event::Candidates { span, cands } => {
                 self.attempts += 1;
-                let exclude: Vec<PeerId> = self
-                    .blacklist
-                    .iter()
-                    .filter(|(_, until)| now < **until)
-                    .map(|(p, _)| *p)
-                    .collect();
-                match find_route(cands, span, &exclude) {
+                let banned = |transient_too: bool| -> Vec<PeerId> {
+                    self.blacklist
+                        .iter()
+                        .filter(|(_, (until, transient))| {
+                            now < *until && (transient_too || !transient)
+                        })
+                        .map(|(p, _)| *p)
+                        .collect()
+                };
+                // Other holders first; a peer that was only busy or lost the
+                // session is asked again when no other holder is left.
+                let route = find_route(cands, span, &banned(true))
+                    .or_else(|| find_route(cands, span, &banned(false)));
+                match route {
                     Some(legs) if !legs.is_empty() => vec![Action::Replace { span, legs }],
                     _ if self.attempts >= self.cfg.max_attempts => {
                         vec![Action::GiveUp(GiveUp::NoHolder {
@@ -366,6 +390,33 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_busy_holder_is_asked_again_only_when_no_other_is_left() {
+        let mut f = Failover::new(Config::default(), 3);
+        let now = Instant::now();
+        let replace_by = |f: &mut Failover, cands: &[Candidate]| -> Option<usize> {
+            match &f.on_event(now, Event::Candidates { span: SPAN, cands })[..] {
+                [Action::Replace { legs, .. }] => Some(legs[0].candidate),
+                _ => None,
+            }
+        };
+        // Busy, with another holder: the other.
+        fail(&mut f, now, 1, Failure::Refused(ErrorKind::Overloaded));
+        assert_eq!(
+            replace_by(&mut f, &[cand(1, 10, 20), cand(2, 10, 20)]),
+            Some(1)
+        );
+        // Alone: asked again (it is alive; a replay rebuilds a lost session).
+        assert_eq!(replace_by(&mut f, &[cand(1, 10, 20)]), Some(0));
+        fail(&mut f, now, 2, Failure::Failed(ErrorKind::UnknownRequest));
+        assert_eq!(replace_by(&mut f, &[cand(2, 10, 20)]), Some(0));
+        // A lost or forbidding peer is not, even alone.
+        fail(&mut f, now, 3, Failure::Lost);
+        assert_eq!(replace_by(&mut f, &[cand(3, 10, 20)]), None);
+        fail(&mut f, now, 4, Failure::Refused(ErrorKind::Forbidden));
+        assert_eq!(replace_by(&mut f, &[cand(4, 10, 20)]), None);
     }
 
     #[test]

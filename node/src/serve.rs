@@ -52,8 +52,7 @@ pub struct Config {
     pub keypair: Keypair,
     /// A private mesh's pre-shared key.
     pub psk: Option<PreSharedKey>,
-    /// When set, the only peers served (clients and the nodes that forward
-    /// steps to this one); `Info` is answered for everyone.
+    /// When set, the only clients served; `Info` is answered for everyone.
     pub allow: Option<HashSet<PeerId>>,
     /// Steps and tokenizations admitted at once; more are refused as overloaded.
     pub queue: usize,
@@ -61,6 +60,11 @@ pub struct Config {
     pub mdns: bool,
     /// Largest message accepted or sent, in bytes.
     pub max_message: usize,
+    /// Fault injection, for tests and benchmarks: the probability that a
+    /// step is answered as if the node had lost the request's session
+    /// ([`ErrorKind::UnknownRequest`], the session dropped), so clients fail
+    /// over without anything being killed. 0 in production.
+    pub inject_faults: f64,
 }
 
 impl Config {
@@ -77,6 +81,7 @@ impl Config {
             queue: 8,
             mdns: false,
             max_message: 256 << 20,
+            inject_faults: 0.0,
         }
     }
 }
@@ -154,6 +159,21 @@ struct Server {
     max_message: usize,
     allow: Option<HashSet<PeerId>>,
     fatal: mpsc::Sender<String>,
+    /// See [`Config::inject_faults`], as a threshold on a random `u64`.
+    fault_threshold: u64,
+}
+
+/// A random `u64` (std's per-process random hasher keys, advanced by a
+/// counter): enough for fault injection.
+fn random_u64() -> u64 {
+    use std::{
+        hash::{BuildHasher, Hasher},
+        sync::atomic::{AtomicU64, Ordering},
+    };
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.finish()
 }
 
 fn now_ms() -> u64 {
@@ -234,6 +254,7 @@ async fn serve(
         max_message: cfg.max_message,
         allow: cfg.allow.clone(),
         fatal: fatal_tx,
+        fault_threshold: (cfg.inject_faults.clamp(0.0, 1.0) * u64::MAX as f64) as u64,
     });
     on_ready(&Ready {
         peer: endpoint.peer_id(),
@@ -380,6 +401,15 @@ fn handle(node: Arc<Server>, inb: Inbound) {
             let Ok(permit) = node.admit.clone().try_acquire_owned() else {
                 return refuse(inb, ErrorKind::Overloaded, node.overloaded());
             };
+            if node.fault_threshold > 0 && random_u64() < node.fault_threshold {
+                node.close(&step);
+                tracing::info!(request = step.request.0, "fault injected: session dropped");
+                return refuse(
+                    inb,
+                    ErrorKind::UnknownRequest,
+                    "fault injected (--inject-faults): this node dropped the request's session",
+                );
+            }
             reply(inb, &Response::Accepted);
             let span = tracing::info_span!(
                 "request",

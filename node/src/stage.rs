@@ -65,6 +65,9 @@ pub struct Config {
     /// Most bytes of KV cache reserved by open sessions; a session that
     /// would exceed it is refused as overloaded (live ones are never evicted).
     pub max_kv_bytes: u64,
+    /// Threads torch computes with on the stage's thread (0: torch's
+    /// default, one per core).
+    pub threads: i32,
 }
 
 impl Config {
@@ -80,6 +83,7 @@ impl Config {
             session_ttl: Duration::from_secs(600),
             max_sessions: 64,
             max_kv_bytes: 2 << 30,
+            threads: 0,
         }
     }
 }
@@ -136,7 +140,9 @@ pub struct Stage {
     ttl: Duration,
     max_sessions: usize,
     max_kv_bytes: u64,
-    sessions: HashMap<RequestId, Session>,
+    /// Open sessions by request and the first layer of the hop: after a
+    /// fail-over one node may run two parts of a request's route.
+    sessions: HashMap<(RequestId, u32), Session>,
     throughput: f32,
     panics: u64,
 }
@@ -273,12 +279,13 @@ impl Stage {
             ));
         }
         let now = Instant::now();
-        if let Some(session) = self.sessions.get_mut(&req.request) {
+        let key = (req.request, hop.span.start);
+        if let Some(session) = self.sessions.get_mut(&key) {
             session.check_next(req)?;
             session.adopt_route(&self.manifest, req)?;
         } else {
             let session = self.open(req)?;
-            self.sessions.insert(req.request, session);
+            self.sessions.insert(key, session);
         }
         let Stage {
             engine,
@@ -287,7 +294,7 @@ impl Stage {
             ..
         } = self;
         let session = sessions
-            .get_mut(&req.request)
+            .get_mut(&key)
             .expect("the session was found or opened above");
         session.touch(now);
         let out = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -310,7 +317,7 @@ impl Stage {
             }
         };
         if out.is_err() {
-            self.sessions.remove(&req.request);
+            self.sessions.remove(&key);
         }
         out
     }
@@ -384,15 +391,10 @@ impl Stage {
         })
     }
 
-    /// Drops a request's session, if `client` is its client.
+    /// Drops a request's sessions, if `client` is their client.
     pub fn close(&mut self, request: RequestId, client: PeerId) {
-        if self
-            .sessions
-            .get(&request)
-            .is_some_and(|s| s.client() == client)
-        {
-            self.sessions.remove(&request);
-        }
+        self.sessions
+            .retain(|(r, _), s| *r != request || s.client() != client);
     }
 
     /// Drops the sessions unused for longer than the session TTL; returns
@@ -518,6 +520,11 @@ pub async fn spawn(
     let arbiter = Arbiter::new();
     let (tx, rx) = oneshot::channel();
     arbiter.spawn_fn(move || {
+        if cfg.threads > 0 {
+            // Set on the thread that computes: OpenMP's thread count is a
+            // per-thread setting.
+            tch::set_num_threads(cfg.threads);
+        }
         let loaded = std::panic::catch_unwind(|| Stage::load(&cfg));
         let started = match loaded {
             Ok(Ok(stage)) => match stage.engine.tokenizer.to_json() {

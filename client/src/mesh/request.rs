@@ -34,7 +34,7 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Client, Error, Outcome, Peer, Pending, StageName, candidate, choose_route};
+use super::{Client, Error, Outcome, Peer, Pending, Progress, StageName, candidate, choose_route};
 use crate::transport::{PeerEvent, RequestError};
 
 /// How long a dial that checks whether a disconnected stage is still there may take.
@@ -55,6 +55,7 @@ pub(super) async fn run(
     client: &Client,
     mut graph: Graph,
     model: Option<ModelId>,
+    progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<Outcome, Error> {
     let peers = client.routable_peers(model).await?;
     let (model, route) = choose_route(&peers, model)?;
@@ -106,8 +107,10 @@ pub(super) async fn run(
         .iter()
         .map(|a| a.to_string())
         .collect();
+    progress(&Progress::Route(route.iter().map(Stage::hop).collect()));
     let mut run = Run {
         client,
+        progress: std::sync::Mutex::new(progress),
         request,
         model,
         client_addrs,
@@ -119,7 +122,7 @@ pub(super) async fn run(
         graph_bytes,
         rx,
         events,
-        failover: Failover::new(failover::Config::default(), request.0),
+        failover: Failover::new(client.failover.clone(), request.0),
         used: Vec::new(),
         saves: Vec::new(),
         relayed: Vec::new(),
@@ -138,8 +141,8 @@ pub(super) async fn run(
             tokio::time::timeout(CLOSE_TIMEOUT, client.call(p.peer, p.addrs.clone(), &close))
         });
     futures::future::join_all(closes).await;
-    if result.is_err() {
-        // The mesh may have changed under us: look again next time.
+    if result.is_err() || run.failovers > 0 {
+        // The mesh changed under us: look again next time.
         *client.known.lock().expect("not poisoned") = None;
     }
     let generated = result?;
@@ -158,16 +161,14 @@ struct Stage {
     peer: Peer,
     /// The layers it runs (part or all of what it serves).
     span: Span,
-    /// The inputs of every step it finished, in order: what a replacement
-    /// replays.
+    /// The inputs of every step its layers ran for this request, in order
+    /// (a replacement inherits them): what a replacement replays.
     history: Vec<StepInput>,
+    /// How many of `history` this holder has run; the rest it replays
+    /// before its next step.
+    ran: usize,
     /// Whether it has the request's session (and so needs no graph).
     opened: bool,
-    /// Steps to replay before its first step (a replacement).
-    replay: Vec<StepInput>,
-    /// Whether the next stage is a replacement too, needing the outputs of
-    /// this one's replay.
-    replay_outputs: bool,
 }
 
 impl Stage {
@@ -176,14 +177,19 @@ impl Stage {
             peer,
             span,
             history: Vec::new(),
+            ran: 0,
             opened: false,
-            replay: Vec::new(),
-            replay_outputs: false,
         }
     }
 
     fn hop(&self) -> Hop {
         self.peer.hop(self.span)
+    }
+
+    /// Files a step the holder finished (after replaying what it had to).
+    fn ran_step(&mut self, input: StepInput) {
+        self.history.push(input);
+        self.ran = self.history.len();
     }
 }
 
@@ -219,6 +225,9 @@ impl From<Error> for HopError {
 /// The state of one request while it runs.
 struct Run<'a> {
     client: &'a Client,
+    /// The caller's progress callback (in a mutex so that `Run` is `Sync`
+    /// and can be borrowed across awaits).
+    progress: std::sync::Mutex<&'a mut (dyn FnMut(&Progress) + Send)>,
     request: RequestId,
     model: ModelId,
     client_addrs: Vec<String>,
@@ -240,6 +249,10 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    fn notify(&self, p: &Progress) {
+        (self.progress.lock().expect("not poisoned"))(p);
+    }
+
     fn stage(&self, hop: usize) -> StageName {
         let s = &self.route[hop];
         StageName {
@@ -272,6 +285,11 @@ impl Run<'_> {
             let mut last: Vec<u32> = Vec::new();
             for step in 0..self.plan.steps[t] {
                 let done = self.step(t as u32, step, &last).await?;
+                self.notify(&Progress::Step {
+                    trace: t as u32,
+                    step,
+                    steps: self.plan.steps[t],
+                });
                 if trace.max_new_tokens > 0 && !done.is_empty() {
                     for (row, &id) in tokens.iter_mut().zip(&done) {
                         row.push(id);
@@ -309,7 +327,7 @@ impl Run<'_> {
         loop {
             match self.run_hop(hop, &input, &mut arrived, retried).await {
                 Ok(HopResult::Output(out)) => {
-                    self.route[hop].history.push(input);
+                    self.route[hop].ran_step(input);
                     input = StepInput {
                         trace,
                         step,
@@ -321,7 +339,7 @@ impl Run<'_> {
                     hop += 1;
                 }
                 Ok(HopResult::Done(tokens)) => {
-                    self.route[hop].history.push(input);
+                    self.route[hop].ran_step(input);
                     self.check_complete(trace, step, &arrived)?;
                     if retried {
                         self.failover.on_event(now(), Event::Recovered);
@@ -395,7 +413,15 @@ impl Run<'_> {
                         .iter()
                         .map(|l| Stage::new(peers[l.candidate].clone(), l.span))
                         .collect();
+                    let by: Vec<Hop> = new.iter().map(Stage::hop).collect();
+                    let replay = self.route[hop].history.len() as u32;
                     self.replace(hop, span, new)?;
+                    self.notify(&Progress::FailedOver {
+                        failed: dead.clone(),
+                        reason: detail.clone(),
+                        by,
+                        replay,
+                    });
                     Vec::new()
                 }
                 Action::GiveUp(why) => {
@@ -426,14 +452,13 @@ impl Run<'_> {
     }
 
     /// Puts `new` (covering `span`) in place of hop `hop`; the first new
-    /// stage replays the old one's history.
+    /// stage inherits the old one's history to replay (the others get
+    /// theirs from the outputs of that replay).
     fn replace(&mut self, hop: usize, span: Span, mut new: Vec<Stage>) -> Result<(), Error> {
         let old = &self.route[hop];
         debug_assert_eq!(old.span, span);
-        let replays = new.len() > 1;
         if let Some(first) = new.first_mut() {
-            first.replay = old.history.clone();
-            first.replay_outputs = replays;
+            first.history = old.history.clone();
         }
         let spans: Vec<Span> = self.route[..hop]
             .iter()
@@ -476,6 +501,11 @@ impl Run<'_> {
     ) -> Result<HopResult, HopError> {
         let stage = &self.route[hop];
         let peer = stage.peer.peer;
+        let replay = stage.history[stage.ran..].to_vec();
+        // A chain of replacements: the next one needs this one's replayed
+        // outputs as its own history.
+        let replay_outputs =
+            !replay.is_empty() && self.route.get(hop + 1).is_some_and(|next| !next.opened);
         let msg = StepRequest {
             request: self.request,
             client: self.client.peer_id(),
@@ -485,8 +515,8 @@ impl Run<'_> {
             hop: hop as u32,
             graph: (!stage.opened).then(|| self.graph_bytes.clone()),
             input: input.clone(),
-            replay: stage.replay.clone(),
-            replay_outputs: stage.replay_outputs,
+            replay,
+            replay_outputs,
         };
         match self
             .client
@@ -530,8 +560,14 @@ impl Run<'_> {
         }
         let stage = &mut self.route[hop];
         stage.opened = true;
-        let replayed = std::mem::take(&mut stage.replay);
-        stage.replay_outputs = false;
+        let replayed = stage.history[stage.ran..].to_vec();
+        let accepted = Progress::Accepted {
+            trace: input.trace,
+            step: input.step,
+            stage: self.stage(hop),
+            replay: replayed.len() as u32,
+        };
+        self.notify(&accepted);
         self.await_hop(hop, input, &replayed, arrived, retried)
             .await
     }
@@ -719,7 +755,7 @@ impl Run<'_> {
                         if wanted { replayed.len() } else { 0 }
                     )));
                 }
-                self.route[next].replay = replayed
+                self.route[next].history = replayed
                     .iter()
                     .zip(outputs)
                     .map(|(i, o)| StepInput {
@@ -731,8 +767,7 @@ impl Run<'_> {
                         carry: o.carry,
                     })
                     .collect();
-                self.route[next].replay_outputs =
-                    next + 1 < self.route.len() && !self.route[next + 1].opened;
+                self.route[next].ran = 0;
                 Ok(None)
             }
             ReportBody::Output(out) if !last => Ok(Some(HopResult::Output(out))),

@@ -36,8 +36,8 @@ pub(crate) struct NodeArgs {
     /// peers without the same key cannot connect.
     #[arg(long)]
     pub psk: Option<PathBuf>,
-    /// Serve only the peers listed in this file (one peer id per line):
-    /// clients, and the nodes that forward steps to this one.
+    /// Serve only the clients listed in this file (one peer id per line);
+    /// anyone may still ask who the node is.
     #[arg(long)]
     pub allow_peers: Option<PathBuf>,
     /// Step requests admitted at once (running + queued); more are refused as overloaded.
@@ -74,6 +74,21 @@ pub(crate) struct NodeArgs {
     /// Largest message accepted or sent, in MiB.
     #[arg(long, default_value_t = 256)]
     pub max_message_mib: usize,
+    /// Threads torch computes with (0: torch's default, one per core).
+    /// Several nodes on one machine want 1 each.
+    #[arg(long, default_value_t = 0)]
+    pub threads: i32,
+    /// Testing: answer each step, with this probability, as if the node had
+    /// lost the request's session (clients fail over and replay).
+    #[arg(long, default_value_t = 0.0, value_parser = probability)]
+    pub inject_faults: f64,
+}
+
+fn probability(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a probability in 0..=1")),
+    }
 }
 
 impl NodeArgs {
@@ -99,6 +114,7 @@ impl NodeArgs {
             session_ttl: Duration::from_secs(self.session_ttl_secs),
             max_sessions: self.max_sessions,
             max_kv_bytes: self.kv_cache_mib << 20,
+            threads: self.threads,
             ..stage::Config::new(self.model.path()?, self.blocks)
         };
         let mut cfg = serve::Config::new(stage);
@@ -116,6 +132,7 @@ impl NodeArgs {
         cfg.queue = self.queue;
         cfg.mdns = self.mdns;
         cfg.max_message = self.max_message_mib << 20;
+        cfg.inject_faults = self.inject_faults;
         Ok(cfg)
     }
 }
@@ -128,6 +145,7 @@ impl NodeArgs {
 /// cannot start, or a stage that can no longer compute.
 pub(super) fn run(args: NodeArgs) -> Result<()> {
     let cfg = args.config()?;
+
     let model = cfg.stage.model.clone();
     eprintln!(
         "loading layers {} of {} ...",
