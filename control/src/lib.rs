@@ -5,6 +5,9 @@
 //!   (any part of a holder's span can be used).
 //! - [`failover`]: a client's decisions when a hop of its route fails —
 //!   replace, wait and look again, or give up.
+//! - [`placement`]: which blocks a node serves (cover the weakest blocks,
+//!   keep a replication floor) and when it moves (load the new blocks,
+//!   look again, then drop the old ones).
 //!
 //! The node and the client drive these with real time and the network; a
 //! simulator can drive the same code with virtual time.
@@ -26,4 +29,5 @@
 //! ```
 
 pub mod failover;
+pub mod placement;
 pub mod route;
