@@ -48,7 +48,7 @@ mod request;
 mod route;
 
 pub use error::{Error, StageName};
-pub use route::{Route, candidate, choose_route, coverage_gaps, holders_per_layer};
+pub use route::{Route, candidate, choose_route, coverage_gaps, holder};
 
 /// A node found in the mesh, with its verified record.
 #[derive(Debug, Clone)]
@@ -268,19 +268,7 @@ impl Client {
         addrs: Vec<Multiaddr>,
         req: &Request,
     ) -> Result<Response, Error> {
-        let bytes = self
-            .transport
-            .request(peer, addrs, codec::encode(req))
-            .await
-            .map_err(|source| Error::Request { peer, source })?;
-        match codec::decode::<Response>(&bytes) {
-            Ok(Response::Error(error)) => Err(Error::Remote { peer, error }),
-            Ok(r) => Ok(r),
-            Err(e) => Err(Error::Protocol {
-                peer,
-                detail: e.to_string(),
-            }),
-        }
+        call(&self.transport, peer, addrs, req).await
     }
 
     fn is_dead(&self, peer: &PeerId) -> bool {
@@ -305,67 +293,7 @@ impl Client {
     /// # Errors
     /// When no node answers.
     pub async fn discover(&self) -> Result<Vec<Peer>, Error> {
-        let mut ids: Vec<PeerId> = self.bootstrap.clone();
-        // The DHT fills in as the bootstrap peers answer: retry briefly.
-        for attempt in 0..10 {
-            if let Ok(found) = self.transport.providers(STAGES_KEY.to_vec()).await {
-                for p in found {
-                    if !ids.contains(&p) {
-                        ids.push(p);
-                    }
-                }
-            }
-            if ids.len() > self.bootstrap.len() || attempt >= 3 && !ids.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        ids.retain(|p| !self.is_dead(p));
-        let answers = futures::future::join_all(ids.into_iter().map(|id| async move {
-            let t0 = Instant::now();
-            (
-                id,
-                self.call(id, Vec::new(), &Request::Info).await,
-                t0.elapsed(),
-            )
-        }))
-        .await;
-        let mut peers = Vec::new();
-        for (id, answer, rtt) in answers {
-            let (records, manifest) = match answer {
-                Ok(Response::Info { records, manifest }) => (records, manifest),
-                Ok(other) => {
-                    tracing::warn!(peer = %id, ?other, "unexpected Info answer");
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(peer = %id, error = %e, "peer did not answer Info");
-                    continue;
-                }
-            };
-            let Ok(manifest) = postcard::from_bytes::<Manifest>(&manifest) else {
-                tracing::warn!(peer = %id, "undecodable manifest");
-                continue;
-            };
-            for record in verified_records(&records, now_ms()) {
-                // A node speaks for itself only.
-                if record.peer != id {
-                    tracing::warn!(peer = %id, "record names another peer; ignored");
-                    continue;
-                }
-                peers.push(Peer {
-                    peer: id,
-                    addrs: record.addrs.iter().filter_map(|a| a.parse().ok()).collect(),
-                    record,
-                    rtt_ms: rtt.as_secs_f32() * 1e3,
-                    manifest: manifest.clone(),
-                });
-            }
-        }
-        if peers.is_empty() {
-            return Err(Error::NoPeers);
-        }
-        Ok(peers)
+        discover(&self.transport, &self.bootstrap, |p| self.is_dead(p)).await
     }
 
     /// The peers of the last discovery, or a new discovery when it is stale.
@@ -511,6 +439,107 @@ impl Client {
             }
         }
         Ok(())
+    }
+}
+
+/// Finds the stage-serving nodes through `transport` (the DHT's providers
+/// of [`STAGES_KEY`], plus `seeds`) and asks each for its signed record;
+/// peers that do not answer, or that `skip` names, are left out. Clients
+/// ([`Client::discover`]) and auto-placed nodes use it.
+///
+/// # Errors
+/// When no node answers.
+pub async fn discover(
+    transport: &transport::Endpoint,
+    seeds: &[PeerId],
+    skip: impl Fn(&PeerId) -> bool,
+) -> Result<Vec<Peer>, Error> {
+    let mut ids: Vec<PeerId> = seeds.to_vec();
+    // The DHT fills in as the bootstrap peers answer: retry briefly.
+    for attempt in 0..10 {
+        if let Ok(found) = transport.providers(STAGES_KEY.to_vec()).await {
+            for p in found {
+                if !ids.contains(&p) {
+                    ids.push(p);
+                }
+            }
+        }
+        if ids.len() > seeds.len() || attempt >= 3 && !ids.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ids.retain(|p| !skip(p));
+    let answers = futures::future::join_all(ids.into_iter().map(|id| async move {
+        let t0 = Instant::now();
+        (
+            id,
+            call(transport, id, Vec::new(), &Request::Info).await,
+            t0.elapsed(),
+        )
+    }))
+    .await;
+    let mut peers = Vec::new();
+    for (id, answer, rtt) in answers {
+        let (records, manifest) = match answer {
+            Ok(Response::Info { records, manifest }) => (records, manifest),
+            Ok(other) => {
+                tracing::warn!(peer = %id, ?other, "unexpected Info answer");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(peer = %id, error = %e, "peer did not answer Info");
+                continue;
+            }
+        };
+        if records.is_empty() {
+            // A node still choosing its layers.
+            continue;
+        }
+        let Ok(manifest) = postcard::from_bytes::<Manifest>(&manifest) else {
+            tracing::warn!(peer = %id, "undecodable manifest");
+            continue;
+        };
+        for record in verified_records(&records, now_ms()) {
+            // A node speaks for itself only.
+            if record.peer != id {
+                tracing::warn!(peer = %id, "record names another peer; ignored");
+                continue;
+            }
+            peers.push(Peer {
+                peer: id,
+                addrs: record.addrs.iter().filter_map(|a| a.parse().ok()).collect(),
+                record,
+                rtt_ms: rtt.as_secs_f32() * 1e3,
+                manifest: manifest.clone(),
+            });
+        }
+    }
+    if peers.is_empty() {
+        return Err(Error::NoPeers);
+    }
+    Ok(peers)
+}
+
+/// Sends `req` to `peer` and decodes the answer; an error answer is
+/// [`Error::Remote`].
+async fn call(
+    transport: &transport::Endpoint,
+    peer: PeerId,
+    addrs: Vec<Multiaddr>,
+    req: &Request,
+) -> Result<Response, Error> {
+    let bytes = transport
+        .request(peer, addrs, codec::encode(req))
+        .await
+        .map_err(|source| Error::Request { peer, source })?;
+    match codec::decode::<Response>(&bytes) {
+        Ok(Response::Error(error)) => Err(Error::Remote { peer, error }),
+        Ok(r) => Ok(r),
+        Err(e) => Err(Error::Protocol {
+            peer,
+            detail: e.to_string(),
+        }),
     }
 }
 

@@ -71,6 +71,7 @@ async fn fake_stage(
         throughput: 1000.0,
         load: 0.0,
         limits: Limits::default(),
+        replication: 2,
         expires_at_ms: SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64 + 60_000,
     };
     tokio::spawn(async move {

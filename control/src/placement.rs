@@ -30,7 +30,8 @@
 //! `new = choose_span(others)`. With `c`, `t` the holder counts and
 //! throughputs per block while it serves `old`, `c'`, `t'` those if it
 //! served `new` instead, and `m = min c`, it moves iff `new != old`, at
-//! least [`Config::min_dwell`] has passed since it last arrived, and
+//! least [`Config::min_dwell`] has passed since it last arrived (or a block
+//! has no holder at all: an outage is repaired at once), and
 //! - (a) **repair**: `m < R`, `new` holds a block with `m` holders, and
 //!   every block it leaves (`old \ new`) keeps at least `m + 1` holders
 //!   (as many as the weakest block it covers reaches; so never none); or
@@ -190,6 +191,14 @@ impl Blocks {
     }
 
     /// The best window of `len` blocks (see [`choose_span`]).
+    /// Whether a block outside `span` has no holder.
+    fn has_hole_outside(&self, span: Span) -> bool {
+        self.holders
+            .iter()
+            .enumerate()
+            .any(|(b, &c)| c == 0 && !span.contains(b as u32))
+    }
+
     fn best_window(&self, len: u32, floor: u32) -> Span {
         let n = self.holders.len();
         if n == 0 {
@@ -445,6 +454,18 @@ impl Placement {
         self.moves
     }
 
+    /// Adopts a replication floor announced in the mesh's records, if it is
+    /// higher than the node's own (the floor is a mesh-wide setting: the
+    /// highest announced wins).
+    pub fn raise_replication(&mut self, replication: u32) {
+        self.cfg.replication = self.cfg.replication.max(replication);
+    }
+
+    /// The replication floor in force.
+    pub fn replication(&self) -> u32 {
+        self.cfg.replication
+    }
+
     /// Updates the node's measured throughput, used from the next check on.
     pub fn set_throughput(&mut self, throughput: f32) {
         self.throughput = throughput;
@@ -460,10 +481,6 @@ impl Placement {
                 vec![Action::WakeAt(now + wait)]
             }
             (Event::Woke, Phase::Sleeping) => {
-                let dwelling = self.arrived.is_some_and(|at| now < at + self.cfg.min_dwell);
-                if dwelling {
-                    return vec![self.next_check(now)];
-                }
                 self.phase = Phase::Discovering;
                 vec![Action::Discover]
             }
@@ -474,6 +491,14 @@ impl Placement {
                         to: others.best_window(self.len, self.cfg.replication),
                         keep: Vec::new(),
                     }),
+                    // Within the dwell, only a hole (a block nobody holds:
+                    // an outage) is worth a move.
+                    Some(old)
+                        if self.arrived.is_some_and(|at| now < at + self.cfg.min_dwell)
+                            && !others.has_hole_outside(old) =>
+                    {
+                        None
+                    }
                     Some(old) => plan(&others, old, self.throughput, &self.cfg),
                 };
                 let Some(plan) = plan else {
@@ -746,10 +771,17 @@ mod tests {
         let cfg = Config::default();
         let (mut p, at) = placed(cfg.clone(), &[], Span::new(0, 10));
         let others = [h(1, 0, 10, 100.0), h(2, 0, 10, 100.0), h(3, 10, 20, 100.0)];
-        // Within the dwell a check does not even look.
+        // Within the dwell a check moves only to fill a hole.
         let early = at + cfg.min_dwell - Duration::from_secs(1);
+        assert_eq!(p.on_event(early, Event::Woke), [Action::Discover]);
+        let no_hole = [
+            others[0].clone(),
+            others[1].clone(),
+            others[2].clone(),
+            h(4, 20, 30, 1.0),
+        ];
         assert!(matches!(
-            p.on_event(early, Event::Woke)[..],
+            p.on_event(early, Event::Records { holders: &no_hole })[..],
             [Action::WakeAt(_)]
         ));
         let now = at + cfg.min_dwell;
@@ -772,6 +804,21 @@ mod tests {
     }
 
     #[test]
+    fn a_hole_is_repaired_even_within_the_dwell() {
+        let cfg = Config::default();
+        let (mut p, at) = placed(cfg.clone(), &[], Span::new(0, 10));
+        let soon = at + Duration::from_secs(1);
+        let others = [h(1, 0, 10, 100.0), h(3, 10, 20, 100.0)];
+        assert_eq!(p.on_event(soon, Event::Woke), [Action::Discover]);
+        assert_eq!(
+            p.on_event(soon, Event::Records { holders: &others }),
+            [Action::Load {
+                span: Span::new(20, 30)
+            }]
+        );
+    }
+
+    #[test]
     fn a_move_loads_then_looks_again_then_serves_and_drops() {
         let (mut p, now, others) = ready_to_move();
         match &p.on_event(now, Event::Records { holders: &others })[..] {
@@ -788,10 +835,11 @@ mod tests {
             (p.span(), p.moving_to(), p.moves()),
             (Some(Span::new(20, 30)), None, 1)
         );
-        // The dwell starts again on arrival.
+        // The dwell starts again on arrival: with no hole, no move.
         let soon = now + Duration::from_secs(200);
+        assert_eq!(p.on_event(soon, Event::Woke), [Action::Discover]);
         assert!(matches!(
-            p.on_event(soon, Event::Woke)[..],
+            p.on_event(soon, Event::Records { holders: &others })[..],
             [Action::WakeAt(_)]
         ));
     }

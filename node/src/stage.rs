@@ -25,7 +25,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use actix::{Actor, Addr, Arbiter, AsyncContext, Context, Handler, Message};
+use actix::{Actor, ActorContext, Addr, Arbiter, AsyncContext, Context, Handler, Message};
 use nnmesh_graph::{Limits, Manifest};
 use nnmesh_protocol::{
     PeerId, Span,
@@ -477,6 +477,11 @@ impl Actor for StageActor {
             }
         });
     }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        // The stage's thread is its own: end it, freeing the weights.
+        Arbiter::current().stop();
+    }
 }
 
 /// What a started stage tells the node.
@@ -608,6 +613,21 @@ impl Handler<Tokenize> for StageActor {
 
     fn handle(&mut self, msg: Tokenize, _: &mut Context<Self>) -> Self::Result {
         self.stage.tokenize(&msg.0)
+    }
+}
+
+/// Stop serving: the stage's sessions are dropped (their clients fail
+/// over), its weights freed and its thread ended.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Stop;
+
+impl Handler<Stop> for StageActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        tracing::info!(sessions = self.stage.sessions(), "stage stopped");
+        ctx.stop();
     }
 }
 

@@ -5,8 +5,11 @@
 
 use std::collections::BTreeMap;
 
-use nnmesh_control::route::{Candidate, find_route};
-use nnmesh_protocol::{Span, ids::ModelId, record::StageRecord};
+use nnmesh_control::{
+    placement::{Holder, uncovered},
+    route::{Candidate, find_route},
+};
+use nnmesh_protocol::{Span, ids::ModelId};
 
 use super::{Error, Peer};
 
@@ -79,39 +82,25 @@ pub fn choose_route(peers: &[Peer], model: Option<ModelId>) -> Result<(ModelId, 
     }
 }
 
-/// Layers no node serves, as `a..b` ranges.
-pub fn coverage_gaps(peers: &[&Peer], num_layers: u32) -> String {
-    let holders = holders_per_layer(peers.iter().map(|p| &p.record), num_layers);
-    let mut gaps = Vec::new();
-    let mut l = 0;
-    while l < num_layers {
-        if holders[l as usize] == 0 {
-            let start = l;
-            while l < num_layers && holders[l as usize] == 0 {
-                l += 1;
-            }
-            gaps.push(format!("layers {start}..{l} unserved"));
-        } else {
-            l += 1;
-        }
+/// A peer as the placement rules see it.
+pub fn holder(p: &Peer) -> Holder {
+    Holder {
+        peer: p.peer,
+        span: p.record.span,
+        throughput: p.record.throughput,
     }
+}
+
+/// The layers no peer serves, for errors: "layers 10..20 unserved, …".
+pub fn coverage_gaps(peers: &[&Peer], num_layers: u32) -> String {
+    let holders: Vec<Holder> = peers.iter().map(|p| holder(p)).collect();
+    let gaps: Vec<String> = uncovered(&holders, num_layers)
+        .iter()
+        .map(|s| format!("layers {s} unserved"))
+        .collect();
     if gaps.is_empty() {
         "no contiguous route".into()
     } else {
         gaps.join(", ")
     }
-}
-
-/// How many nodes hold each layer.
-pub fn holders_per_layer<'a>(
-    records: impl Iterator<Item = &'a StageRecord>,
-    num_layers: u32,
-) -> Vec<u32> {
-    let mut holders = vec![0u32; num_layers as usize];
-    for r in records {
-        for l in r.span.start..r.span.end.min(num_layers) {
-            holders[l as usize] += 1;
-        }
-    }
-    holders
 }

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use libp2p::Multiaddr;
 use nnmesh_client::transport::keys;
+use nnmesh_control::placement;
 use nnmesh_graph::Limits;
 use nnmesh_node::{serve, stage};
 use nnmesh_protocol::Span;
@@ -19,9 +20,27 @@ pub(crate) struct NodeArgs {
     pub model: ModelArgs,
     /// Decoder layers to serve, `A..B` (end exclusive). The stage starting at
     /// 0 also hosts the embedding; the one ending at the last layer also hosts
-    /// the final norm and lm_head.
+    /// the final norm and lm_head. Without it the node places itself: as many
+    /// layers as --max-memory holds, where the mesh is weakest, moving when
+    /// the mesh needs it.
     #[arg(long)]
-    pub blocks: Span,
+    pub blocks: Option<Span>,
+    /// Auto-placement: memory for weights and KV cache, in MiB (default: what
+    /// the machine has free; on a GPU, its free memory).
+    #[arg(long)]
+    pub max_memory: Option<u64>,
+    /// Holders every block should have (announced to the mesh; the highest
+    /// announced wins).
+    #[arg(long, default_value_t = 2)]
+    pub replication: u32,
+    /// Auto-placement: mean seconds between checks whether to move
+    /// (each wait is jittered).
+    #[arg(long, default_value_t = 60)]
+    pub rebalance_secs: u64,
+    /// Auto-placement: seconds a node stays on its layers before it may move
+    /// again (a block with no holder is repaired at once).
+    #[arg(long, default_value_t = 300)]
+    pub min_dwell_secs: u64,
     /// Address to listen on.
     #[arg(long, default_value = "/ip4/127.0.0.1/tcp/0")]
     pub listen: Vec<Multiaddr>,
@@ -84,6 +103,35 @@ pub(crate) struct NodeArgs {
     pub inject_faults: f64,
 }
 
+/// Memory free for a node's weights: `MemAvailable` on the CPU, the GPU's
+/// free memory (as `nvidia-smi` reports it) on CUDA.
+fn free_memory(device: tch::Device) -> Result<u64> {
+    match device {
+        tch::Device::Cuda(i) => {
+            let out = std::process::Command::new("nvidia-smi")
+                .args(["--query-gpu=memory.free", "--format=csv,noheader,nounits"])
+                .arg(format!("--id={i}"))
+                .output()
+                .context("asking nvidia-smi for free GPU memory; pass --max-memory MiB")?;
+            let mib: u64 = String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .context("reading nvidia-smi's free memory; pass --max-memory MiB")?;
+            Ok(mib << 20)
+        }
+        _ => {
+            let info = std::fs::read_to_string("/proc/meminfo")
+                .context("reading /proc/meminfo; pass --max-memory MiB")?;
+            let kib: u64 = info
+                .lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .context("no MemAvailable in /proc/meminfo; pass --max-memory MiB")?;
+            Ok(kib << 10)
+        }
+    }
+}
+
 fn probability(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
@@ -115,9 +163,24 @@ impl NodeArgs {
             max_sessions: self.max_sessions,
             max_kv_bytes: self.kv_cache_mib << 20,
             threads: self.threads,
-            ..stage::Config::new(self.model.path()?, self.blocks)
+            ..stage::Config::new(self.model.path()?, self.blocks.unwrap_or(Span::new(0, 0)))
         };
         let mut cfg = serve::Config::new(stage);
+        if self.blocks.is_none() {
+            let max_memory = match self.max_memory {
+                Some(mib) => mib << 20,
+                None => free_memory(device)?,
+            };
+            cfg.auto = Some(serve::Auto {
+                max_memory,
+                placement: placement::Config {
+                    check_period: Duration::from_secs(self.rebalance_secs.max(1)),
+                    min_dwell: Duration::from_secs(self.min_dwell_secs),
+                    ..placement::Config::default()
+                },
+            });
+        }
+        cfg.replication = self.replication.max(1);
         cfg.listen = self.listen.clone();
         cfg.bootstrap = self.bootstrap.clone();
         if let Some(path) = &self.identity {
@@ -147,11 +210,18 @@ pub(super) fn run(args: NodeArgs) -> Result<()> {
     let cfg = args.config()?;
 
     let model = cfg.stage.model.clone();
-    eprintln!(
-        "loading layers {} of {} ...",
-        cfg.stage.span,
-        model.display()
-    );
+    match &cfg.auto {
+        Some(auto) => eprintln!(
+            "{}: choosing layers to serve within {} MiB ...",
+            model.display(),
+            auto.max_memory >> 20
+        ),
+        None => eprintln!(
+            "loading layers {} of {} ...",
+            cfg.stage.span,
+            model.display()
+        ),
+    }
     serve::run(cfg, |ready| {
         for a in &ready.addrs {
             println!("listening {a}");
