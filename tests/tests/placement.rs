@@ -88,7 +88,7 @@ fn six_auto_placed_nodes_keep_two_holders_per_block_and_heal() {
     nodes.extend(others);
     let rt = rt();
     let client = rt
-        .block_on(mesh::Client::connect(&[boot.clone()]))
+        .block_on(mesh::Client::connect(std::slice::from_ref(&boot)))
         .expect("client connects");
     let took = wait_for(
         &client,
