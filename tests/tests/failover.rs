@@ -15,7 +15,7 @@ use std::{
 
 use libp2p::{Multiaddr, PeerId};
 use nnmesh_client::mesh::{self, Progress};
-use nnmesh_graph::{Builder, DType, Graph, IndexItem::*, Limits, Point};
+use nnmesh_graph::{Graph, Limits};
 use nnmesh_protocol::{Span, message::Hop};
 use nnmesh_runtime::execute;
 use nnmesh_tests::mesh::{Node, assert_same, node, rt};
@@ -23,47 +23,8 @@ use nnmesh_tests::mesh::{Node, assert_same, node, rt};
 /// Tokens generated per run.
 const NEW_TOKENS: u32 = 8;
 
-/// Two invokes of different lengths (so the prompt is padded), generating
-/// with a steering vector added at layer 5 at every step, a value from
-/// layer 25 at step 0 added back at layer 3 from step 1 on (a relay from
-/// the last stage to the first), and per-step saves on every stage.
 fn generation() -> Graph {
-    let g = Builder::new();
-    let t = g
-        .trace_tokens(vec![vec![504, 414, 46682, 314, 253], vec![1, 2, 3]])
-        .generate(NEW_TOKENS);
-    let v = g.vector(DType::F32, vec![0.5; 576]);
-    g.add_at(
-        t.at("model.layers.5", Point::Output).all_steps(),
-        [Full, At(-1), Full],
-        v,
-    );
-    let back = g
-        .read(t.at("model.layers.25", Point::Output).step(0))
-        .index([Full, At(-1), Full])
-        .scale(0.05);
-    g.add_at(
-        t.at("model.layers.3", Point::Output).steps(1..NEW_TOKENS),
-        [Full, At(-1), Full],
-        back,
-    );
-    for (name, layer) in [("l8", 8), ("l15", 15), ("l27", 27)] {
-        g.save(
-            name,
-            g.read(
-                t.at(&format!("model.layers.{layer}"), Point::Output)
-                    .all_steps(),
-            )
-            .index([Full, At(-1), Full]),
-        );
-    }
-    g.save(
-        "top",
-        g.read(t.at("lm_head", Point::Output).all_steps())
-            .index([Full, At(-1), Full])
-            .argmax(-1, false),
-    );
-    g.finish()
+    nnmesh_tests::graphs::steered_generation(NEW_TOKENS)
 }
 
 /// The nodes of a test mesh, shared with the progress callback that kills them.
