@@ -183,6 +183,19 @@ fn a_killed_stage_is_replaced_mid_generation_with_the_same_results() {
         let span = by[0].span;
         mesh.add(&span.to_string());
     }
+    // Redundant execution: every hop on both holders, agreeing.
+    let verified = client.clone().with_verify(Some(mesh::Tolerance::default()));
+    let t0 = Instant::now();
+    let plain = rt.block_on(client.run(graph.clone(), None)).expect("runs");
+    let t_plain = t0.elapsed();
+    let t0 = Instant::now();
+    let checked = rt
+        .block_on(verified.run(graph.clone(), None))
+        .expect("both holders agree");
+    let t_checked = t0.elapsed();
+    assert_eq!(assert_same("verified", &checked, &want), want.saves.len());
+    assert_eq!(assert_same("plain", &plain, &want), want.saves.len());
+    eprintln!("--verify took {t_checked:?} against {t_plain:?} without");
 }
 
 /// A second failure in a row, during the replay itself: the replacement is
