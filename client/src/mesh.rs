@@ -92,6 +92,9 @@ pub struct Outcome {
     pub model: ModelId,
     /// Stages replaced along the way.
     pub failovers: u32,
+    /// Bytes of step inputs the client held at the end to replay a failed
+    /// hop (token ids, hidden states and carried values, every hop).
+    pub history_bytes: u64,
 }
 
 /// What a running request reports as it goes (see [`Client::run_with`]):
@@ -338,9 +341,10 @@ impl Client {
         }
     }
 
-    /// Peers among which a route for `model` exists. A node that just joined
-    /// may not be in the DHT yet, so a mesh that lacks layers is looked at
-    /// again a few times (about 3 s in all) before the gap is reported.
+    /// Peers among which a route for `model` exists (with verification, and
+    /// a second holder for each of its hops). A node that just joined may
+    /// not be in the DHT yet, so a mesh that lacks layers is looked at again
+    /// a few times (about 3 s in all) before the gap is reported.
     async fn routable_peers(&self, model: Option<ModelId>) -> Result<Vec<Peer>, Error> {
         let mut wait = Duration::from_millis(200);
         let mut attempt = 0;
@@ -350,9 +354,12 @@ impl Client {
                 Err(Error::NoPeers) if attempt < COVERAGE_RETRIES => Vec::new(),
                 Err(e) => return Err(e),
             };
+            let verifiable =
+                |route: &Route<'_>| self.verify.is_none() || request::twins(&peers, route).is_ok();
             match choose_route(&peers, model) {
+                Ok((_, route)) if verifiable(&route) => return Ok(peers),
+                Ok(_) | Err(Error::Coverage(_)) if attempt < COVERAGE_RETRIES => {}
                 Ok(_) => return Ok(peers),
-                Err(Error::Coverage(_)) if attempt < COVERAGE_RETRIES => {}
                 Err(e) => return Err(e),
             }
             *self.known.lock().expect("not poisoned") = None;

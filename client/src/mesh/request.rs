@@ -38,7 +38,7 @@ use tokio::{
 };
 
 use super::{
-    Client, Error, Outcome, Peer, Pending, Progress, StageName, candidate, choose_route,
+    Client, Error, Outcome, Peer, Pending, Progress, Route, StageName, candidate, choose_route,
     verify::{self, Tolerance},
 };
 use crate::transport::{PeerEvent, RequestError};
@@ -65,6 +65,13 @@ pub(super) async fn run(
 ) -> Result<Outcome, Error> {
     let peers = client.routable_peers(model).await?;
     let (model, route) = choose_route(&peers, model)?;
+    let twins: Vec<Stage> = match client.verify {
+        Some(_) => twins(&peers, &route)?
+            .into_iter()
+            .map(|(p, span)| Stage::new(p.clone(), span))
+            .collect(),
+        None => Vec::new(),
+    };
     let route: Vec<Stage> = route
         .into_iter()
         .map(|(p, span)| Stage::new(p.clone(), span))
@@ -94,10 +101,6 @@ pub(super) async fn run(
     let plan = validate(&graph, &manifest, &inputs, &limits)?;
     let spans: Vec<Span> = route.iter().map(|s| s.span).collect();
     let fragments = partition(&graph, &plan, &manifest, &spans)?;
-    let twins = match client.verify {
-        Some(_) => twins(&peers, &route)?,
-        None => Vec::new(),
-    };
 
     let request = RequestId(super::rand_u64());
     let (tx, rx) = mpsc::channel(64);
@@ -171,23 +174,32 @@ pub(super) async fn run(
         route: run.route.iter().map(Stage::hop).collect(),
         model,
         failovers: run.failovers,
+        history_bytes: run
+            .route
+            .iter()
+            .flat_map(|s| &s.history)
+            .map(|i| {
+                let carried: usize = i.carry.iter().map(|c| c.value.data.len()).sum();
+                (i.tokens.data.len() + i.hidden.as_ref().map_or(0, |h| h.data.len()) + carried)
+                    as u64
+            })
+            .sum(),
     })
 }
 
-/// For verification: for each hop, the cheapest other holder of all its
-/// layers (same model and dtype).
-fn twins(peers: &[Peer], route: &[Stage]) -> Result<Vec<Stage>, Error> {
-    let same = |p: &Peer| {
-        p.record.model == route[0].peer.record.model && p.manifest == route[0].peer.manifest
-    };
+/// For verification: for each hop of `route`, the cheapest other holder of
+/// all its layers (same model and dtype).
+pub(super) fn twins<'a>(peers: &'a [Peer], route: &[(&Peer, Span)]) -> Result<Route<'a>, Error> {
+    let same =
+        |p: &Peer| p.record.model == route[0].0.record.model && p.manifest == route[0].0.manifest;
     let usable: Vec<&Peer> = peers.iter().filter(|p| same(p)).collect();
     let cands: Vec<_> = usable.iter().map(|p| candidate(p)).collect();
     route
         .iter()
-        .map(|s| {
-            best_holder(&cands, s.span, &[s.peer.peer])
-                .map(|i| Stage::new(usable[i].clone(), s.span))
-                .ok_or(Error::NoTwin { span: s.span })
+        .map(|&(p, span)| {
+            best_holder(&cands, span, &[p.peer])
+                .map(|i| (usable[i], span))
+                .ok_or(Error::NoTwin { span })
         })
         .collect()
 }
