@@ -12,5 +12,5 @@ case "$secs" in
   ''|*[!0-9]*) echo "usage: scripts/fuzz.sh [SECONDS]" >&2; exit 2 ;;
 esac
 scripts/setup.sh
-cargo build --release -p nnmesh-node --test fuzz
-NNMESH_FUZZ_SECONDS="$secs" cargo test --release -p nnmesh-node --test fuzz -- --exact fuzz --nocapture
+cargo build --release -p nnmesh-tests --test fuzz
+NNMESH_FUZZ_SECONDS="$secs" cargo test --release -p nnmesh-tests --test fuzz -- --exact fuzz --nocapture

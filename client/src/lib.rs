@@ -30,3 +30,7 @@
 
 pub mod mesh;
 pub mod transport;
+
+/// The fail-over limits a [`mesh::Client`] runs with
+/// ([`mesh::Client::with_failover`]).
+pub use nnmesh_control::failover;

@@ -4,19 +4,23 @@
 //! [`Client::run`] tokenizes a graph's prompts on the first stage,
 //! validates and partitions the graph locally against the route's own
 //! limits (so a bad graph fails before anything is sent), then drives each
-//! step of each trace: the first hop gets a `Step`, every hop pushes hidden
-//! state and carry to the next, saves come back as reports, and the last hop
+//! step of each trace hop by hop: every hop gets its input from the client
+//! (token ids at the first, the previous hop's hidden state and carried
+//! values after), and reports its saves and its output back; the last hop
 //! reports the step done (with the greedy next tokens when the trace
 //! generates).
 //!
 //! The client trusts no report blindly: a report must come from the stage of
 //! the route it names, carry only the saves that stage's fragment produces,
 //! and a step only ends when every save the graph declares for it has
-//! arrived ([`Error::MissingSaves`] otherwise). A stage that dies is
-//! named within seconds ([`Error::StageLost`]): connection loss and
-//! unanswered pings are watched, and a step that makes no progress within a
-//! deadline derived from the stages' advertised throughput gets every stage
-//! probed.
+//! arrived ([`Error::MissingSaves`] otherwise). A stage that dies is noticed
+//! within seconds (connection loss, unanswered pings, and a deadline derived
+//! from the stages' advertised throughput) and replaced: the client keeps
+//! every input it sent each hop, so another holder of the same layers (or a
+//! chain of holders covering them) replays them to rebuild the KV cache and
+//! the request goes on, with the same tokens and saves
+//! ([`Outcome::failovers`] counts the replacements). When no live holder can
+//! take over, the request fails naming the stage ([`Error::GaveUp`]).
 
 // Errors are the cold path and carry the context a user needs (peer ids,
 // validation details); boxing them would only add noise.
@@ -30,7 +34,7 @@ use std::{
 use libp2p::{Multiaddr, PeerId, identity::Keypair};
 use nnmesh_graph::{Graph, Manifest, Prompt};
 use nnmesh_protocol::{
-    codec,
+    Span, codec,
     ids::{ModelId, RequestId},
     message::{ErrorKind, Hop, Request, Response, Saved, StageReport, WireError},
     record::{STAGES_KEY, SignedRecord, StageRecord},
@@ -42,9 +46,11 @@ use crate::transport::{self, Inbound};
 mod error;
 mod request;
 mod route;
+mod verify;
 
 pub use error::{Error, StageName};
-pub use route::{choose_route, coverage_gaps, holders_per_layer};
+pub use route::{Route, candidate, choose_route, coverage_gaps, holder};
+pub use verify::Tolerance;
 
 /// A node found in the mesh, with its verified record.
 #[derive(Debug, Clone)]
@@ -62,12 +68,13 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// The peer as a hop of a route.
-    pub fn hop(&self) -> Hop {
+    /// The peer as a hop of a route, running `span` (part or all of what
+    /// it serves).
+    pub fn hop(&self, span: Span) -> Hop {
         Hop {
             peer: self.peer,
             addrs: self.addrs.iter().map(|a| a.to_string()).collect(),
-            span: self.record.span,
+            span,
         }
     }
 }
@@ -79,10 +86,56 @@ pub struct Outcome {
     pub saves: Vec<Saved>,
     /// Per trace, per invoke: generated tokens.
     pub generated: Vec<Vec<Vec<u32>>>,
-    /// The route taken.
+    /// The route at the end (after any fail-over).
     pub route: Vec<Hop>,
     /// The model id served.
     pub model: ModelId,
+    /// Stages replaced along the way.
+    pub failovers: u32,
+    /// Bytes of step inputs the client held at the end to replay a failed
+    /// hop (token ids, hidden states and carried values, every hop).
+    pub history_bytes: u64,
+}
+
+/// What a running request reports as it goes (see [`Client::run_with`]):
+/// for progress displays, logs, and tests that act at a precise point.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Progress {
+    /// The route was chosen.
+    Route(Vec<Hop>),
+    /// A hop accepted a step (after replaying `replay` earlier steps first,
+    /// for a replacement).
+    Accepted {
+        /// The trace.
+        trace: u32,
+        /// The step.
+        step: u32,
+        /// The hop.
+        stage: StageName,
+        /// Steps it replays before this one.
+        replay: u32,
+    },
+    /// A step finished on every hop.
+    Step {
+        /// The trace.
+        trace: u32,
+        /// The step.
+        step: u32,
+        /// Steps of the trace in all.
+        steps: u32,
+    },
+    /// A failed stage was replaced.
+    FailedOver {
+        /// The stage that failed.
+        failed: StageName,
+        /// How it failed.
+        reason: String,
+        /// Its replacement (one hop or several), in layer order.
+        by: Vec<Hop>,
+        /// Steps the replacement replays.
+        replay: u32,
+    },
 }
 
 /// A running request's report queue, and the peers allowed to report to
@@ -90,6 +143,8 @@ pub struct Outcome {
 struct Pending {
     reports: mpsc::Sender<StageReport>,
     route: Vec<PeerId>,
+    /// With verification, each hop's second holder.
+    twins: Vec<PeerId>,
 }
 
 type PendingMap = Arc<Mutex<HashMap<RequestId, Pending>>>;
@@ -108,6 +163,11 @@ pub struct Client {
     known: Known,
     /// Peers that were found dead, left out of discovery for [`DEAD_TTL`].
     dead: Dead,
+    /// The limits of fail-over.
+    failover: nnmesh_control::failover::Config,
+    /// Redundant execution: every hop also runs on a second holder and
+    /// the two must agree within this tolerance.
+    verify: Option<Tolerance>,
 }
 
 impl std::fmt::Debug for Pending {
@@ -121,6 +181,8 @@ impl std::fmt::Debug for Pending {
 /// How long a discovery result is reused before the mesh is asked again
 /// (records are re-verified then; a failed run forgets it at once).
 const DISCOVERY_TTL: Duration = Duration::from_secs(20);
+/// Discoveries retried (200 ms, doubling) while no route covers the model.
+const COVERAGE_RETRIES: u32 = 4;
 /// How long a peer found dead is left out of discovery.
 const DEAD_TTL: Duration = Duration::from_secs(60);
 
@@ -193,7 +255,28 @@ impl Client {
             pending,
             known: Arc::default(),
             dead: Arc::default(),
+            failover: nnmesh_control::failover::Config::default(),
+            verify: None,
         })
+    }
+
+    /// The client with redundant execution: each hop of a request runs on
+    /// two holders of its layers, and their outputs, saves and relayed
+    /// values must agree within `tolerance`, or the request fails naming
+    /// both ([`Error::Mismatch`]). It costs a second holder's compute and
+    /// about twice the latency; it needs two holders of every hop's layers
+    /// ([`Error::NoTwin`]).
+    pub fn with_verify(mut self, tolerance: Option<Tolerance>) -> Self {
+        self.verify = tolerance;
+        self
+    }
+
+    /// The client with other fail-over limits (how many failures a request
+    /// survives, how long to look for a replacement, how long a failed peer
+    /// is left out).
+    pub fn with_failover(mut self, cfg: nnmesh_control::failover::Config) -> Self {
+        self.failover = cfg;
+        self
     }
 
     /// The client's own peer id.
@@ -207,19 +290,7 @@ impl Client {
         addrs: Vec<Multiaddr>,
         req: &Request,
     ) -> Result<Response, Error> {
-        let bytes = self
-            .transport
-            .request(peer, addrs, codec::encode(req))
-            .await
-            .map_err(|source| Error::Request { peer, source })?;
-        match codec::decode::<Response>(&bytes) {
-            Ok(Response::Error(error)) => Err(Error::Remote { peer, error }),
-            Ok(r) => Ok(r),
-            Err(e) => Err(Error::Protocol {
-                peer,
-                detail: e.to_string(),
-            }),
-        }
+        call(&self.transport, peer, addrs, req).await
     }
 
     fn is_dead(&self, peer: &PeerId) -> bool {
@@ -244,67 +315,7 @@ impl Client {
     /// # Errors
     /// When no node answers.
     pub async fn discover(&self) -> Result<Vec<Peer>, Error> {
-        let mut ids: Vec<PeerId> = self.bootstrap.clone();
-        // The DHT fills in as the bootstrap peers answer: retry briefly.
-        for attempt in 0..10 {
-            if let Ok(found) = self.transport.providers(STAGES_KEY.to_vec()).await {
-                for p in found {
-                    if !ids.contains(&p) {
-                        ids.push(p);
-                    }
-                }
-            }
-            if ids.len() > self.bootstrap.len() || attempt >= 3 && !ids.is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        ids.retain(|p| !self.is_dead(p));
-        let answers = futures::future::join_all(ids.into_iter().map(|id| async move {
-            let t0 = Instant::now();
-            (
-                id,
-                self.call(id, Vec::new(), &Request::Info).await,
-                t0.elapsed(),
-            )
-        }))
-        .await;
-        let mut peers = Vec::new();
-        for (id, answer, rtt) in answers {
-            let (records, manifest) = match answer {
-                Ok(Response::Info { records, manifest }) => (records, manifest),
-                Ok(other) => {
-                    tracing::warn!(peer = %id, ?other, "unexpected Info answer");
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(peer = %id, error = %e, "peer did not answer Info");
-                    continue;
-                }
-            };
-            let Ok(manifest) = postcard::from_bytes::<Manifest>(&manifest) else {
-                tracing::warn!(peer = %id, "undecodable manifest");
-                continue;
-            };
-            for record in verified_records(&records, now_ms()) {
-                // A node speaks for itself only.
-                if record.peer != id {
-                    tracing::warn!(peer = %id, "record names another peer; ignored");
-                    continue;
-                }
-                peers.push(Peer {
-                    peer: id,
-                    addrs: record.addrs.iter().filter_map(|a| a.parse().ok()).collect(),
-                    record,
-                    rtt_ms: rtt.as_secs_f32() * 1e3,
-                    manifest: manifest.clone(),
-                });
-            }
-        }
-        if peers.is_empty() {
-            return Err(Error::NoPeers);
-        }
-        Ok(peers)
+        discover(&self.transport, &self.bootstrap, |p| self.is_dead(p)).await
     }
 
     /// The peers of the last discovery, or a new discovery when it is stale.
@@ -315,7 +326,11 @@ impl Client {
             .expect("not poisoned")
             .as_ref()
             .filter(|(at, _)| at.elapsed() < DISCOVERY_TTL)
-            .map(|(_, peers)| peers.clone());
+            .map(|(_, peers)| {
+                let mut peers = peers.clone();
+                peers.retain(|p| !self.is_dead(&p.peer));
+                peers
+            });
         match cached {
             Some(p) => Ok(p),
             None => {
@@ -326,6 +341,34 @@ impl Client {
         }
     }
 
+    /// Peers among which a route for `model` exists (with verification, and
+    /// a second holder for each of its hops). A node that just joined may
+    /// not be in the DHT yet, so a mesh that lacks layers is looked at again
+    /// a few times (about 3 s in all) before the gap is reported.
+    async fn routable_peers(&self, model: Option<ModelId>) -> Result<Vec<Peer>, Error> {
+        let mut wait = Duration::from_millis(200);
+        let mut attempt = 0;
+        loop {
+            let peers = match self.peers().await {
+                Ok(p) => p,
+                Err(Error::NoPeers) if attempt < COVERAGE_RETRIES => Vec::new(),
+                Err(e) => return Err(e),
+            };
+            let verifiable =
+                |route: &Route<'_>| self.verify.is_none() || request::twins(&peers, route).is_ok();
+            match choose_route(&peers, model) {
+                Ok((_, route)) if verifiable(&route) => return Ok(peers),
+                Ok(_) | Err(Error::Coverage(_)) if attempt < COVERAGE_RETRIES => {}
+                Ok(_) => return Ok(peers),
+                Err(e) => return Err(e),
+            }
+            *self.known.lock().expect("not poisoned") = None;
+            tokio::time::sleep(wait).await;
+            wait *= 2;
+            attempt += 1;
+        }
+    }
+
     /// The tokenizer of the model (the one fully served, unless given), as
     /// `tokenizer.json` bytes from a node that serves it: a client needs no
     /// weights to tokenize prompts or show tokens.
@@ -333,10 +376,10 @@ impl Client {
     /// # Errors
     /// Discovery, no fully served model, or no node that sends it.
     pub async fn tokenizer(&self, model: Option<ModelId>) -> Result<(ModelId, Vec<u8>), Error> {
-        let peers = self.peers().await?;
+        let peers = self.routable_peers(model).await?;
         let (model, route) = choose_route(&peers, model)?;
         let mut last = Error::NoPeers;
-        for p in route {
+        for (p, _) in route {
             match self
                 .call(p.peer, p.addrs.clone(), &Request::Tokenizer { model })
                 .await
@@ -360,7 +403,22 @@ impl Client {
     /// Discovery, validation, partitioning, a stage failure or a lost stage
     /// (naming it), or a result that would be partial.
     pub async fn run(&self, graph: Graph, model: Option<ModelId>) -> Result<Outcome, Error> {
-        request::run(self, graph, model).await
+        request::run(self, graph, model, &mut |_| {}).await
+    }
+
+    /// [`Client::run`], calling `progress` at each step of the way (the
+    /// route, each hop's step, each step done, each fail-over). The call is
+    /// made from the request's task: keep it short.
+    ///
+    /// # Errors
+    /// As [`Client::run`].
+    pub async fn run_with(
+        &self,
+        graph: Graph,
+        model: Option<ModelId>,
+        mut progress: impl FnMut(&Progress) + Send,
+    ) -> Result<Outcome, Error> {
+        request::run(self, graph, model, &mut progress).await
     }
 
     async fn tokenize_prompts(
@@ -410,6 +468,107 @@ impl Client {
     }
 }
 
+/// Finds the stage-serving nodes through `transport` (the DHT's providers
+/// of [`STAGES_KEY`], plus `seeds`) and asks each for its signed record;
+/// peers that do not answer, or that `skip` names, are left out. Clients
+/// ([`Client::discover`]) and auto-placed nodes use it.
+///
+/// # Errors
+/// When no node answers.
+pub async fn discover(
+    transport: &transport::Endpoint,
+    seeds: &[PeerId],
+    skip: impl Fn(&PeerId) -> bool,
+) -> Result<Vec<Peer>, Error> {
+    let mut ids: Vec<PeerId> = seeds.to_vec();
+    // The DHT fills in as the bootstrap peers answer: retry briefly.
+    for attempt in 0..10 {
+        if let Ok(found) = transport.providers(STAGES_KEY.to_vec()).await {
+            for p in found {
+                if !ids.contains(&p) {
+                    ids.push(p);
+                }
+            }
+        }
+        if ids.len() > seeds.len() || attempt >= 3 && !ids.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    ids.retain(|p| !skip(p));
+    let answers = futures::future::join_all(ids.into_iter().map(|id| async move {
+        let t0 = Instant::now();
+        (
+            id,
+            call(transport, id, Vec::new(), &Request::Info).await,
+            t0.elapsed(),
+        )
+    }))
+    .await;
+    let mut peers = Vec::new();
+    for (id, answer, rtt) in answers {
+        let (records, manifest) = match answer {
+            Ok(Response::Info { records, manifest }) => (records, manifest),
+            Ok(other) => {
+                tracing::warn!(peer = %id, ?other, "unexpected Info answer");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(peer = %id, error = %e, "peer did not answer Info");
+                continue;
+            }
+        };
+        if records.is_empty() {
+            // A node still choosing its layers.
+            continue;
+        }
+        let Ok(manifest) = postcard::from_bytes::<Manifest>(&manifest) else {
+            tracing::warn!(peer = %id, "undecodable manifest");
+            continue;
+        };
+        for record in verified_records(&records, now_ms()) {
+            // A node speaks for itself only.
+            if record.peer != id {
+                tracing::warn!(peer = %id, "record names another peer; ignored");
+                continue;
+            }
+            peers.push(Peer {
+                peer: id,
+                addrs: record.addrs.iter().filter_map(|a| a.parse().ok()).collect(),
+                record,
+                rtt_ms: rtt.as_secs_f32() * 1e3,
+                manifest: manifest.clone(),
+            });
+        }
+    }
+    if peers.is_empty() {
+        return Err(Error::NoPeers);
+    }
+    Ok(peers)
+}
+
+/// Sends `req` to `peer` and decodes the answer; an error answer is
+/// [`Error::Remote`].
+async fn call(
+    transport: &transport::Endpoint,
+    peer: PeerId,
+    addrs: Vec<Multiaddr>,
+    req: &Request,
+) -> Result<Response, Error> {
+    let bytes = transport
+        .request(peer, addrs, codec::encode(req))
+        .await
+        .map_err(|source| Error::Request { peer, source })?;
+    match codec::decode::<Response>(&bytes) {
+        Ok(Response::Error(error)) => Err(Error::Remote { peer, error }),
+        Ok(r) => Ok(r),
+        Err(e) => Err(Error::Protocol {
+            peer,
+            detail: e.to_string(),
+        }),
+    }
+}
+
 fn rand_u64() -> u64 {
     // std's RandomState is seeded from the OS per process; a counter keeps
     // ids from one client distinct.
@@ -433,13 +592,18 @@ async fn serve_reports(mut inbound: mpsc::Receiver<Inbound>, pending: PendingMap
                     .lock()
                     .expect("not poisoned")
                     .get(&report.request)
-                    .map(|p| (p.reports.clone(), p.route.get(report.hop as usize).copied()));
+                    .map(|p| {
+                        let hop = report.hop as usize;
+                        let on_route = p.route.get(hop) == Some(&inb.peer)
+                            || p.twins.get(hop) == Some(&inb.peer);
+                        (p.reports.clone(), on_route)
+                    });
                 match target {
                     None => Response::Error(WireError::new(
                         ErrorKind::UnknownRequest,
                         "no such request here",
                     )),
-                    Some((_, hop)) if hop != Some(inb.peer) || report.peer != inb.peer => {
+                    Some((_, on_route)) if !on_route || report.peer != inb.peer => {
                         tracing::warn!(peer = %inb.peer, hop = report.hop, "report from a peer off the route");
                         Response::Error(WireError::new(
                             ErrorKind::Forbidden,

@@ -71,6 +71,7 @@ async fn fake_stage(
         throughput: 1000.0,
         load: 0.0,
         limits: Limits::default(),
+        replication: 2,
         expires_at_ms: SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64 + 60_000,
     };
     tokio::spawn(async move {
@@ -100,8 +101,8 @@ async fn fake_stage(
                                 request: step.request,
                                 hop: 0,
                                 peer: t.peer_id(),
-                                trace: step.trace,
-                                step: step.step,
+                                trace: step.input.trace,
+                                step: step.input.step,
                                 body,
                             }));
                             let _ = t
@@ -159,13 +160,13 @@ async fn run_against(script: Script) -> Result<(Result<(), mesh::Error>, Vec<Ste
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_honest_fake_stage_completes() -> Result<()> {
     let (out, steps) = run_against(Box::new(|s| {
-        vec![saved(s.step), ReportBody::Done { tokens: vec![7] }]
+        vec![saved(s.input.step), ReportBody::Done { tokens: vec![7] }]
     }))
     .await?;
     out?;
     assert_eq!(steps.len(), 2);
     assert_eq!(
-        steps[1].tokens.to_i64()?,
+        steps[1].input.tokens.to_i64()?,
         [7],
         "the reported token is fed back"
     );
@@ -176,7 +177,7 @@ async fn an_honest_fake_stage_completes() -> Result<()> {
 async fn done_with_the_wrong_token_count_is_refused() -> Result<()> {
     // Today's panic: two tokens for one row would build a bad [1, 1] tensor.
     let (out, _) = run_against(Box::new(|s| {
-        vec![saved(s.step), ReportBody::Done { tokens: vec![7, 8] }]
+        vec![saved(s.input.step), ReportBody::Done { tokens: vec![7, 8] }]
     }))
     .await?;
     let e = out.expect_err("wrong token count");
@@ -206,7 +207,7 @@ async fn undeclared_or_repeated_saves_are_refused() -> Result<()> {
         vec![
             ReportBody::Saves(vec![Saved {
                 name: "not-in-the-graph".into(),
-                step: Some(s.step),
+                step: Some(s.input.step),
                 value: WireTensor::from_f32(vec![1], &[0.0]).expect("consistent"),
             }]),
             ReportBody::Done { tokens: vec![7] },
@@ -218,8 +219,8 @@ async fn undeclared_or_repeated_saves_are_refused() -> Result<()> {
 
     let (out, _) = run_against(Box::new(|s| {
         vec![
-            saved(s.step),
-            saved(s.step),
+            saved(s.input.step),
+            saved(s.input.step),
             ReportBody::Done { tokens: vec![7] },
         ]
     }))
@@ -237,7 +238,7 @@ async fn reports_from_peers_off_the_route_are_refused() -> Result<()> {
     // The stage reports only after the rogue has tried its report.
     let gate = Arc::new(Semaphore::new(0));
     let stage = fake_stage(
-        Box::new(|s| vec![saved(s.step), ReportBody::Done { tokens: vec![7] }]),
+        Box::new(|s| vec![saved(s.input.step), ReportBody::Done { tokens: vec![7] }]),
         tx,
         Some(gate.clone()),
     )
@@ -304,7 +305,7 @@ async fn a_stage_that_vanishes_mid_step_is_named() -> Result<()> {
     let e = tokio::time::timeout(Duration::from_secs(30), run)
         .await??
         .expect_err("the stage is gone");
-    assert!(matches!(e, mesh::Error::StageLost { .. }), "{e}");
+    assert!(matches!(e, mesh::Error::GaveUp { .. }), "{e}");
     let msg = e.to_string();
     assert!(
         msg.contains(&peer.to_string()) && msg.contains("layers 0..4"),
@@ -314,5 +315,88 @@ async fn a_stage_that_vanishes_mid_step_is_named() -> Result<()> {
     // accepted), not from a deadline.
     assert!(msg.contains("connection"), "{msg}");
     eprintln!("noticed in {:?}: {msg}", t0.elapsed());
+    Ok(())
+}
+
+/// Redundant execution against two fake holders of the same layers.
+async fn verified(a: Script, b: Script) -> Result<(Result<(), mesh::Error>, [String; 2], usize)> {
+    let (tx, mut rx) = mpsc::channel(16);
+    let sa = fake_stage(a, tx.clone(), None).await?;
+    let sb = fake_stage(b, tx, None).await?;
+    let peers = [
+        sa.transport.peer_id().to_string(),
+        sb.transport.peer_id().to_string(),
+    ];
+    let client = mesh::Client::connect(&[sa.addr.clone(), sb.addr.clone()])
+        .await?
+        .with_verify(Some(mesh::Tolerance::default()));
+    let out = tokio::time::timeout(Duration::from_secs(60), client.run(graph(), None))
+        .await?
+        .map(|_| ());
+    let mut steps = 0;
+    while rx.try_recv().is_ok() {
+        steps += 1;
+    }
+    Ok((out, peers, steps))
+}
+
+fn honest() -> Script {
+    Box::new(|s| vec![saved(s.input.step), ReportBody::Done { tokens: vec![7] }])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_runs_every_step_on_two_holders() -> Result<()> {
+    let (out, _, steps) = verified(honest(), honest()).await?;
+    out?;
+    assert_eq!(steps, 4, "2 steps on each holder");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_lies_is_caught_and_both_are_named() -> Result<()> {
+    let tampered: Script = Box::new(|s| {
+        vec![
+            ReportBody::Saves(vec![Saved {
+                name: "h".into(),
+                step: Some(s.input.step),
+                value: WireTensor::from_f32(vec![1, 8], &[0.5, 0.5, 0.5, 0.7, 0.5, 0.5, 0.5, 0.5])
+                    .expect("consistent"),
+            }]),
+            ReportBody::Done { tokens: vec![7] },
+        ]
+    });
+    let (out, peers, _) = verified(honest(), tampered).await?;
+    let e = out.expect_err("the saves differ");
+    assert!(matches!(e, mesh::Error::Mismatch { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        peers.iter().all(|p| msg.contains(p))
+            && msg.contains("save \"h\"")
+            && msg.contains("element 3"),
+        "{msg}"
+    );
+
+    let other_token: Script =
+        Box::new(|s| vec![saved(s.input.step), ReportBody::Done { tokens: vec![8] }]);
+    let (out, _, _) = verified(honest(), other_token).await?;
+    let e = out.expect_err("the tokens differ");
+    assert!(
+        e.to_string().contains("tokens [7] against [8]")
+            || e.to_string().contains("tokens [8] against [7]"),
+        "{e}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_needs_a_second_holder() -> Result<()> {
+    let (tx, _rx) = mpsc::channel(16);
+    let stage = fake_stage(honest(), tx, None).await?;
+    let client = mesh::Client::connect(std::slice::from_ref(&stage.addr))
+        .await?
+        .with_verify(Some(mesh::Tolerance::default()));
+    let e = client.run(graph(), None).await.expect_err("one holder");
+    assert!(matches!(e, mesh::Error::NoTwin { .. }), "{e}");
+    assert!(e.to_string().contains("layers 0..4"), "{e}");
     Ok(())
 }

@@ -5,32 +5,31 @@
 //! [`STAGES_KEY`] in the DHT, answers `Info` with a freshly signed record,
 //! and runs `Step` requests: admitted through a bounded semaphore (refused
 //! as overloaded beyond it), answered `Accepted` at once, computed on the
-//! stage thread, then pushed on to the next hop (hidden state + carry)
-//! while saves go straight to the client. A compute permit is never held
-//! across a network call.
+//! stage thread, then reported to the client: saves, relayed values, and
+//! the step's output (the next hop's input) or, on the last hop, its end.
+//! A compute permit is never held across a network call.
 //!
 //! What the node checks before anything reaches the stage: the message
-//! decodes, names this node's model and layers and this node as the hop, and
-//! comes from whom it must (the client itself at hop 0, the previous hop
-//! after that); with an allow-list ([`Config::allow`]), that the requester
-//! and the client are listed. The stage then checks the step's contents (see [`crate::stage`]).
+//! decodes, names this node's model, layers it holds and this node as the
+//! hop, and comes from the request's client; with an allow-list
+//! ([`Config::allow`]), that the client is listed. The stage then checks the step's contents (see [`crate::stage`]).
 
 use std::{
     collections::HashSet,
     path::PathBuf,
-    sync::Arc,
+    sync::{Arc, RwLock},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use actix::Addr;
 use libp2p::{Multiaddr, PeerId, identity::Keypair, pnet::PreSharedKey};
-use nnmesh_client::transport::{self, Inbound, RequestError};
+use nnmesh_client::transport::{self, Inbound};
 use nnmesh_graph::Limits;
 use nnmesh_protocol::{
     Span, codec,
     ids::ModelId,
     message::{
-        ErrorKind, Hop, ReportBody, Request, Response, Saved, StageReport, StepRequest, WireError,
+        ErrorKind, ReportBody, Request, Response, Saved, StageReport, StepRequest, WireError,
     },
     record::{STAGES_KEY, SignedRecord, StageRecord},
 };
@@ -38,7 +37,11 @@ use nnmesh_runtime::checkpoint::{Checkpoint, LoadError};
 use tokio::sync::{Semaphore, mpsc};
 use tracing::Instrument;
 
+use nnmesh_control::placement;
+
 use crate::stage::{self, Close, Next, RunStep, StageActor};
+
+mod auto;
 
 /// How a node serves: its stage, its network settings, whom it serves.
 #[derive(Debug, Clone)]
@@ -53,8 +56,7 @@ pub struct Config {
     pub keypair: Keypair,
     /// A private mesh's pre-shared key.
     pub psk: Option<PreSharedKey>,
-    /// When set, the only peers served (clients and the nodes that forward
-    /// steps to this one); `Info` is answered for everyone.
+    /// When set, the only clients served; `Info` is answered for everyone.
     pub allow: Option<HashSet<PeerId>>,
     /// Steps and tokenizations admitted at once; more are refused as overloaded.
     pub queue: usize,
@@ -62,6 +64,17 @@ pub struct Config {
     pub mdns: bool,
     /// Largest message accepted or sent, in bytes.
     pub max_message: usize,
+    /// When set, the node chooses its layers itself (and moves when the
+    /// mesh needs it); `stage.span` is then ignored.
+    pub auto: Option<Auto>,
+    /// The replication floor this node asks of the mesh (announced in its
+    /// record; the highest announced wins).
+    pub replication: u32,
+    /// Fault injection, for tests and benchmarks: the probability that a
+    /// step is answered as if the node had lost the request's session
+    /// ([`ErrorKind::UnknownRequest`], the session dropped), so clients fail
+    /// over without anything being killed. 0 in production.
+    pub inject_faults: f64,
 }
 
 impl Config {
@@ -78,8 +91,22 @@ impl Config {
             queue: 8,
             mdns: false,
             max_message: 256 << 20,
+            auto: None,
+            replication: 2,
+            inject_faults: 0.0,
         }
     }
+}
+
+/// Automatic placement ([`Config::auto`]).
+#[derive(Debug, Clone)]
+pub struct Auto {
+    /// Memory the node may use for weights and KV cache, in bytes: with the
+    /// model's layer size, this sets how many layers it serves.
+    pub max_memory: u64,
+    /// When and how it moves (the replication floor comes from
+    /// [`Config::replication`]).
+    pub placement: placement::Config,
 }
 
 /// What a node that started serving tells its caller.
@@ -112,6 +139,20 @@ pub enum Error {
         /// The model's layer count.
         layers: usize,
     },
+    /// The memory budget holds no layer of the model.
+    #[error(
+        "--max-memory of {budget} MiB holds no layer: one layer takes {layer} MiB, plus {outer} MiB for the embedding and lm_head and {kv} MiB of KV cache (--kv-cache-mib)"
+    )]
+    Memory {
+        /// The budget, MiB.
+        budget: u64,
+        /// One layer, MiB.
+        layer: u64,
+        /// Embedding and head, MiB.
+        outer: u64,
+        /// KV cache budget, MiB.
+        kv: u64,
+    },
     /// The model's files cannot be hashed into its id.
     #[error("hashing {path}: {source}")]
     Hash {
@@ -139,22 +180,69 @@ pub enum Error {
 /// The serving side of a node: what every request handler shares.
 struct Server {
     endpoint: transport::Endpoint,
-    stage: Addr<StageActor>,
     keypair: Keypair,
     model: ModelId,
-    model_name: String,
-    manifest: Vec<u8>,
-    tokenizer: Vec<u8>,
     num_layers: u32,
-    span: Span,
-    throughput: f32,
+    /// The stage served now; `None` while an auto-placed node has not
+    /// chosen its layers.
+    serving: RwLock<Option<Serving>>,
     limits: Limits,
     addrs: Vec<String>,
     admit: Arc<Semaphore>,
     queue: usize,
     max_message: usize,
     allow: Option<HashSet<PeerId>>,
+    replication: u32,
     fatal: mpsc::Sender<String>,
+    /// See [`Config::inject_faults`], as a threshold on a random `u64`.
+    fault_threshold: u64,
+}
+
+/// A loaded stage and what it serves.
+#[derive(Clone)]
+struct Serving {
+    span: Span,
+    stage: Addr<StageActor>,
+    throughput: f32,
+    model_name: String,
+    /// The model manifest, postcard-encoded for `Info`.
+    manifest: Arc<Vec<u8>>,
+    /// `tokenizer.json`, for weightless clients.
+    tokenizer: Arc<Vec<u8>>,
+}
+
+impl Serving {
+    fn new(span: Span, stage: Addr<StageActor>, info: stage::Info) -> Serving {
+        Serving {
+            span,
+            stage,
+            throughput: info.throughput,
+            model_name: info.manifest.model.clone(),
+            manifest: Arc::new(postcard::to_allocvec(&info.manifest).expect("a manifest encodes")),
+            tokenizer: Arc::new(info.tokenizer),
+        }
+    }
+}
+
+/// Drops `step`'s session on `stage` (its client fails over).
+fn close(stage: &Addr<StageActor>, step: &StepRequest) {
+    let _ = stage.try_send(Close {
+        request: step.request,
+        client: step.client,
+    });
+}
+
+/// A random `u64` (std's per-process random hasher keys, advanced by a
+/// counter): enough for fault injection.
+fn random_u64() -> u64 {
+    use std::{
+        hash::{BuildHasher, Hasher},
+        sync::atomic::{AtomicU64, Ordering},
+    };
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.finish()
 }
 
 fn now_ms() -> u64 {
@@ -175,13 +263,23 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(&Ready)) -> Result<(), Error> {
     let path = cfg.stage.model.clone();
     // Check the file and the range here, where errors can still be reported
     // cleanly; the stage thread then loads the weights.
-    let layers = Checkpoint::open(&path)?.config.num_hidden_layers;
-    if cfg.stage.span.is_empty() || cfg.stage.span.end as usize > layers {
-        return Err(Error::Span {
-            span: cfg.stage.span,
-            layers,
-        });
-    }
+    let config = Checkpoint::open(&path)?.config;
+    let layers = config.num_hidden_layers;
+    let len = match &cfg.auto {
+        Some(auto) => auto::span_len(
+            &config,
+            cfg.stage.kind,
+            auto.max_memory,
+            cfg.stage.max_kv_bytes,
+        )?,
+        None if cfg.stage.span.is_empty() || cfg.stage.span.end as usize > layers => {
+            return Err(Error::Span {
+                span: cfg.stage.span,
+                layers,
+            });
+        }
+        None => cfg.stage.span.len(),
+    };
     tracing::info!(path = %path.display(), "hashing the model");
     let model = nnmesh_runtime::checkpoint::model_id(&path)
         .map_err(|source| Error::Hash { path, source })?;
@@ -191,23 +289,32 @@ pub fn run(cfg: Config, on_ready: impl FnOnce(&Ready)) -> Result<(), Error> {
             .build()
             .expect("a tokio runtime can be built")
     })
-    .block_on(serve(cfg, model, layers as u32, on_ready))
+    .block_on(serve(cfg, model, layers as u32, len, on_ready))
 }
 
 async fn serve(
     cfg: Config,
     model: ModelId,
     num_layers: u32,
+    len: u32,
     on_ready: impl FnOnce(&Ready),
 ) -> Result<(), Error> {
-    tracing::info!(span = %cfg.stage.span, path = %cfg.stage.model.display(), "loading the stage");
     let (fatal_tx, mut fatal) = mpsc::channel(1);
-    let (stage, info) = stage::spawn(cfg.stage.clone(), fatal_tx.clone())
-        .await
-        .map_err(|source| Error::Stage {
-            path: cfg.stage.model.clone(),
-            source,
-        })?;
+    // A pinned stage loads before the node joins; an auto-placed one once
+    // it has looked at the mesh.
+    let pinned = match cfg.auto {
+        Some(_) => None,
+        None => {
+            tracing::info!(span = %cfg.stage.span, path = %cfg.stage.model.display(), "loading the stage");
+            let (stage, info) = stage::spawn(cfg.stage.clone(), fatal_tx.clone())
+                .await
+                .map_err(|source| Error::Stage {
+                    path: cfg.stage.model.clone(),
+                    source,
+                })?;
+            Some(Serving::new(cfg.stage.span, stage, info))
+        }
+    };
     let mut tcfg = transport::Config::new(cfg.keypair.clone());
     tcfg.listen = cfg.listen.clone();
     tcfg.bootstrap = cfg.bootstrap.clone();
@@ -219,30 +326,50 @@ async fn serve(
     let listen = endpoint.listen_addrs().await;
     let server = Arc::new(Server {
         endpoint: endpoint.clone(),
-        stage,
         keypair: cfg.keypair.clone(),
         model,
-        model_name: info.manifest.model.clone(),
-        manifest: postcard::to_allocvec(&info.manifest).expect("a manifest encodes"),
-        tokenizer: info.tokenizer,
         num_layers,
-        span: cfg.stage.span,
-        throughput: info.throughput,
+        serving: RwLock::new(pinned),
         limits: cfg.stage.limits.clone(),
         addrs: listen.iter().map(|a| a.to_string()).collect(),
         admit: Arc::new(Semaphore::new(cfg.queue)),
         queue: cfg.queue,
         max_message: cfg.max_message,
         allow: cfg.allow.clone(),
+        replication: cfg.replication,
         fatal: fatal_tx,
+        fault_threshold: (cfg.inject_faults.clamp(0.0, 1.0) * u64::MAX as f64) as u64,
     });
-    on_ready(&Ready {
-        peer: endpoint.peer_id(),
-        addrs: listen,
-        model,
-        span: cfg.stage.span,
-        throughput: info.throughput,
-    });
+    let (placed_tx, mut placed) = tokio::sync::oneshot::channel();
+    match cfg.auto {
+        Some(a) => {
+            let seeds = cfg
+                .bootstrap
+                .iter()
+                .filter_map(|addr| match addr.iter().last() {
+                    Some(libp2p::multiaddr::Protocol::P2p(p)) => Some(p),
+                    _ => None,
+                })
+                .collect();
+            let placement = placement::Config {
+                replication: cfg.replication,
+                ..a.placement
+            };
+            // On the actix system's thread: loading spawns stage arbiters.
+            actix::spawn(auto::drive(
+                server.clone(),
+                cfg.stage.clone(),
+                placement,
+                len,
+                seeds,
+                placed_tx,
+            ));
+        }
+        None => {
+            let _ = placed_tx.send(());
+        }
+    }
+    let mut on_ready = Some(on_ready);
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
     let outcome = loop {
@@ -251,6 +378,17 @@ async fn serve(
                 Some(inb) => handle(server.clone(), inb),
                 None => break Ok(()),
             },
+            Ok(()) = &mut placed, if on_ready.is_some() => {
+                if let (Some(ready), Some(serving)) = (on_ready.take(), server.serving()) {
+                    ready(&Ready {
+                        peer: endpoint.peer_id(),
+                        addrs: listen.clone(),
+                        model,
+                        span: serving.span,
+                        throughput: serving.throughput,
+                    });
+                }
+            }
             reason = fatal.recv() => {
                 // Withdraw first, so clients stop routing here, then go.
                 let reason = reason.unwrap_or_else(|| "the stage stopped".into());
@@ -314,14 +452,12 @@ fn handle(node: Arc<Server>, inb: Inbound) {
     }
     match req {
         Request::Info => {
-            let record = node.record();
-            reply(
-                inb,
-                &Response::Info {
-                    records: vec![record],
-                    manifest: node.manifest.clone(),
-                },
-            );
+            // A node still choosing its layers has no record yet.
+            let (records, manifest) = match node.serving() {
+                Some(s) => (vec![node.record(&s)], s.manifest.to_vec()),
+                None => (Vec::new(), Vec::new()),
+            };
+            reply(inb, &Response::Info { records, manifest });
         }
         Request::Tokenize { model, texts } => {
             if model != node.model {
@@ -331,17 +467,21 @@ fn handle(node: Arc<Server>, inb: Inbound) {
                     format!("this node serves model {}, not {model}", node.model),
                 );
             }
+            let serving = match node.serving_or_refuse() {
+                Ok(s) => s,
+                Err(e) => return reply(inb, &Response::Error(e)),
+            };
             let Ok(permit) = node.admit.clone().try_acquire_owned() else {
                 return refuse(inb, ErrorKind::Overloaded, node.overloaded());
             };
             tokio::spawn(async move {
-                let answer = node.stage.send(stage::Tokenize(texts)).await;
+                let answer = serving.stage.send(stage::Tokenize(texts)).await;
                 drop(permit);
                 match answer {
                     Ok(Ok(ids)) => reply(inb, &Response::Tokens(ids)),
                     Ok(Err(e)) => reply(inb, &Response::Error(e)),
                     Err(e) => {
-                        node.stage_gone(&e);
+                        node.stage_gone(&serving.stage, &e);
                         refuse(inb, ErrorKind::Internal, format!("stage actor: {e}"));
                     }
                 }
@@ -349,7 +489,10 @@ fn handle(node: Arc<Server>, inb: Inbound) {
         }
         Request::Close { request } => {
             // Only the request's own client may close it (the stage checks).
-            match node.stage.try_send(Close {
+            let Some(serving) = node.serving() else {
+                return reply(inb, &Response::Ack);
+            };
+            match serving.stage.try_send(Close {
                 request,
                 client: inb.peer,
             }) {
@@ -366,32 +509,47 @@ fn handle(node: Arc<Server>, inb: Inbound) {
                     format!("this node serves model {}, not {model}", node.model),
                 );
             }
-            reply(
-                inb,
-                &Response::Tokenizer {
-                    json: node.tokenizer.clone(),
-                },
-            );
+            match node.serving_or_refuse() {
+                Ok(s) => reply(
+                    inb,
+                    &Response::Tokenizer {
+                        json: s.tokenizer.to_vec(),
+                    },
+                ),
+                Err(e) => reply(inb, &Response::Error(e)),
+            }
         }
         Request::Step(step) => {
-            if let Err(e) = node.check_step(&inb.peer, &step) {
-                tracing::warn!(peer = %inb.peer, error = %e, "step refused");
-                return reply(inb, &Response::Error(e));
-            }
+            let stage = match node.check_step(&inb.peer, &step) {
+                Ok(s) => s.stage,
+                Err(e) => {
+                    tracing::warn!(peer = %inb.peer, error = %e, "step refused");
+                    return reply(inb, &Response::Error(e));
+                }
+            };
             let Ok(permit) = node.admit.clone().try_acquire_owned() else {
                 return refuse(inb, ErrorKind::Overloaded, node.overloaded());
             };
+            if node.fault_threshold > 0 && random_u64() < node.fault_threshold {
+                close(&stage, &step);
+                tracing::info!(request = step.request.0, "fault injected: session dropped");
+                return refuse(
+                    inb,
+                    ErrorKind::UnknownRequest,
+                    "fault injected (--inject-faults): this node dropped the request's session",
+                );
+            }
             reply(inb, &Response::Accepted);
             let span = tracing::info_span!(
                 "request",
                 request = step.request.0,
-                trace = step.trace,
-                step = step.step,
+                trace = step.input.trace,
+                step = step.input.step,
                 hop = step.hop
             );
             tokio::spawn(
                 async move {
-                    node.process(*step, permit).await;
+                    node.process(*step, &stage, permit).await;
                 }
                 .instrument(span),
             );
@@ -400,21 +558,41 @@ fn handle(node: Arc<Server>, inb: Inbound) {
 }
 
 impl Server {
-    fn record(&self) -> SignedRecord {
+    fn record(&self, serving: &Serving) -> SignedRecord {
         let in_use = self.queue - self.admit.available_permits();
         let record = StageRecord {
             peer: self.endpoint.peer_id(),
             addrs: self.addrs.clone(),
             model: self.model,
-            model_name: self.model_name.clone(),
+            model_name: serving.model_name.clone(),
             num_layers: self.num_layers,
-            span: self.span,
-            throughput: self.throughput,
+            span: serving.span,
+            throughput: serving.throughput,
             load: in_use as f32 / self.queue as f32,
             limits: self.limits.clone(),
+            replication: self.replication,
             expires_at_ms: now_ms() + 120_000,
         };
         SignedRecord::sign(&record, &self.keypair)
+    }
+
+    /// The stage served now, if any.
+    fn serving(&self) -> Option<Serving> {
+        self.serving.read().expect("not poisoned").clone()
+    }
+
+    /// Serves `new` from now on; returns what was served before.
+    fn replace_serving(&self, new: Option<Serving>) -> Option<Serving> {
+        std::mem::replace(&mut *self.serving.write().expect("not poisoned"), new)
+    }
+
+    fn serving_or_refuse(&self) -> Result<Serving, WireError> {
+        self.serving().ok_or_else(|| {
+            WireError::new(
+                ErrorKind::NotServed,
+                "this node is still choosing the layers it serves",
+            )
+        })
     }
 
     fn overloaded(&self) -> String {
@@ -435,8 +613,10 @@ impl Server {
     }
 
     /// Checks a step's addressing: this model, this node as the hop, sent
-    /// by whom it must come from, for an allowed client.
-    fn check_step(&self, from: &PeerId, s: &StepRequest) -> Result<(), WireError> {
+    /// by whom it must come from, for an allowed client; returns the stage
+    /// that runs it.
+    fn check_step(&self, from: &PeerId, s: &StepRequest) -> Result<Serving, WireError> {
+        let serving = self.serving_or_refuse()?;
         if s.model != self.model {
             return Err(WireError::new(
                 ErrorKind::NotServed,
@@ -453,41 +633,34 @@ impl Server {
                 ),
             )
         })?;
-        if hop.span != self.span || hop.peer != self.endpoint.peer_id() {
+        let span = serving.span;
+        let held = hop.span.start >= span.start && hop.span.end <= span.end;
+        if hop.span.is_empty() || !held || hop.peer != self.endpoint.peer_id() {
             return Err(WireError::new(
                 ErrorKind::NotServed,
                 format!(
-                    "this node serves layers {}; the route asks hop {} for {}",
-                    self.span, s.hop, hop.span
+                    "this node serves layers {span}; the route asks hop {} for {}",
+                    s.hop, hop.span
                 ),
             ));
         }
-        let sender = match s.hop.checked_sub(1) {
-            None => s.client,
-            Some(prev) => s.route[prev as usize].peer,
-        };
-        if *from != sender {
+        if *from != s.client {
             return Err(WireError::new(
                 ErrorKind::Forbidden,
-                format!(
-                    "hop {} takes steps from {} only, not from {from}",
-                    s.hop,
-                    if s.hop == 0 {
-                        "the request's client"
-                    } else {
-                        "the previous hop"
-                    }
-                ),
+                format!("steps of a request come from its client, not from {from}"),
             ));
         }
-        self.check_allowed(&s.client)
+        Ok(serving)
     }
 
-    /// The stage actor is gone: nothing can be served any more.
-    fn stage_gone(&self, e: &actix::MailboxError) {
-        let _ = self
-            .fatal
-            .try_send(format!("the stage actor stopped ({e})"));
+    /// A stage actor is gone: if it is the one served (not one a move
+    /// retired), nothing can be served any more.
+    fn stage_gone(&self, stage: &Addr<StageActor>, e: &actix::MailboxError) {
+        if self.serving().is_some_and(|s| s.stage == *stage) {
+            let _ = self
+                .fatal
+                .try_send(format!("the stage actor stopped ({e})"));
+        }
     }
 
     async fn report(&self, step: &StepRequest, body: ReportBody) -> Result<(), String> {
@@ -501,8 +674,8 @@ impl Server {
             request: step.request,
             hop: step.hop,
             peer: self.endpoint.peer_id(),
-            trace: step.trace,
-            step: step.step,
+            trace: step.input.trace,
+            step: step.input.step,
             body,
         }));
         let bytes = self
@@ -525,55 +698,51 @@ impl Server {
         }
     }
 
-    fn close(&self, step: &StepRequest) {
-        let _ = self.stage.try_send(Close {
-            request: step.request,
-            client: step.client,
-        });
-    }
-
     /// Runs a step on the stage (holding `permit` for the compute only),
-    /// reports saves, and pushes the result on.
-    async fn process(&self, step: StepRequest, permit: tokio::sync::OwnedSemaphorePermit) {
-        let out = self.stage.send(RunStep(Box::new(step.clone()))).await;
+    /// reports its saves, relays and output to the client.
+    async fn process(
+        &self,
+        step: StepRequest,
+        stage: &Addr<StageActor>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let out = stage.send(RunStep(Box::new(step.clone()))).await;
         drop(permit);
-        let out = match out {
+        let mut out = match out {
             Ok(Ok(out)) => out,
             Ok(Err(e)) => return self.report_failure(&step, e).await,
             Err(e) => {
-                self.stage_gone(&e);
+                self.stage_gone(stage, &e);
                 let e = WireError::new(ErrorKind::Internal, format!("stage actor: {e}"));
                 return self.report_failure(&step, e).await;
             }
         };
-        if let Err(e) = self.send_saves(&step, out.saves).await {
+        if let Err(e) = self.send_saves(&step, std::mem::take(&mut out.saves)).await {
             tracing::warn!(error = %e, "could not send saves to the client");
-            return self.close(&step);
+            return close(stage, &step);
         }
         if !out.relay.is_empty()
-            && let Err(e) = self.report(&step, ReportBody::Relay(out.relay)).await
+            && let Err(e) = self
+                .report(&step, ReportBody::Relay(out.relay.clone()))
+                .await
         {
             tracing::warn!(error = %e, "could not relay values to the client");
-            return self.close(&step);
+            return close(stage, &step);
         }
-        let hidden = match out.next {
-            Next::Done(tokens) => {
-                if let Err(e) = self.report(&step, ReportBody::Done { tokens }).await {
-                    tracing::warn!(error = %e, "could not report completion to the client");
-                }
-                return;
-            }
-            Next::Hidden(h) => Some(h),
-            Next::Stopped => None,
+        if !out.replayed.is_empty()
+            && let Err(e) = self
+                .report(&step, ReportBody::Replayed(out.replayed.clone()))
+                .await
+        {
+            tracing::warn!(error = %e, "could not send replayed outputs to the client");
+            return close(stage, &step);
+        }
+        let body = match out.next {
+            Next::Done(tokens) => ReportBody::Done { tokens },
+            Next::Hidden(_) | Next::Stopped => ReportBody::Output(out.output()),
         };
-        let next = StepRequest {
-            hop: step.hop + 1,
-            hidden,
-            carry: out.carry,
-            ..step.clone()
-        };
-        if let Err(e) = self.push(next).await {
-            self.report_failure(&step, e).await;
+        if let Err(e) = self.report(&step, body).await {
+            tracing::warn!(error = %e, "could not report the step's end to the client");
         }
     }
 
@@ -607,45 +776,5 @@ impl Server {
             }
         }
         Ok(())
-    }
-
-    /// Hands the step on to the next hop; an error names it.
-    async fn push(&self, next: StepRequest) -> Result<(), WireError> {
-        let Some(Hop { peer, addrs, .. }) = next.route.get(next.hop as usize).cloned() else {
-            return Err(WireError::new(
-                ErrorKind::Internal,
-                "no next hop after a middle stage",
-            ));
-        };
-        let hop = next.hop;
-        let addrs: Vec<Multiaddr> = addrs.iter().filter_map(|a| a.parse().ok()).collect();
-        let bytes = self
-            .endpoint
-            .request(peer, addrs, codec::encode(&Request::Step(Box::new(next))))
-            .await
-            .map_err(|e| {
-                let kind = match e {
-                    RequestError::DialFailure { .. }
-                    | RequestError::ConnectionClosed { .. }
-                    | RequestError::Timeout { .. } => ErrorKind::Unreachable,
-                    _ => ErrorKind::Internal,
-                };
-                WireError::new(kind, format!("hop {hop} ({peer}): {e}"))
-            })?;
-        match codec::decode::<Response>(&bytes) {
-            Ok(Response::Accepted) => Ok(()),
-            Ok(Response::Error(e)) => Err(WireError::new(
-                e.kind,
-                format!("hop {hop} ({peer}) refused the step: {}", e.message),
-            )),
-            Ok(other) => Err(WireError::new(
-                ErrorKind::Internal,
-                format!("hop {hop} ({peer}) answered {other:?}"),
-            )),
-            Err(e) => Err(WireError::new(
-                ErrorKind::Internal,
-                format!("hop {hop} ({peer}): {e}"),
-            )),
-        }
     }
 }

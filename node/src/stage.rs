@@ -25,12 +25,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use actix::{Actor, Addr, Arbiter, AsyncContext, Context, Handler, Message};
+use actix::{Actor, ActorContext, Addr, Arbiter, AsyncContext, Context, Handler, Message};
 use nnmesh_graph::{Limits, Manifest};
 use nnmesh_protocol::{
     PeerId, Span,
     ids::RequestId,
-    message::{Carried, ErrorKind, Saved, StepRequest, WireError},
+    message::{Carried, ErrorKind, HopOutput, Saved, StepRequest, WireError},
     tensor::WireTensor,
 };
 use tch::{Device, Kind, Tensor};
@@ -65,6 +65,9 @@ pub struct Config {
     /// Most bytes of KV cache reserved by open sessions; a session that
     /// would exceed it is refused as overloaded (live ones are never evicted).
     pub max_kv_bytes: u64,
+    /// Threads torch computes with on the stage's thread (0: torch's
+    /// default, one per core).
+    pub threads: i32,
 }
 
 impl Config {
@@ -80,6 +83,7 @@ impl Config {
             session_ttl: Duration::from_secs(600),
             max_sessions: 64,
             max_kv_bytes: 2 << 30,
+            threads: 0,
         }
     }
 }
@@ -96,6 +100,24 @@ pub struct StepOutput {
     /// Values an earlier stage needs in a later step or trace: sent to the
     /// client, which hands them to the first stage with its next step.
     pub relay: Vec<Carried>,
+    /// The outputs of the steps replayed first, when the request asked.
+    pub replayed: Vec<HopOutput>,
+    /// How many replayed steps ran together in one forward (generated
+    /// tokens this hop has no intervention at).
+    pub chunked: u32,
+}
+
+impl StepOutput {
+    /// What the next hop gets from this one.
+    pub fn output(&self) -> HopOutput {
+        HopOutput {
+            hidden: match &self.next {
+                Next::Hidden(h) => Some(h.clone()),
+                Next::Stopped | Next::Done(_) => None,
+            },
+            carry: self.carry.clone(),
+        }
+    }
 }
 
 /// Where a step goes after this stage.
@@ -121,7 +143,9 @@ pub struct Stage {
     ttl: Duration,
     max_sessions: usize,
     max_kv_bytes: u64,
-    sessions: HashMap<RequestId, Session>,
+    /// Open sessions by request and the first layer of the hop: after a
+    /// fail-over one node may run two parts of a request's route.
+    sessions: HashMap<(RequestId, u32), Session>,
     throughput: f32,
     panics: u64,
 }
@@ -247,21 +271,24 @@ impl Stage {
                 ),
             )
         })?;
-        if hop.span.range() != layers {
+        let span = hop.span.range();
+        if span.is_empty() || span.start < layers.start || span.end > layers.end {
             return Err(err(
                 ErrorKind::NotServed,
                 format!(
-                    "this stage serves layers {}..{}, not {}",
+                    "this stage serves layers {}..{}, which do not hold {}",
                     layers.start, layers.end, hop.span
                 ),
             ));
         }
         let now = Instant::now();
-        if let Some(session) = self.sessions.get(&req.request) {
+        let key = (req.request, hop.span.start);
+        if let Some(session) = self.sessions.get_mut(&key) {
             session.check_next(req)?;
+            session.adopt_route(&self.manifest, req)?;
         } else {
             let session = self.open(req)?;
-            self.sessions.insert(req.request, session);
+            self.sessions.insert(key, session);
         }
         let Stage {
             engine,
@@ -270,7 +297,7 @@ impl Stage {
             ..
         } = self;
         let session = sessions
-            .get_mut(&req.request)
+            .get_mut(&key)
             .expect("the session was found or opened above");
         session.touch(now);
         let out = std::panic::catch_unwind(AssertUnwindSafe(|| {
@@ -285,15 +312,15 @@ impl Stage {
                     ErrorKind::Internal,
                     format!(
                         "trace {} step {} failed on this stage: {}",
-                        req.trace,
-                        req.step,
+                        req.input.trace,
+                        req.input.step,
                         panic_message(payload.as_ref())
                     ),
                 ))
             }
         };
         if out.is_err() {
-            self.sessions.remove(&req.request);
+            self.sessions.remove(&key);
         }
         out
     }
@@ -367,15 +394,10 @@ impl Stage {
         })
     }
 
-    /// Drops a request's session, if `client` is its client.
+    /// Drops a request's sessions, if `client` is their client.
     pub fn close(&mut self, request: RequestId, client: PeerId) {
-        if self
-            .sessions
-            .get(&request)
-            .is_some_and(|s| s.client() == client)
-        {
-            self.sessions.remove(&request);
-        }
+        self.sessions
+            .retain(|(r, _), s| *r != request || s.client() != client);
     }
 
     /// Drops the sessions unused for longer than the session TTL; returns
@@ -458,6 +480,11 @@ impl Actor for StageActor {
             }
         });
     }
+
+    fn stopped(&mut self, _: &mut Context<Self>) {
+        // The stage's thread is its own: end it, freeing the weights.
+        Arbiter::current().stop();
+    }
 }
 
 /// What a started stage tells the node.
@@ -501,6 +528,11 @@ pub async fn spawn(
     let arbiter = Arbiter::new();
     let (tx, rx) = oneshot::channel();
     arbiter.spawn_fn(move || {
+        if cfg.threads > 0 {
+            // Set on the thread that computes: OpenMP's thread count is a
+            // per-thread setting.
+            tch::set_num_threads(cfg.threads);
+        }
         let loaded = std::panic::catch_unwind(|| Stage::load(&cfg));
         let started = match loaded {
             Ok(Ok(stage)) => match stage.engine.tokenizer.to_json() {
@@ -554,8 +586,8 @@ impl Handler<RunStep> for StageActor {
         let span = tracing::info_span!(
             "step",
             request = req.request.0,
-            trace = req.trace,
-            step = req.step,
+            trace = req.input.trace,
+            step = req.input.step,
             hop = req.hop
         );
         let _e = span.enter();
@@ -584,6 +616,21 @@ impl Handler<Tokenize> for StageActor {
 
     fn handle(&mut self, msg: Tokenize, _: &mut Context<Self>) -> Self::Result {
         self.stage.tokenize(&msg.0)
+    }
+}
+
+/// Stop serving: the stage's sessions are dropped (their clients fail
+/// over), its weights freed and its thread ended.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Stop;
+
+impl Handler<Stop> for StageActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Stop, ctx: &mut Context<Self>) {
+        tracing::info!(sessions = self.stage.sessions(), "stage stopped");
+        ctx.stop();
     }
 }
 

@@ -155,12 +155,36 @@ mod tests {
             Just(ErrorKind::Internal),
             Just(ErrorKind::UnknownRequest),
             Just(ErrorKind::Forbidden),
-            Just(ErrorKind::Unreachable),
         ]
     }
 
     fn wire_error() -> impl Strategy<Value = WireError> {
         (error_kind(), ".{0,20}").prop_map(|(kind, message)| WireError { kind, message })
+    }
+
+    fn step_input() -> impl Strategy<Value = StepInput> {
+        (
+            (any::<u32>(), any::<u32>(), any::<u32>()),
+            tensor(),
+            proptest::option::of(tensor()),
+            proptest::collection::vec(carried(), 0..3),
+        )
+            .prop_map(|((trace, step, past), tokens, hidden, carry)| StepInput {
+                trace,
+                step,
+                past,
+                tokens,
+                hidden,
+                carry,
+            })
+    }
+
+    fn hop_output() -> impl Strategy<Value = HopOutput> {
+        (
+            proptest::option::of(tensor()),
+            proptest::collection::vec(carried(), 0..3),
+        )
+            .prop_map(|(hidden, carry)| HopOutput { hidden, carry })
     }
 
     fn step_request() -> impl Strategy<Value = StepRequest> {
@@ -171,18 +195,15 @@ mod tests {
                 any::<u32>(),
                 proptest::option::of(bytes(64)),
             ),
-            (any::<u32>(), any::<u32>(), tensor()),
-            (
-                proptest::option::of(tensor()),
-                proptest::collection::vec(carried(), 0..3),
-            ),
+            step_input(),
+            (proptest::collection::vec(step_input(), 0..3), any::<bool>()),
         )
             .prop_map(
                 |(
                     (request, client, client_addrs, model),
                     (route, hop, graph),
-                    (trace, step, tokens),
-                    (hidden, carry),
+                    input,
+                    (replay, replay_outputs),
                 )| StepRequest {
                     request: RequestId(request),
                     client,
@@ -191,11 +212,9 @@ mod tests {
                     route,
                     hop,
                     graph,
-                    trace,
-                    step,
-                    tokens,
-                    hidden,
-                    carry,
+                    input,
+                    replay,
+                    replay_outputs,
                 },
             )
     }
@@ -208,6 +227,8 @@ mod tests {
     fn report_body() -> impl Strategy<Value = ReportBody> {
         prop_oneof![
             proptest::collection::vec(saved(), 0..3).prop_map(ReportBody::Saves),
+            hop_output().prop_map(ReportBody::Output),
+            proptest::collection::vec(hop_output(), 0..3).prop_map(ReportBody::Replayed),
             proptest::collection::vec(carried(), 0..3).prop_map(ReportBody::Relay),
             proptest::collection::vec(any::<u32>(), 0..8)
                 .prop_map(|tokens| ReportBody::Done { tokens }),
@@ -338,14 +359,19 @@ mod tests {
             }],
             hop: 0,
             graph: Some(vec![0x99]),
-            trace: 1,
-            step: 2,
-            tokens: tiny_tensor(),
-            hidden: None,
-            carry: vec![Carried {
-                node: 5,
-                value: WireTensor::from_f32(vec![1], &[1.0]).expect("consistent"),
-            }],
+            input: StepInput {
+                trace: 1,
+                step: 2,
+                past: 12,
+                tokens: tiny_tensor(),
+                hidden: None,
+                carry: vec![Carried {
+                    node: 5,
+                    value: WireTensor::from_f32(vec![1], &[1.0]).expect("consistent"),
+                }],
+            },
+            replay: Vec::new(),
+            replay_outputs: false,
         }
     }
 
@@ -388,6 +414,14 @@ mod tests {
                     value: tiny_tensor(),
                 }]))),
                 SNAP_REPORT_SAVES,
+            ),
+            (
+                "request/report/output",
+                encode(&report(ReportBody::Output(HopOutput {
+                    hidden: Some(tiny_tensor()),
+                    carry: Vec::new(),
+                }))),
+                SNAP_REPORT_OUTPUT,
             ),
             (
                 "request/report/relay",
@@ -464,8 +498,9 @@ mod tests {
     const SNAP_INFO: &str = "020000";
     const SNAP_TOKENIZE: &str =
         "020001111111111111111111111111111111111111111111111111111111111111111101026869";
-    const SNAP_STEP: &str = "020002ac0226002408011220acdcc8494d458f44a7aaac1d6a84ec624daee88436db2ae26e67ba645a10622801022f61abababababababababababababababababababababababababababababababab01260024080112208a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c01022f68001e00010199010203020102100700000000000000ffffffffffffffff000105000101040000803f";
+    const SNAP_STEP: &str = "020002ac0226002408011220acdcc8494d458f44a7aaac1d6a84ec624daee88436db2ae26e67ba645a10622801022f61abababababababababababababababababababababababababababababababab01260024080112208a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c01022f68001e0001019901020c03020102100700000000000000ffffffffffffffff000105000101040000803f0000";
     const SNAP_REPORT_SAVES: &str = "020003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df28000300010178010403020102100700000000000000ffffffffffffffff";
+    const SNAP_REPORT_OUTPUT: &str = "020003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df280003040103020102100700000000000000ffffffffffffffff00";
     const SNAP_REPORT_RELAY: &str = "020003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df28000301010203020102100700000000000000ffffffffffffffff";
     const SNAP_REPORT_DONE: &str = "020003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df280003020201c801";
     const SNAP_REPORT_FAILED: &str = "020003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df28000303050462757379";

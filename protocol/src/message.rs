@@ -1,10 +1,13 @@
 //! The messages of the stage protocol, [`STAGE_PROTOCOL`].
 //!
 //! Every libp2p request carries one encoded [`Request`] and is answered with
-//! one encoded [`Response`] (see [`crate::codec`]). A client drives a trace
-//! by sending [`Request::Step`] to the first hop of a route; each hop pushes
-//! the hidden state on to the next hop with another `Step` and sends what the
-//! graph saves back to the client with [`Request::Report`].
+//! one encoded [`Response`] (see [`crate::codec`]). A client drives each step
+//! of a trace hop by hop: it sends [`Request::Step`] to a hop, which answers
+//! `Accepted`, runs, and sends back with [`Request::Report`] what the graph
+//! saves there and its output ([`ReportBody::Output`]: the hidden state and
+//! carried values for the next hop), or, from the last hop,
+//! [`ReportBody::Done`]. The client keeps every hop's inputs, so it can
+//! replay them to a replacement when a hop dies ([`StepRequest::replay`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -71,23 +74,44 @@ pub struct StepRequest {
     pub client_addrs: Vec<String>,
     /// The model the route serves.
     pub model: ModelId,
-    /// The whole route, so each hop knows its successor.
+    /// The whole route: the graph is partitioned along it.
     pub route: Vec<Hop>,
     /// Index into `route` of the receiving hop.
     pub hop: u32,
-    /// postcard-encoded intervention graph (opaque to the protocol); sent with
-    /// step 0 of a trace.
+    /// postcard-encoded intervention graph (opaque to the protocol); sent
+    /// with the first step a hop gets of a request.
     #[serde(with = "serde_bytes")]
     pub graph: Option<Vec<u8>>,
+    /// The step to run.
+    pub input: StepInput,
+    /// For a hop that replaces a failed one: the steps its predecessor ran,
+    /// in order, to run first without reporting (their saves and relays were
+    /// delivered already). Empty otherwise.
+    pub replay: Vec<StepInput>,
+    /// Send the outputs of the replayed steps back
+    /// ([`ReportBody::Replayed`]), for a replacement made of several hops.
+    pub replay_outputs: bool,
+}
+
+/// What a hop gets for one step of one trace.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepInput {
     /// Trace index within the request.
     pub trace: u32,
     /// Generation step within the trace (0 = prompt).
     pub step: u32,
-    /// This step's input ids, `[batch, tokens]` i64.
+    /// Positions the hop's KV cache holds for this trace before the step
+    /// (0 at step 0; the padded prompt length plus `step - 1` after). Client
+    /// and stage both check it: a replacement that starts at the wrong
+    /// position is refused, not silently wrong.
+    pub past: u32,
+    /// This step's input ids, `[batch, tokens]` i64 (the first hop, decode
+    /// steps; empty at step 0, whose tokens are the graph's prompts).
     pub tokens: WireTensor,
-    /// Hidden state from the previous hop; `None` at the first hop.
+    /// Hidden state from the previous hop; `None` at the first hop, and at
+    /// a later hop when the graph stopped the forward before it.
     pub hidden: Option<WireTensor>,
-    /// Graph values computed upstream that downstream hops need.
+    /// Graph values computed upstream that this hop needs.
     pub carry: Vec<Carried>,
 }
 
@@ -132,6 +156,21 @@ pub enum ReportBody {
     },
     /// The step failed on this stage.
     Failed(WireError),
+    /// A non-last hop finished the step: the next hop's input.
+    Output(HopOutput),
+    /// The outputs of the steps a replacement replayed, in order (when
+    /// [`StepRequest::replay_outputs`] asked for them).
+    Replayed(Vec<HopOutput>),
+}
+
+/// What a hop hands the next one for a step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HopOutput {
+    /// The hidden state; `None` when the graph stopped the forward at or
+    /// before this hop (later hops then run their nodes without a forward).
+    pub hidden: Option<WireTensor>,
+    /// Values later hops need.
+    pub carry: Vec<Carried>,
 }
 
 /// One saved value.
@@ -211,9 +250,7 @@ pub enum ErrorKind {
     Internal,
     /// The referenced request is unknown to the node.
     UnknownRequest,
-    /// The requester is not allowed to use this node (`--allow-peers`).
+    /// The requester may not do this: it is not on the node's allow-list,
+    /// or the request belongs to another client.
     Forbidden,
-    /// The sender could not hand the step on to the next hop, whose peer the
-    /// message names: that hop is likely down. Nothing ran there.
-    Unreachable,
 }

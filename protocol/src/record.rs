@@ -40,6 +40,9 @@ pub struct StageRecord {
     pub load: f32,
     /// The per-request limits the node enforces.
     pub limits: Limits,
+    /// The replication floor the node asks of the mesh: holders every block
+    /// should have (a mesh-wide setting; the highest announced wins).
+    pub replication: u32,
     /// Unix time in milliseconds after which the record is void.
     pub expires_at_ms: u64,
 }
@@ -156,6 +159,7 @@ mod tests {
             throughput: 120.5,
             load: 0.25,
             limits: Limits::default(),
+            replication: 2,
             expires_at_ms: 1_000,
         }
     }

@@ -35,6 +35,14 @@ pub enum InputError {
     /// A hidden state of the wrong rank.
     #[error("the input must be [batch, tokens, hidden], got {0:?}")]
     Shape(Vec<i64>),
+    /// Layers this stage does not hold.
+    #[error("layers {start}..{end} are not all held by this stage")]
+    Span {
+        /// First layer asked for.
+        start: usize,
+        /// End of the layers asked for.
+        end: usize,
+    },
 }
 
 /// A module called on a value outside the forward pass (a graph's `Apply`)

@@ -141,7 +141,15 @@ pub fn run_planned(
             let mut exec = Executor::new(graph, plan, manifest, model, &mut state);
             exec.begin(t as u32, step, &lens);
             let ids = Input::Tokens(input.shallow_clone());
-            let logits = forward_step(model, &mut exec, &padded, step, ids, &mut cache)?;
+            let logits = forward_step(
+                model,
+                model.layers(),
+                &mut exec,
+                &padded,
+                step,
+                ids,
+                &mut cache,
+            )?;
             let generating = graph.traces[t].max_new_tokens > 0;
             let Some(logits) = logits else { break };
             if !generating {
@@ -162,9 +170,9 @@ pub fn run_planned(
     })
 }
 
-/// Runs one step's forward on `model` under `exec` (already begun, carry
-/// inserted): picks the step's batch layout (prompt, or one new token per
-/// row), applies row sharing, then ends the step. Returns the model's output
+/// Runs one step's forward through layers `span` of `model` under `exec`
+/// (already begun, carry inserted): picks the step's batch layout (prompt,
+/// or one new token per row), applies row sharing, then ends the step. Returns the model's output
 /// (logits on the last stage, else the hidden state), or `None` when the
 /// graph stopped the forward early.
 ///
@@ -172,6 +180,7 @@ pub fn run_planned(
 /// When a hook or a node fails.
 pub fn forward_step(
     model: &Model,
+    span: std::ops::Range<usize>,
     exec: &mut Executor<'_>,
     padded: &Padded,
     step: u32,
@@ -198,7 +207,7 @@ pub fn forward_step(
             input = Input::Tokens(ids.index_select(0, &idx));
         }
     }
-    let out = match model.forward(input, batch, Some(cache), exec) {
+    let out = match model.forward_span(input, span, batch, Some(cache), exec) {
         Ok(t) => Some(t),
         Err(HookError::Stop) => None,
         Err(e) => return Err(e),

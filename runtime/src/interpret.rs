@@ -87,6 +87,8 @@ pub struct Executor<'a> {
     plan: &'a Plan,
     manifest: &'a Manifest,
     model: &'a Model,
+    /// The first layer the forward runs (a stage may serve part of what it holds).
+    first_layer: u32,
     store: &'a mut Store,
 }
 
@@ -193,6 +195,18 @@ impl Store {
         self.fresh[node.index()]
     }
 
+    /// Whether any node of this executor's part of the graph runs at
+    /// `step` of `trace` (a step with none is a plain forward here).
+    pub fn has_work(&self, plan: &Plan, trace: u32, step: u32) -> bool {
+        plan.nodes.iter().enumerate().any(|(i, np)| {
+            self.mine[i]
+                && match np.per_step {
+                    Some(s) => s.contains(trace, step),
+                    None => np.anchor.trace == trace && np.anchor.step == step,
+                }
+        })
+    }
+
     /// Sets a value computed elsewhere (carried from an earlier stage).
     pub fn insert(&mut self, node: NodeId, value: Tensor) {
         self.values[node.index()] = Some(value);
@@ -214,6 +228,7 @@ impl<'a> Executor<'a> {
             plan,
             manifest,
             model,
+            first_layer: model.layers().start as u32,
             store,
         }
     }
@@ -226,6 +241,12 @@ impl<'a> Executor<'a> {
     /// Sets a value computed elsewhere (carried from an earlier stage).
     pub fn insert(&mut self, node: NodeId, value: Tensor) {
         self.store.insert(node, value);
+    }
+
+    /// Runs the forward from layer `first` on (a part of the model's layers;
+    /// all of them by default).
+    pub fn set_first_layer(&mut self, first: u32) {
+        self.first_layer = first;
     }
 
     /// Prepares step `step` of trace `trace`, whose prompts have `lens` tokens.
@@ -266,7 +287,7 @@ impl<'a> Executor<'a> {
             .get(trace as usize)
             .map_or(0, |t| t.invokes.len());
         (self.store.row_of, self.store.rows) = match self.sharing() {
-            Some(s) => s.rows_before(self.model.layers().start as u32),
+            Some(s) => s.rows_before(self.first_layer),
             None => ((0..invokes).collect(), invokes),
         };
         let last_step = self.plan.steps.get(trace as usize).copied().unwrap_or(1) - 1;

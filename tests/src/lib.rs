@@ -5,12 +5,18 @@
 //! - `mesh.rs`: the canonical experiments through a 3-node mesh, replicas,
 //!   foreign weights, a dead stage;
 //! - `hostile.rs`: hostile input, limits, a SIGKILLed stage, private meshes;
-//! - `fuzz.rs`: the fuzz harness (`scripts/fuzz.sh` runs it longer).
+//! - `fuzz.rs`: the fuzz harness (`scripts/fuzz.sh` runs it longer);
+//! - `failover.rs`: stages SIGKILLed mid-generation, replaced with exact
+//!   replay; no holder left;
+//! - `placement.rs`: auto-placed nodes, two holders per block, healing;
+//! - `chaos.rs`: clients running while nodes are killed and restarted
+//!   (`scripts/chaos.sh` runs it longer).
 //!
 //! The tests run the `nnmesh` binary of the same build (found beside the
 //! test executable, or at `$NNMESH_BIN`) and the bundled model
 //! (`$NNMESH_MODEL`, or `models/` of the repository).
 
+pub mod graphs;
 pub mod local_node;
 pub mod mesh;
 

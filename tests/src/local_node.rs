@@ -34,25 +34,44 @@ impl LocalNode {
         bootstrap: Option<&Multiaddr>,
         extra: &[&str],
     ) -> Result<LocalNode> {
+        LocalNode::spawn(model, Some(blocks), bootstrap, extra)
+    }
+
+    /// Starts an auto-placed `nnmesh node` (no `--blocks`; `extra` gives
+    /// `--max-memory` and the like) and waits until it serves.
+    ///
+    /// # Errors
+    /// When the process cannot start or exits before serving.
+    pub fn start_auto(
+        model: &Path,
+        bootstrap: Option<&Multiaddr>,
+        extra: &[&str],
+    ) -> Result<LocalNode> {
+        LocalNode::spawn(model, None, bootstrap, extra)
+    }
+
+    fn spawn(
+        model: &Path,
+        blocks: Option<&str>,
+        bootstrap: Option<&Multiaddr>,
+        extra: &[&str],
+    ) -> Result<LocalNode> {
         let exe = crate::nnmesh_exe();
         let mut cmd = Command::new(&exe);
-        cmd.args([
-            "node",
-            "--blocks",
-            blocks,
-            "--listen",
-            "/ip4/127.0.0.1/tcp/0",
-        ])
-        .arg("--model")
-        .arg(model)
-        .args(extra)
-        .stdout(Stdio::piped())
-        // NNMESH_TEST_NODE_LOGS=1 shows the nodes' logs (with RUST_LOG).
-        .stderr(if std::env::var_os("NNMESH_TEST_NODE_LOGS").is_some() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
-        });
+        cmd.args(["node", "--listen", "/ip4/127.0.0.1/tcp/0"]);
+        if let Some(b) = blocks {
+            cmd.args(["--blocks", b]);
+        }
+        cmd.arg("--model")
+            .arg(model)
+            .args(extra)
+            .stdout(Stdio::piped())
+            // NNMESH_TEST_NODE_LOGS=1 shows the nodes' logs (with RUST_LOG).
+            .stderr(if std::env::var_os("NNMESH_TEST_NODE_LOGS").is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            });
         if let Some(b) = bootstrap {
             cmd.arg("--bootstrap").arg(b.to_string());
         }
@@ -72,7 +91,7 @@ impl LocalNode {
         loop {
             let Ok(line) = rx.recv_timeout(Duration::from_secs(120)) else {
                 let _ = child.kill();
-                bail!("node {blocks} did not start listening");
+                bail!("node {blocks:?} did not start serving");
             };
             if let Some(a) = line.strip_prefix("listening ") {
                 addr = Some(a.parse::<Multiaddr>().context("listening address")?);

@@ -33,7 +33,7 @@ use nnmesh_node::stage::{Config, Next, Stage};
 use nnmesh_protocol::{
     PeerId, Span, codec,
     ids::{ModelId, RequestId},
-    message::{Carried, Hop, Request, Response, Saved, StepRequest, WireError},
+    message::{Carried, Hop, Request, Response, Saved, StepInput, StepRequest, WireError},
     tensor::WireTensor,
 };
 use nnmesh_runtime::{
@@ -203,6 +203,8 @@ fn drive(stages: &mut [&mut Stage], model: ModelId, request: u64, graph: &Graph)
     let mut relayed: Vec<Carried> = Vec::new();
     'traces: for (t, trace) in graph.traces.iter().enumerate() {
         let mut last: Vec<u32> = Vec::new();
+        // Positions each stage's cache holds for this trace.
+        let mut past = 0;
         for step in 0..trace.steps() {
             let ids: Vec<i64> = last.iter().map(|&i| i64::from(i)).collect();
             let mut req = StepRequest {
@@ -213,19 +215,24 @@ fn drive(stages: &mut [&mut Stage], model: ModelId, request: u64, graph: &Graph)
                 route: route.clone(),
                 hop: 0,
                 graph: (step == 0).then(|| bytes.clone()),
-                trace: t as u32,
-                step,
-                tokens: WireTensor::from_i64(
-                    if step == 0 {
-                        vec![0, 0]
-                    } else {
-                        vec![ids.len() as u64, 1]
-                    },
-                    &ids,
-                )
-                .expect("one id per row"),
-                hidden: None,
-                carry: std::mem::take(&mut relayed),
+                input: StepInput {
+                    trace: t as u32,
+                    step,
+                    past,
+                    tokens: WireTensor::from_i64(
+                        if step == 0 {
+                            vec![0, 0]
+                        } else {
+                            vec![ids.len() as u64, 1]
+                        },
+                        &ids,
+                    )
+                    .expect("one id per row"),
+                    hidden: None,
+                    carry: std::mem::take(&mut relayed),
+                },
+                replay: Vec::new(),
+                replay_outputs: false,
             };
             for (k, stage) in stages.iter_mut().enumerate() {
                 req.hop = k as u32;
@@ -236,27 +243,27 @@ fn drive(stages: &mut [&mut Stage], model: ModelId, request: u64, graph: &Graph)
                         break 'traces;
                     }
                     Ok(out) => {
+                        let next = out.output();
                         run.saves.extend(out.saves);
                         relayed.extend(out.relay);
-                        match out.next {
-                            Next::Done(tokens) => {
-                                if !tokens.is_empty() {
-                                    run.tokens.push(tokens.clone());
-                                    last = tokens;
-                                }
-                            }
-                            Next::Hidden(h) => {
-                                req.hidden = Some(h);
-                                req.carry = out.carry;
-                            }
-                            Next::Stopped => {
-                                req.hidden = None;
-                                req.carry = out.carry;
-                            }
+                        if let Next::Done(tokens) = out.next
+                            && !tokens.is_empty()
+                        {
+                            run.tokens.push(tokens.clone());
+                            last = tokens;
                         }
+                        // The client hands each hop the previous one's
+                        // output, and the first hop only the relays.
+                        req.input.hidden = next.hidden;
+                        req.input.carry = next.carry;
                     }
                 }
             }
+            past = if step == 0 {
+                trace_positions(graph, t)
+            } else {
+                past + 1
+            };
         }
     }
     for s in stages.iter_mut() {
@@ -705,6 +712,7 @@ fn regression_a_carried_value_of_the_wrong_shape_is_refused() {
     let mut bad = run.received[2][0].clone();
     bad.request = RequestId(2);
     let carried = bad
+        .input
         .carry
         .first_mut()
         .expect("the lens carries values to the last stage");
@@ -714,4 +722,104 @@ fn regression_a_carried_value_of_the_wrong_shape_is_refused() {
     assert_eq!(e.kind, nnmesh_protocol::message::ErrorKind::Malformed);
     assert!(e.message.contains("carried node"), "{}", e.message);
     assert_eq!(last.panics(), 0, "refused before any tensor op");
+}
+
+/// Positions a trace's prompt fills: its longest invoke (the fuzz seeds give
+/// token ids, never text).
+fn trace_positions(graph: &Graph, trace: usize) -> u32 {
+    graph.traces[trace]
+        .invokes
+        .iter()
+        .map(|i| match &i.prompt {
+            nnmesh_graph::Prompt::Tokens(t) => t.len() as u32,
+            nnmesh_graph::Prompt::Text(_) => unreachable!("fuzz seeds give token ids"),
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// A replacement stage, given a hop's history to replay, reaches the state
+/// the original had: its output at the next step matches the original's.
+/// Steps with interventions on the hop replay one by one, bit for bit;
+/// generated tokens it has nothing to do at replay as one forward, equal
+/// up to rounding.
+#[test]
+fn a_replacement_replays_to_the_state_of_the_stage_it_replaces() {
+    let mut mesh = mesh();
+    let model = mesh.model;
+    let prompt = vec![5u32, 17, 200, 3, 9];
+    // Hop 1 (layer 1) steered at every step.
+    let steered = {
+        let g = Builder::new();
+        let t = g
+            .trace_tokens(vec![prompt.clone(), vec![7, 8]])
+            .generate(12);
+        let v = g.vector(DType::F32, vec![0.25; 64]);
+        g.add_at(
+            t.at("model.layers.1", Point::Output).all_steps(),
+            [Full, At(-1), Full],
+            v,
+        );
+        g.finish()
+    };
+    // Hop 1 has work at step 0 only: steps 1.. replay in one forward.
+    let plain = {
+        let g = Builder::new();
+        let t = g
+            .trace_tokens(vec![prompt.clone(), vec![7, 8]])
+            .generate(12);
+        g.save("h", g.read(t.at("model.layers.1", Point::Output).step(0)));
+        g.finish()
+    };
+    for (name, graph, chunked) in [("steered", steered, 0), ("plain", plain, 10)] {
+        let [a, b, c] = &mut mesh.split[..] else {
+            unreachable!("three stages")
+        };
+        let run = drive(&mut [a, b, c], model, 1, &graph);
+        assert!(run.error.is_none(), "{name}: {:?}", run.error);
+        let hop1 = &run.received[1];
+        let (live, history) = hop1.split_last().expect("steps");
+        let mut req = live.clone();
+        req.request = RequestId(2);
+        req.graph = Some(graph.to_postcard());
+        req.replay = history.iter().map(|r| r.input.clone()).collect();
+        let cfg = Config {
+            ..Config::new(Default::default(), Span::new(0, 3))
+        };
+        let mut fresh = Stage::new(engine(1..2), &cfg);
+        let out = fresh.step(&req).expect("the replacement replays and runs");
+        assert_eq!(
+            out.chunked, chunked,
+            "{name}: steps replayed in one forward"
+        );
+        // What the original hop 1 handed hop 2 at the live step.
+        let want = run.received[2]
+            .last()
+            .expect("hop 2 ran")
+            .input
+            .hidden
+            .clone();
+        let Next::Hidden(got) = out.next else {
+            panic!("{name}: hop 1 hands on a hidden state")
+        };
+        let want = want.expect("a hidden state");
+        let (g, w) = (got.to_f32().expect("f32"), want.to_f32().expect("f32"));
+        let diff = g
+            .iter()
+            .zip(&w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!(
+            "{name}: replayed {} steps ({chunked} in one forward); max |diff| {diff:e}",
+            history.len()
+        );
+        if chunked == 0 {
+            assert_eq!(got, want, "{name}: step-by-step replay is bit-identical");
+        } else {
+            assert!(
+                diff < 1e-4,
+                "{name}: replay in one forward is off by {diff}"
+            );
+        }
+    }
 }

@@ -17,7 +17,7 @@ use nnmesh_graph::{Builder, Graph, IndexItem::*, Limits, Point, recipes};
 use nnmesh_protocol::{
     Span, codec,
     ids::{ModelId, RequestId},
-    message::{ErrorKind, Hop, ReportBody, Request, Response, StepRequest, WireError},
+    message::{ErrorKind, Hop, ReportBody, Request, Response, StepInput, StepRequest, WireError},
     tensor::WireTensor,
 };
 use nnmesh_runtime::execute;
@@ -45,11 +45,16 @@ fn step(from: &transport::Endpoint, model: ModelId, route: Vec<Hop>, graph: &Gra
         route,
         hop: 0,
         graph: Some(graph.to_postcard()),
-        trace: 0,
-        step: 0,
-        tokens: WireTensor::from_i64(vec![0, 0], &[]).expect("empty"),
-        hidden: None,
-        carry: Vec::new(),
+        input: StepInput {
+            trace: 0,
+            step: 0,
+            past: 0,
+            tokens: WireTensor::from_i64(vec![0, 0], &[]).expect("empty"),
+            hidden: None,
+            carry: Vec::new(),
+        },
+        replay: Vec::new(),
+        replay_outputs: false,
     }
 }
 
@@ -96,11 +101,11 @@ async fn next_report(inbound: &mut mpsc::Receiver<Inbound>) -> ReportBody {
     report.body
 }
 
-/// Reads reports until the step ends; returns the failure, if any.
+/// Reads reports until the hop's step ends; returns the failure, if any.
 async fn outcome(inbound: &mut mpsc::Receiver<Inbound>) -> Option<WireError> {
     loop {
         match next_report(inbound).await {
-            ReportBody::Done { .. } => return None,
+            ReportBody::Done { .. } | ReportBody::Output(_) => return None,
             ReportBody::Failed(e) => return Some(e),
             _ => {}
         }
@@ -249,9 +254,10 @@ fn hostile_messages_get_clear_errors_and_the_mesh_keeps_serving() {
         assert_eq!(send(&t, &nodes[0], &s).await, Response::Accepted);
         assert!(outcome(&mut inbound).await.is_none(), "step 0 runs");
         let mut bad = s.clone();
-        bad.step = 1;
+        bad.input.step = 1;
+        bad.input.past = 3;
         bad.graph = None;
-        bad.tokens = WireTensor::from_i64(vec![1, 1], &[100_000]).expect("one id");
+        bad.input.tokens = WireTensor::from_i64(vec![1, 1], &[100_000]).expect("one id");
         assert_eq!(send(&t, &nodes[0], &bad).await, Response::Accepted);
         fails(&mut inbound, ErrorKind::Malformed, "outside the vocabulary").await;
         // Two ids for one invoke.
@@ -260,9 +266,10 @@ fn hostile_messages_get_clear_errors_and_the_mesh_keeps_serving() {
         assert_eq!(send(&t, &nodes[0], &s).await, Response::Accepted);
         assert!(outcome(&mut inbound).await.is_none());
         let mut two = s.clone();
-        two.step = 1;
+        two.input.step = 1;
+        two.input.past = 3;
         two.graph = None;
-        two.tokens = WireTensor::from_i64(vec![2, 1], &[1, 2]).expect("two ids");
+        two.input.tokens = WireTensor::from_i64(vec![2, 1], &[1, 2]).expect("two ids");
         assert_eq!(send(&t, &nodes[0], &two).await, Response::Accepted);
         fails(&mut inbound, ErrorKind::Malformed, "[1, 1] token ids").await;
 
@@ -272,23 +279,19 @@ fn hostile_messages_get_clear_errors_and_the_mesh_keeps_serving() {
         assert_eq!(send(&t, &nodes[0], &s).await, Response::Accepted);
         assert!(outcome(&mut inbound).await.is_none());
         let mut skip = s.clone();
-        skip.step = 2;
+        skip.input.step = 2;
+        skip.input.past = 4;
         skip.graph = None;
-        skip.tokens = WireTensor::from_i64(vec![1, 1], &[5]).expect("one id");
+        skip.input.tokens = WireTensor::from_i64(vec![1, 1], &[5]).expect("one id");
         assert_eq!(send(&t, &nodes[0], &skip).await, Response::Accepted);
         fails(&mut inbound, ErrorKind::Malformed, "out of order").await;
         let mut next = skip.clone();
-        next.step = 1;
+        next.input.step = 1;
+        next.input.past = 3;
         assert_eq!(send(&t, &nodes[0], &next).await, Response::Accepted);
         assert!(outcome(&mut inbound).await.is_none(), "step 1 still runs");
 
-        // A middle stage's input, from a peer that plays the first hop.
-        let fake_first = Hop {
-            peer: t.peer_id(),
-            addrs: bad.client_addrs.clone(),
-            span: Span::new(0, 10),
-        };
-        let faked = vec![fake_first, route[1].clone(), route[2].clone()];
+        // A middle stage's input, checked against the plan.
         let lens = {
             let g = Builder::new();
             let tr = g.trace_tokens(vec![PROMPT.to_vec()]);
@@ -296,10 +299,10 @@ fn hostile_messages_get_clear_errors_and_the_mesh_keeps_serving() {
             g.finish()
         };
         let middle = |hidden: WireTensor| {
-            let mut s = step(&t, model, faked.clone(), &lens);
+            let mut s = step(&t, model, route.clone(), &lens);
             s.client_addrs = bad.client_addrs.clone();
             s.hop = 1;
-            s.hidden = Some(hidden);
+            s.input.hidden = Some(hidden);
             s
         };
         let f32s = |shape: Vec<u64>| {
@@ -321,7 +324,7 @@ fn hostile_messages_get_clear_errors_and_the_mesh_keeps_serving() {
             fails(&mut inbound, ErrorKind::Malformed, needle).await;
         }
         let mut carry = middle(f32s(vec![1, 3, 576]));
-        carry.carry.push(nnmesh_protocol::message::Carried {
+        carry.input.carry.push(nnmesh_protocol::message::Carried {
             node: 999,
             value: f32s(vec![1]),
         });
@@ -336,14 +339,13 @@ fn hostile_messages_get_clear_errors_and_the_mesh_keeps_serving() {
             outcome(&mut inbound).await.is_none(),
             "a good middle step runs"
         );
-        // A middle stage takes steps from the previous hop only.
-        let mut hijack = step(&t, model, route.clone(), &lens);
-        hijack.hop = 1;
-        hijack.hidden = Some(f32s(vec![1, 3, 576]));
+        // A stage takes a request's steps from its client only.
+        let mut hijack = middle(f32s(vec![1, 3, 576]));
+        hijack.client = PeerId::random();
         refused(
             send(&t, &nodes[1], &hijack).await,
             ErrorKind::Forbidden,
-            "previous hop",
+            "come from its client",
         );
 
         // A graph over the node count limit is refused before it is decoded.
@@ -454,9 +456,10 @@ fn limits_refuse_work_before_it_runs() {
         assert_eq!(send(&t, &node, &second).await, Response::Accepted);
         fails(&mut inbound, ErrorKind::Overloaded, "1 sessions are open").await;
         let mut on = first.clone();
-        on.step = 1;
+        on.input.step = 1;
+        on.input.past = 3;
         on.graph = None;
-        on.tokens = WireTensor::from_i64(vec![1, 1], &[5]).expect("one id");
+        on.input.tokens = WireTensor::from_i64(vec![1, 1], &[5]).expect("one id");
         assert_eq!(send(&t, &node, &on).await, Response::Accepted);
         assert!(
             outcome(&mut inbound).await.is_none(),
@@ -506,7 +509,7 @@ fn a_killed_stage_is_named_within_seconds() {
         .expect("joins")
         .expect_err("the middle stage died");
     let noticed = t0.elapsed();
-    assert!(matches!(e, mesh::Error::StageLost { .. }), "{e}");
+    assert!(matches!(e, mesh::Error::GaveUp { .. }), "{e}");
     let msg = e.to_string();
     assert!(
         msg.contains(&peer.to_string()) && msg.contains("layers 10..20"),
@@ -582,6 +585,7 @@ fn private_meshes_and_allow_lists() {
         String::from_utf8_lossy(&out.stderr)
     );
     let alice = identity(&dir.join("alice.key"));
+    let bob_id = identity(&dir.join("bob.key"));
     let first = identity(&dir.join("first.key"));
     let allow = |name: &str, peers: &[PeerId]| {
         let p = dir.join(name);
@@ -606,8 +610,9 @@ fn private_meshes_and_allow_lists() {
         ],
     );
     assert_eq!(n0.peer, first, "the identity file sets the peer id");
-    // The second stage takes steps from Alice's requests, forwarded by the first.
-    let second_allow = s(&allow("second.allow", &[alice, first]));
+    // Every stage takes steps from the client itself: the second lists
+    // Alice only, not the first stage.
+    let second_allow = s(&allow("second.allow", &[alice]));
     let n1 = node(
         "15..30",
         Some(&n0.addr),
@@ -646,22 +651,27 @@ fn private_meshes_and_allow_lists() {
         e.to_string().contains("not on this node's allow-list"),
         "{e}"
     );
-    // A second stage that does not list the first refuses what it forwards.
+    // A second stage that does not list Alice refuses her steps; with no
+    // other holder of its layers, fail-over gives up naming it.
     // (One identity, one client at a time: reports go to whichever
     // connection of that peer id a node has, so the first client goes.)
     drop((alice_client, bob, n1));
-    let only_alice = s(&allow("strict.allow", &[alice]));
+    let only_bob = s(&allow("strict.allow", &[bob_id]));
     let _n1 = node(
         "15..30",
         Some(&n0.addr),
         &model,
-        &["--psk", &psk_s, "--allow-peers", &only_alice],
+        &["--psk", &psk_s, "--allow-peers", &only_bob],
     );
     let alice_client = client("alice.key").expect("alice connects");
     let e = rt
         .block_on(alice_client.run(lens, None))
-        .expect_err("the first stage is not listed on the second");
+        .expect_err("alice is not listed on the second stage");
+    assert!(matches!(e, mesh::Error::GaveUp { .. }), "{e}");
     let msg = e.to_string();
-    assert!(msg.contains("hop 1") && msg.contains("allow-list"), "{msg}");
+    assert!(
+        msg.contains("stage 1") && msg.contains("allow-list"),
+        "{msg}"
+    );
     std::fs::remove_dir_all(&dir).ok();
 }

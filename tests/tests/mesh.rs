@@ -15,7 +15,7 @@ use nnmesh_graph::{Builder, Graph, IndexItem, IndexItem::*, Limits, Point, recip
 use nnmesh_protocol::{
     Span, codec,
     ids::RequestId,
-    message::{ErrorKind, Hop, ReportBody, Request, Response, StepRequest},
+    message::{ErrorKind, Hop, ReportBody, Request, Response, StepInput, StepRequest},
     tensor::WireTensor,
 };
 use nnmesh_runtime::execute;
@@ -153,7 +153,7 @@ fn routes_avoid_foreign_weights_and_use_one_of_two_replicas() {
         .model;
     let (model_id, route) = choose_route(&peers, None).expect("one model is fully served");
     assert_ne!(model_id, foreign_id);
-    assert!(route.iter().all(|p| p.peer != foreign.peer));
+    assert!(route.iter().all(|(p, _)| p.peer != foreign.peer));
     // Asking for the foreign model explicitly finds no full route.
     let err = choose_route(&peers, Some(foreign_id)).expect_err("foreign model is partial");
     assert!(err.to_string().contains("layers 0..20 unserved"), "{err}");
@@ -233,21 +233,23 @@ fn bad_requests_get_clear_errors_and_the_node_keeps_serving() {
             route,
             hop: 0,
             graph: Some(graph.to_postcard()),
-            trace: 0,
-            step: 0,
-            tokens: WireTensor::from_i64(vec![0, 0], &[]).expect("empty"),
-            hidden: None,
-            carry: Vec::new(),
+            input: StepInput {
+                trace: 0,
+                step: 0,
+                past: 0,
+                tokens: WireTensor::from_i64(vec![0, 0], &[]).expect("empty"),
+                hidden: None,
+                carry: Vec::new(),
+            },
+            replay: Vec::new(),
+            replay_outputs: false,
         };
         let bad_graph = g.finish();
         let (k, msg) = kind(
             raw(
                 &t,
                 &node,
-                codec::encode(&Request::Step(Box::new(step(
-                    vec![hop(0, 10), hop(10, 30)],
-                    &bad_graph,
-                )))),
+                codec::encode(&Request::Step(Box::new(step(vec![hop(0, 31)], &bad_graph)))),
             )
             .await
             .expect("answer"),

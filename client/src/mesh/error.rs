@@ -94,19 +94,41 @@ pub enum Error {
         /// The stage's error.
         error: WireError,
     },
-    /// A stage of the route is gone: its connection was lost and it cannot
-    /// be reached again, it stopped answering pings, or the stage before it
-    /// could not hand it the step.
-    #[error("{stage} is down (trace {trace}, step {step}): {reason}")]
-    StageLost {
-        /// The stage.
+    /// A stage failed and fail-over could not carry the request across:
+    /// no other live holder of its layers, too many failures, or a failure
+    /// any holder would repeat.
+    #[error("{stage} failed at trace {trace}, step {step} ({failure}); fail-over gave up: {why}")]
+    GaveUp {
+        /// The stage that failed last.
         stage: StageName,
-        /// The trace running when it was lost.
+        /// The trace.
         trace: u32,
-        /// The step running when it was lost.
+        /// The step.
         step: u32,
-        /// How it was noticed.
-        reason: String,
+        /// How it failed.
+        failure: String,
+        /// Why fail-over stopped.
+        why: nnmesh_control::failover::GiveUp,
+    },
+    /// Redundant execution: two holders of a hop's layers disagreed.
+    #[error("{stage} and its twin {twin} disagree at trace {trace}, step {step}: {detail}")]
+    Mismatch {
+        /// The route's holder.
+        stage: StageName,
+        /// The second holder.
+        twin: StageName,
+        /// The trace.
+        trace: u32,
+        /// The step.
+        step: u32,
+        /// What differs, and by how much.
+        detail: String,
+    },
+    /// Redundant execution needs a second holder of every hop's layers.
+    #[error("verification needs two holders of layers {span}; the mesh has one")]
+    NoTwin {
+        /// The layers.
+        span: Span,
     },
     /// A step ended without some of the values the graph saves at it: the
     /// result would be partial, so there is none.

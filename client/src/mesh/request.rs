@@ -1,14 +1,34 @@
-//! One request along one route: sending its steps, checking every report,
-//! and noticing a stage that dies.
+//! One request along one route: driving each step hop by hop, checking
+//! every report, noticing a stage that dies, and carrying the request
+//! across its loss.
+//!
+//! The client sends each hop its input and gets back the hop's output (the
+//! next hop's input), so it holds every hop's history: the inputs of every
+//! step it ran. When a hop fails in a way another holder could survive, the
+//! [`Failover`] state machine picks a replacement (one or several holders
+//! covering its layers); the first gets the dead hop's whole history to
+//! replay before the step at hand, at the same positions (each input says
+//! how many positions its KV cache must hold, and the stage checks), and a
+//! chain of several replacements passes the replayed outputs along. Saves
+//! and relays of replayed steps are not reported again; when a step is
+//! retried, what arrived before the failure is kept and repeats dropped.
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant as StdInstant},
+};
 
-use nnmesh_graph::{Fragment, Graph, Inputs, Node, NodeId, Plan, partition, validate};
+use nnmesh_control::{
+    failover::{self, Action, Event, Failover, Failure},
+    route::{Leg, best_holder},
+};
+use nnmesh_graph::{Fragment, Graph, Inputs, Manifest, Node, NodeId, Plan, partition, validate};
 use nnmesh_protocol::{
     Span,
     ids::{ModelId, RequestId},
     message::{
-        Carried, ErrorKind, Hop, ReportBody, Request, Response, Saved, StageReport, StepRequest,
+        Carried, Hop, HopOutput, ReportBody, Request, Response, Saved, StageReport, StepInput,
+        StepRequest,
     },
     tensor::WireTensor,
 };
@@ -17,18 +37,21 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Client, Error, Outcome, Peer, Pending, StageName, choose_route};
+use super::{
+    Client, Error, Outcome, Peer, Pending, Progress, Route, StageName, candidate, choose_route,
+    verify::{self, Tolerance},
+};
 use crate::transport::{PeerEvent, RequestError};
 
 /// How long a dial that checks whether a disconnected stage is still there may take.
 const REDIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a stage may take to answer a liveness probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-/// A step's deadline: this much, plus [`DEADLINE_FACTOR`] times the compute
-/// time the route's advertised throughput predicts.
+/// A hop's deadline for a step: this much, plus [`DEADLINE_FACTOR`] times
+/// the compute time its advertised throughput predicts.
 const DEADLINE_BASE: Duration = Duration::from_secs(10);
 const DEADLINE_FACTOR: f64 = 20.0;
-/// Deadlines a step may pass while every stage still answers probes.
+/// Deadlines a step may pass while the stage still answers probes.
 const DEADLINES: u32 = 3;
 /// How long closing the request on each stage may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,20 +61,31 @@ pub(super) async fn run(
     client: &Client,
     mut graph: Graph,
     model: Option<ModelId>,
+    progress: &mut (dyn FnMut(&Progress) + Send),
 ) -> Result<Outcome, Error> {
-    let peers = client.peers().await?;
+    let peers = client.routable_peers(model).await?;
     let (model, route) = choose_route(&peers, model)?;
-    let route: Vec<Peer> = route.into_iter().cloned().collect();
-    let manifest = route[0].manifest.clone();
+    let twins: Vec<Stage> = match client.verify {
+        Some(_) => twins(&peers, &route)?
+            .into_iter()
+            .map(|(p, span)| Stage::new(p.clone(), span))
+            .collect(),
+        None => Vec::new(),
+    };
+    let route: Vec<Stage> = route
+        .into_iter()
+        .map(|(p, span)| Stage::new(p.clone(), span))
+        .collect();
+    let manifest = route[0].peer.manifest.clone();
     // The graph must pass on every stage: check it against the tightest limits.
     let limits = route
         .iter()
         .skip(1)
-        .fold(route[0].record.limits.clone(), |l, p| {
-            l.tightest(&p.record.limits)
+        .fold(route[0].peer.record.limits.clone(), |l, s| {
+            l.tightest(&s.peer.record.limits)
         });
     client
-        .tokenize_prompts(&route[0], model, &mut graph)
+        .tokenize_prompts(&route[0].peer, model, &mut graph)
         .await?;
     let graph_bytes = graph.to_postcard();
     if graph_bytes.len() as u64 > limits.max_graph_bytes {
@@ -61,11 +95,11 @@ pub(super) async fn run(
         });
     }
     let inputs = Inputs::from_tokens(&graph).ok_or_else(|| Error::Protocol {
-        peer: route[0].peer,
+        peer: route[0].peer.peer,
         detail: "tokenization left a text prompt".into(),
     })?;
     let plan = validate(&graph, &manifest, &inputs, &limits)?;
-    let spans: Vec<Span> = route.iter().map(|p| p.record.span).collect();
+    let spans: Vec<Span> = route.iter().map(|s| s.span).collect();
     let fragments = partition(&graph, &plan, &manifest, &spans)?;
 
     let request = RequestId(super::rand_u64());
@@ -76,7 +110,8 @@ pub(super) async fn run(
         request,
         Pending {
             reports: tx,
-            route: route.iter().map(|p| p.peer).collect(),
+            route: route.iter().map(|s| s.peer.peer).collect(),
+            twins: twins.iter().map(|s| s.peer.peer).collect(),
         },
     );
     let client_addrs = client
@@ -86,21 +121,31 @@ pub(super) async fn run(
         .iter()
         .map(|a| a.to_string())
         .collect();
+    progress(&Progress::Route(route.iter().map(Stage::hop).collect()));
     let mut run = Run {
         client,
+        progress: std::sync::Mutex::new(progress),
         request,
         model,
         client_addrs,
-        hops: route.iter().map(Peer::hop).collect(),
-        route: &route,
+        route,
         graph: &graph,
         plan: &plan,
-        fragments: &fragments,
+        manifest: &manifest,
+        fragments,
         graph_bytes,
         rx,
         events,
+        failover: Failover::new(client.failover.clone(), request.0),
+        twins,
+        verify: client.verify,
+        arrived: HashSet::new(),
+        twin_saves: Vec::new(),
+        twin_relayed: Vec::new(),
+        used: Vec::new(),
         saves: Vec::new(),
         relayed: Vec::new(),
+        failovers: 0,
     };
     let result = run.drive().await;
     client
@@ -108,72 +153,215 @@ pub(super) async fn run(
         .lock()
         .expect("not poisoned")
         .remove(&request);
+    // Close the request on every stage it touched, the replaced ones too.
     let close = Request::Close { request };
-    let closes = route
+    let closes = run
+        .route
         .iter()
+        .chain(&run.twins)
+        .map(|s| &s.peer)
+        .chain(&run.used)
         .map(|p| tokio::time::timeout(CLOSE_TIMEOUT, client.call(p.peer, p.addrs.clone(), &close)));
     futures::future::join_all(closes).await;
-    if result.is_err() {
-        // The mesh may have changed under us: look again next time.
+    if result.is_err() || run.failovers > 0 {
+        // The mesh changed under us: look again next time.
         *client.known.lock().expect("not poisoned") = None;
     }
     let generated = result?;
     Ok(Outcome {
         saves: run.saves,
         generated,
-        route: run.hops,
+        route: run.route.iter().map(Stage::hop).collect(),
         model,
+        failovers: run.failovers,
+        history_bytes: run
+            .route
+            .iter()
+            .flat_map(|s| &s.history)
+            .map(|i| {
+                let carried: usize = i.carry.iter().map(|c| c.value.data.len()).sum();
+                (i.tokens.data.len() + i.hidden.as_ref().map_or(0, |h| h.data.len()) + carried)
+                    as u64
+            })
+            .sum(),
     })
+}
+
+/// For verification: for each hop of `route`, the cheapest other holder of
+/// all its layers (same model and dtype).
+pub(super) fn twins<'a>(peers: &'a [Peer], route: &[(&Peer, Span)]) -> Result<Route<'a>, Error> {
+    let same =
+        |p: &Peer| p.record.model == route[0].0.record.model && p.manifest == route[0].0.manifest;
+    let usable: Vec<&Peer> = peers.iter().filter(|p| same(p)).collect();
+    let cands: Vec<_> = usable.iter().map(|p| candidate(p)).collect();
+    route
+        .iter()
+        .map(|&(p, span)| {
+            best_holder(&cands, span, &[p.peer])
+                .map(|i| (usable[i], span))
+                .ok_or(Error::NoTwin { span })
+        })
+        .collect()
+}
+
+/// A hop of the route, with what the client sent it.
+#[derive(Debug)]
+struct Stage {
+    peer: Peer,
+    /// The layers it runs (part or all of what it serves).
+    span: Span,
+    /// The inputs of every step its layers ran for this request, in order
+    /// (a replacement inherits them): what a replacement replays.
+    history: Vec<StepInput>,
+    /// How many of `history` this holder has run; the rest it replays
+    /// before its next step.
+    ran: usize,
+    /// Whether it has the request's session (and so needs no graph).
+    opened: bool,
+}
+
+impl Stage {
+    fn new(peer: Peer, span: Span) -> Stage {
+        Stage {
+            peer,
+            span,
+            history: Vec::new(),
+            ran: 0,
+            opened: false,
+        }
+    }
+
+    fn hop(&self) -> Hop {
+        self.peer.hop(self.span)
+    }
+
+    /// Files a step the holder finished (after replaying what it had to).
+    fn ran_step(&mut self, input: StepInput) {
+        self.history.push(input);
+        self.ran = self.history.len();
+    }
+}
+
+/// Which of a hop's holders: the route's, or (with verification) its twin,
+/// a second holder of the same layers that runs every step as well.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Primary,
+    Twin,
+}
+
+/// How one hop's step ended.
+#[derive(Debug)]
+enum HopResult {
+    /// A non-last hop: the next hop's input.
+    Output(HopOutput),
+    /// The last hop: the greedy next tokens.
+    Done(Vec<u32>),
+}
+
+/// Why one hop's step did not end.
+enum HopError {
+    /// A failure fail-over may carry the request across.
+    Failed {
+        failure: Failure,
+        /// What happened, for the error if fail-over gives up.
+        detail: String,
+        /// The stage's own error, returned as is if the failure is not
+        /// retriable (a refusal or failure any holder would repeat).
+        error: Option<Error>,
+    },
+    /// The request cannot go on (the client's own failure, a lying stage).
+    Fatal(Error),
+}
+
+impl From<Error> for HopError {
+    fn from(e: Error) -> Self {
+        HopError::Fatal(e)
+    }
 }
 
 /// The state of one request while it runs.
 struct Run<'a> {
     client: &'a Client,
+    /// The caller's progress callback (in a mutex so that `Run` is `Sync`
+    /// and can be borrowed across awaits).
+    progress: std::sync::Mutex<&'a mut (dyn FnMut(&Progress) + Send)>,
     request: RequestId,
     model: ModelId,
     client_addrs: Vec<String>,
-    hops: Vec<Hop>,
-    route: &'a [Peer],
+    route: Vec<Stage>,
     graph: &'a Graph,
     plan: &'a Plan,
-    fragments: &'a [Fragment],
+    manifest: &'a Manifest,
+    fragments: Vec<Fragment>,
     graph_bytes: Vec<u8>,
     rx: mpsc::Receiver<StageReport>,
     events: broadcast::Receiver<PeerEvent>,
+    failover: Failover,
+    /// With verification: for each hop, a second holder of its layers.
+    twins: Vec<Stage>,
+    verify: Option<Tolerance>,
+    /// The saves of the running step that arrived.
+    arrived: HashSet<(String, Option<u32>)>,
+    /// What the twin of the hop being verified saved and relayed.
+    twin_saves: Vec<Saved>,
+    twin_relayed: Vec<Carried>,
+    /// Peers replaced along the way (closed at the end too).
+    used: Vec<Peer>,
     saves: Vec<Saved>,
     /// Values later stages sent back for earlier ones, for the next step.
     relayed: Vec<Carried>,
+    failovers: u32,
 }
 
 impl Run<'_> {
-    fn stage(&self, hop: usize) -> StageName {
-        let p = &self.route[hop];
-        StageName {
-            hop: hop as u32,
-            peer: p.peer,
-            span: p.record.span,
+    fn notify(&self, p: &Progress) {
+        (self.progress.lock().expect("not poisoned"))(p);
+    }
+
+    fn lane(&self, side: Side) -> &Vec<Stage> {
+        match side {
+            Side::Primary => &self.route,
+            Side::Twin => &self.twins,
         }
     }
 
-    fn lost(&self, hop: usize, trace: u32, step: u32, reason: String) -> Error {
-        self.client.mark_dead(self.route[hop].peer);
-        Error::StageLost {
-            stage: self.stage(hop),
-            trace,
-            step,
-            reason,
+    fn lane_mut(&mut self, side: Side) -> &mut Vec<Stage> {
+        match side {
+            Side::Primary => &mut self.route,
+            Side::Twin => &mut self.twins,
+        }
+    }
+
+    fn stage(&self, hop: usize) -> StageName {
+        self.stage_on(Side::Primary, hop)
+    }
+
+    fn stage_on(&self, side: Side, hop: usize) -> StageName {
+        let s = &self.lane(side)[hop];
+        StageName {
+            hop: hop as u32,
+            peer: s.peer.peer,
+            span: s.span,
+        }
+    }
+
+    fn hops(&self, side: Side) -> Vec<Hop> {
+        self.lane(side).iter().map(Stage::hop).collect()
+    }
+
+    /// Positions every hop's KV cache holds for `trace` before `step`.
+    fn past(&self, trace: u32, step: u32) -> u32 {
+        if step == 0 {
+            0
+        } else {
+            let longest = self.plan.costs[trace as usize].prompt_tokens as u32;
+            longest + step - 1
         }
     }
 
     /// Runs every step of every trace; returns the generated tokens.
     async fn drive(&mut self) -> Result<Vec<Vec<Vec<u32>>>, Error> {
-        // Connect to every stage up front: a lost connection is how a dead
-        // stage is noticed first.
-        for hop in 0..self.route.len() {
-            if !self.reachable(hop).await {
-                return Err(self.lost(hop, 0, 0, "it cannot be reached".into()));
-            }
-        }
         let mut generated = Vec::new();
         for (t, trace) in self.graph.traces.iter().enumerate() {
             let rows = trace.invokes.len();
@@ -181,6 +369,11 @@ impl Run<'_> {
             let mut last: Vec<u32> = Vec::new();
             for step in 0..self.plan.steps[t] {
                 let done = self.step(t as u32, step, &last).await?;
+                self.notify(&Progress::Step {
+                    trace: t as u32,
+                    step,
+                    steps: self.plan.steps[t],
+                });
                 if trace.max_new_tokens > 0 && !done.is_empty() {
                     for (row, &id) in tokens.iter_mut().zip(&done) {
                         row.push(id);
@@ -193,18 +386,8 @@ impl Run<'_> {
         Ok(generated)
     }
 
-    /// Whether stage `hop` can be reached (connected, or dialled anew).
-    async fn reachable(&self, hop: usize) -> bool {
-        let Some(addr) = self.route[hop].addrs.first() else {
-            return false;
-        };
-        matches!(
-            tokio::time::timeout(REDIAL_TIMEOUT, self.client.transport.dial(addr.clone())).await,
-            Ok(Ok(_))
-        )
-    }
-
-    /// Sends one step to the first stage and waits until the last reports it done.
+    /// Runs one step through every hop, replacing hops that fail; returns
+    /// the last hop's tokens.
     async fn step(&mut self, trace: u32, step: u32, last: &[u32]) -> Result<Vec<u32>, Error> {
         let ids: Vec<i64> = last.iter().map(|&i| i64::from(i)).collect();
         let shape = if step == 0 {
@@ -212,119 +395,425 @@ impl Run<'_> {
         } else {
             vec![ids.len() as u64, 1]
         };
+        let past = self.past(trace, step);
+        let mut input = StepInput {
+            trace,
+            step,
+            past,
+            tokens: WireTensor::from_i64(shape, &ids).expect("one id per row"),
+            hidden: None,
+            // Values later stages sent back for earlier ones.
+            carry: std::mem::take(&mut self.relayed),
+        };
+        self.arrived.clear();
+        let mut hop = 0;
+        loop {
+            let result = self.run_hop_surviving(Side::Primary, hop, &input).await?;
+            if self.verify.is_some() {
+                let twin = self.run_hop_surviving(Side::Twin, hop, &input).await?;
+                self.check_twin(hop, &input, &result, &twin)?;
+                self.twins[hop].ran_step(input.clone());
+            }
+            self.route[hop].ran_step(input);
+            match result {
+                HopResult::Output(out) => {
+                    input = StepInput {
+                        trace,
+                        step,
+                        past,
+                        tokens: WireTensor::from_i64(vec![0, 0], &[]).expect("empty"),
+                        hidden: out.hidden,
+                        carry: out.carry,
+                    };
+                    hop += 1;
+                }
+                HopResult::Done(tokens) => return Ok(tokens),
+            }
+        }
+    }
+
+    /// Runs one hop's step on `side`, replacing its holder while it fails
+    /// in a way another holder could survive.
+    async fn run_hop_surviving(
+        &mut self,
+        side: Side,
+        hop: usize,
+        input: &StepInput,
+    ) -> Result<HopResult, Error> {
+        // The saves of the step so far (all its hops), against repeats.
+        let mut arrived = match side {
+            Side::Primary => std::mem::take(&mut self.arrived),
+            Side::Twin => {
+                self.twin_saves.clear();
+                self.twin_relayed.clear();
+                HashSet::new()
+            }
+        };
+        let mut retried = false;
+        loop {
+            match self.run_hop(side, hop, input, &mut arrived, retried).await {
+                Ok(result) => {
+                    if side == Side::Primary {
+                        if matches!(result, HopResult::Done(_)) {
+                            self.check_complete(input.trace, input.step, &arrived)?;
+                        }
+                        self.arrived = arrived;
+                    }
+                    if retried {
+                        self.failover.on_event(now(), Event::Recovered);
+                    }
+                    return Ok(result);
+                }
+                Err(HopError::Fatal(e)) => return Err(e),
+                Err(HopError::Failed {
+                    failure,
+                    detail,
+                    error,
+                }) => {
+                    self.fail_over(side, hop, input.trace, input.step, failure, detail, error)
+                        .await?;
+                    retried = true;
+                }
+            }
+        }
+    }
+
+    /// Replaces hop `hop` of `side` after it failed, or says why it cannot be.
+    #[allow(clippy::too_many_arguments)]
+    async fn fail_over(
+        &mut self,
+        side: Side,
+        hop: usize,
+        trace: u32,
+        step: u32,
+        failure: Failure,
+        detail: String,
+        error: Option<Error>,
+    ) -> Result<(), Error> {
+        let dead = self.stage_on(side, hop);
+        tracing::warn!(%dead, trace, step, %detail, ?side, "a stage failed; failing over");
+        // Verified hops keep two different holders of the same layers.
+        let other = match (self.verify, side) {
+            (None, _) => None,
+            (Some(_), Side::Primary) => Some(self.twins[hop].peer.peer),
+            (Some(_), Side::Twin) => Some(self.route[hop].peer.peer),
+        };
+        if failure == Failure::Lost {
+            self.client.mark_dead(dead.peer);
+        }
+        let mut actions = self.failover.on_event(
+            now(),
+            Event::HopFailed {
+                peer: dead.peer,
+                span: dead.span,
+                failure,
+            },
+        );
+        let mut peers: Vec<Peer> = Vec::new();
+        while let Some(action) = actions.pop() {
+            actions = match action {
+                Action::Discover { span } => {
+                    peers = self
+                        .client
+                        .discover()
+                        .await
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|p| self.same_model(p) && Some(p.peer) != other)
+                        .collect();
+                    let cands: Vec<_> = peers.iter().map(candidate).collect();
+                    self.failover.on_event(
+                        now(),
+                        Event::Candidates {
+                            span,
+                            cands: &cands,
+                        },
+                    )
+                }
+                Action::WaitUntil { at, span } => {
+                    tokio::time::sleep_until(Instant::from_std(at)).await;
+                    self.failover.on_event(now(), Event::Woke { span })
+                }
+                Action::Replace { span, mut legs } => {
+                    if self.verify.is_some() && legs.len() > 1 {
+                        // A verified hop is compared with its twin as a
+                        // whole: its replacement must be one holder.
+                        let cands: Vec<_> = peers.iter().map(candidate).collect();
+                        let banned: Vec<_> = cands
+                            .iter()
+                            .map(|c| c.peer)
+                            .filter(|p| self.failover.is_blacklisted(now(), p))
+                            .collect();
+                        match best_holder(&cands, span, &banned) {
+                            Some(i) => legs = vec![Leg { candidate: i, span }],
+                            None => {
+                                return Err(Error::GaveUp {
+                                    stage: dead,
+                                    trace,
+                                    step,
+                                    failure: detail,
+                                    why: failover::GiveUp::NoHolder { span, attempts: 1 },
+                                });
+                            }
+                        }
+                    }
+                    let new: Vec<Stage> = legs
+                        .iter()
+                        .map(|l| Stage::new(peers[l.candidate].clone(), l.span))
+                        .collect();
+                    let by: Vec<Hop> = new.iter().map(Stage::hop).collect();
+                    let replay = self.lane(side)[hop].history.len() as u32;
+                    self.replace(side, hop, span, new)?;
+                    self.notify(&Progress::FailedOver {
+                        failed: dead.clone(),
+                        reason: detail.clone(),
+                        by,
+                        replay,
+                    });
+                    Vec::new()
+                }
+                Action::GiveUp(why) => {
+                    let gave_up = |why| Error::GaveUp {
+                        stage: dead,
+                        trace,
+                        step,
+                        failure: detail,
+                        why,
+                    };
+                    return Err(match why {
+                        // Not a mesh problem: the stage's own error says it best.
+                        failover::GiveUp::NotRetriable { .. } => {
+                            error.unwrap_or_else(|| gave_up(why))
+                        }
+                        why => gave_up(why),
+                    });
+                }
+            };
+        }
+        Ok(())
+    }
+
+    /// Whether `p` serves this request's model in the same dtype (a
+    /// replacement must compute exactly what the failed stage did).
+    fn same_model(&self, p: &Peer) -> bool {
+        p.record.model == self.model && p.manifest == *self.manifest
+    }
+
+    /// Puts `new` (covering `span`) in place of hop `hop`; the first new
+    /// stage inherits the old one's history to replay (the others get
+    /// theirs from the outputs of that replay).
+    fn replace(
+        &mut self,
+        side: Side,
+        hop: usize,
+        span: Span,
+        mut new: Vec<Stage>,
+    ) -> Result<(), Error> {
+        let old = &self.lane(side)[hop];
+        debug_assert_eq!(old.span, span);
+        if let Some(first) = new.first_mut() {
+            first.history = old.history.clone();
+        }
+        let lane = self.lane(side);
+        let spans: Vec<Span> = lane[..hop]
+            .iter()
+            .map(|s| s.span)
+            .chain(new.iter().map(|s| s.span))
+            .chain(lane[hop + 1..].iter().map(|s| s.span))
+            .collect();
+        // A twin keeps its hop's layers (one holder), so its fragments are
+        // the route's.
+        let fragments = match side {
+            Side::Primary => Some(partition(self.graph, self.plan, self.manifest, &spans)?),
+            Side::Twin => None,
+        };
+        tracing::info!(
+            replaced = %self.stage_on(side, hop),
+            by = ?new.iter().map(|s| format!("{} on {}", s.span, s.peer.peer)).collect::<Vec<_>>(),
+            replay = old.history.len(),
+            "stage replaced"
+        );
+        let removed: Vec<Stage> = self.lane_mut(side).splice(hop..=hop, new).collect();
+        self.used.extend(removed.into_iter().map(|s| s.peer));
+        if let Some(f) = fragments {
+            self.fragments = f;
+        }
+        self.failovers += 1;
+        // Reports of the new route's peers are accepted from now on.
+        if let Some(p) = self
+            .client
+            .pending
+            .lock()
+            .expect("not poisoned")
+            .get_mut(&self.request)
+        {
+            p.route = self.route.iter().map(|s| s.peer.peer).collect();
+            p.twins = self.twins.iter().map(|s| s.peer.peer).collect();
+        }
+        Ok(())
+    }
+
+    /// Sends hop `hop` its input (and, for a replacement, what to replay)
+    /// and waits for its output.
+    async fn run_hop(
+        &mut self,
+        side: Side,
+        hop: usize,
+        input: &StepInput,
+        arrived: &mut HashSet<(String, Option<u32>)>,
+        retried: bool,
+    ) -> Result<HopResult, HopError> {
+        let lane = self.lane(side);
+        let stage = &lane[hop];
+        let peer = stage.peer.peer;
+        let replay = stage.history[stage.ran..].to_vec();
+        // A chain of replacements: the next one needs this one's replayed
+        // outputs as its own history.
+        let replay_outputs =
+            !replay.is_empty() && lane.get(hop + 1).is_some_and(|next| !next.opened);
         let msg = StepRequest {
             request: self.request,
             client: self.client.peer_id(),
             client_addrs: self.client_addrs.clone(),
             model: self.model,
-            route: self.hops.clone(),
-            hop: 0,
-            graph: (step == 0).then(|| self.graph_bytes.clone()),
-            trace,
-            step,
-            tokens: WireTensor::from_i64(shape, &ids).expect("one id per row"),
-            hidden: None,
-            carry: std::mem::take(&mut self.relayed),
+            route: self.hops(side),
+            hop: hop as u32,
+            graph: (!stage.opened).then(|| self.graph_bytes.clone()),
+            input: input.clone(),
+            replay,
+            replay_outputs,
         };
-        let first = &self.route[0];
         match self
             .client
             .call(
-                first.peer,
-                first.addrs.clone(),
+                peer,
+                stage.peer.addrs.clone(),
                 &Request::Step(Box::new(msg)),
             )
             .await
         {
             Ok(Response::Accepted) => {}
             Ok(other) => {
-                return Err(Error::Protocol {
-                    peer: first.peer,
+                return Err(HopError::Fatal(Error::Protocol {
+                    peer,
                     detail: format!("Step answered {other:?}"),
+                }));
+            }
+            Err(Error::Remote { peer, error }) => {
+                return Err(HopError::Failed {
+                    failure: Failure::Refused(error.kind),
+                    detail: format!("it refused the step: {error}"),
+                    error: Some(Error::Remote { peer, error }),
                 });
             }
             Err(Error::Request {
                 source:
                     e @ (RequestError::DialFailure { .. }
                     | RequestError::ConnectionClosed { .. }
-                    | RequestError::Timeout { .. }),
+                    | RequestError::Timeout { .. }
+                    | RequestError::Io { .. }),
                 ..
-            }) => return Err(self.lost(0, trace, step, e.to_string())),
-            Err(e) => return Err(e),
+            }) => {
+                let detail = e.to_string();
+                return Err(HopError::Failed {
+                    failure: Failure::Lost,
+                    error: None,
+                    detail,
+                });
+            }
+            Err(e) => return Err(HopError::Fatal(e)),
         }
-        self.await_step(trace, step).await
+        let stage = &mut self.lane_mut(side)[hop];
+        stage.opened = true;
+        let replayed = stage.history[stage.ran..].to_vec();
+        let accepted = Progress::Accepted {
+            trace: input.trace,
+            step: input.step,
+            stage: self.stage_on(side, hop),
+            replay: replayed.len() as u32,
+        };
+        self.notify(&accepted);
+        self.await_hop(side, hop, input, &replayed, arrived, retried)
+            .await
     }
 
-    /// The deadline of a step: a base plus a multiple of the compute time
-    /// the stages' advertised throughput predicts for its tokens.
-    fn deadline(&self, trace: u32, step: u32) -> Duration {
-        let t = trace as usize;
+    /// The deadline of a hop's step: a base plus a multiple of the compute
+    /// time its advertised throughput predicts for the step's tokens (and
+    /// for the steps it replays first).
+    fn deadline(&self, hop: usize, input: &StepInput, replayed: usize) -> Duration {
+        let t = input.trace as usize;
         let rows = self.graph.traces[t].invokes.len() as f64;
-        let tokens = if step == 0 {
-            let longest = self.plan.costs.get(t).map_or(1, |c| c.prompt_tokens);
-            rows * longest as f64
+        let tokens = if input.step == 0 {
+            rows * self.plan.costs[t].prompt_tokens as f64
         } else {
             rows
         };
-        let secs: f64 = self
-            .route
-            .iter()
-            .map(|p| tokens / f64::from(p.record.throughput.max(1e-3)))
-            .sum();
-        DEADLINE_BASE + Duration::from_secs_f64((secs * DEADLINE_FACTOR).min(3600.0))
+        let prefix = replayed as f64 * rows * 2.0;
+        let tps = f64::from(self.route[hop].peer.record.throughput.max(1e-3));
+        // (The twin holds the same layers; the route's holder sets the pace.)
+        let secs = (tokens + prefix) / tps * DEADLINE_FACTOR;
+        DEADLINE_BASE + Duration::from_secs_f64(secs.min(3600.0))
     }
 
-    /// Waits for the step's reports until the last stage reports it done,
-    /// watching the route's stages meanwhile.
-    async fn await_step(&mut self, trace: u32, step: u32) -> Result<Vec<u32>, Error> {
-        let expected = expected_saves(self.graph, self.plan, self.fragments, trace, step);
-        let mut arrived = HashSet::new();
-        let period = self.deadline(trace, step);
+    /// Waits for hop `hop`'s reports of the step until its output, watching it.
+    #[allow(clippy::too_many_arguments)]
+    async fn await_hop(
+        &mut self,
+        side: Side,
+        hop: usize,
+        input: &StepInput,
+        replayed: &[StepInput],
+        arrived: &mut HashSet<(String, Option<u32>)>,
+        retried: bool,
+    ) -> Result<HopResult, HopError> {
+        let (trace, step) = (input.trace, input.step);
+        let expected = expected_saves(self.graph, self.plan, &self.fragments, trace, step);
+        let peer = self.lane(side)[hop].peer.peer;
+        let period = self.deadline(hop, input, replayed.len());
         let mut deadline = Instant::now() + period;
         let mut deadlines = 0;
+        let lost = |reason: String| HopError::Failed {
+            failure: Failure::Lost,
+            error: None,
+            detail: reason,
+        };
         loop {
             tokio::select! {
                 report = self.rx.recv() => {
                     let report = report.ok_or(Error::Closed)?;
-                    if (report.trace, report.step) != (trace, step) {
-                        tracing::warn!(report.trace, report.step, "report for another step; ignored");
+                    if (report.trace, report.step, report.hop as usize) != (trace, step, hop)
+                        || report.peer != peer
+                    {
+                        tracing::debug!(report.trace, report.step, report.hop, "report for another step or hop; ignored");
                         continue;
                     }
-                    if let Some(tokens) = self.on_report(report, &expected, &mut arrived)? {
-                        self.check_complete(trace, step, &expected, &arrived)?;
-                        return Ok(tokens);
+                    if let Some(result) = self.on_report(
+                        side, hop, report.body, input, replayed, &expected, arrived, retried,
+                    )? {
+                        return Ok(result);
                     }
                 }
                 event = self.events.recv() => {
-                    let peer = match event {
-                        Ok(e) => e.peer(),
-                        // Missed events: check every stage.
-                        Err(broadcast::error::RecvError::Lagged(_)) => {
-                            for hop in 0..self.route.len() {
-                                if !self.reachable(hop).await {
-                                    return Err(self.lost(hop, trace, step, "its connection was lost".into()));
-                                }
-                            }
-                            continue;
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return Err(Error::Closed),
+                    let event = match event {
+                        Ok(e) if e.peer() == peer => e,
+                        Ok(_) => continue,
+                        // Missed events: check the hop.
+                        Err(broadcast::error::RecvError::Lagged(_)) => PeerEvent::Disconnected(peer),
+                        Err(broadcast::error::RecvError::Closed) => return Err(Error::Closed.into()),
                     };
-                    if let Some(hop) = self.route.iter().position(|p| p.peer == peer)
-                        && !self.reachable(hop).await
-                    {
+                    if !self.reachable(side, hop).await {
                         let why = match event {
-                            Ok(PeerEvent::Unresponsive(_)) => "it stopped answering pings",
-                            _ => "its connection was lost and it cannot be reached again",
+                            PeerEvent::Unresponsive(_) => "it stopped answering pings",
+                            PeerEvent::Disconnected(_) => {
+                                "its connection was lost and it cannot be reached again"
+                            }
                         };
-                        return Err(self.lost(hop, trace, step, why.into()));
+                        return Err(lost(why.into()));
                     }
                 }
                 () = tokio::time::sleep_until(deadline) => {
-                    if let Some(hop) = self.silent_stage().await {
-                        return Err(self.lost(
-                            hop,
-                            trace,
-                            step,
+                    if !self.answers_probe(side, hop).await {
+                        return Err(lost(
                             format!("no progress within {} s and no answer to a probe", period.as_secs()),
                         ));
                     }
@@ -334,7 +823,8 @@ impl Run<'_> {
                             trace,
                             step,
                             secs: (period * deadlines).as_secs(),
-                        });
+                        }
+                        .into());
                     }
                     deadline += period;
                 }
@@ -342,31 +832,47 @@ impl Run<'_> {
         }
     }
 
-    /// The first stage that does not answer an `Info` probe in time.
-    async fn silent_stage(&self) -> Option<usize> {
-        let probes = self.route.iter().map(|p| {
-            tokio::time::timeout(
-                PROBE_TIMEOUT,
-                self.client.call(p.peer, p.addrs.clone(), &Request::Info),
-            )
-        });
-        futures::future::join_all(probes)
-            .await
-            .into_iter()
-            .position(|r| !matches!(r, Ok(Ok(Response::Info { .. }))))
+    /// Whether stage `hop` can be reached (connected, or dialled anew).
+    async fn reachable(&self, side: Side, hop: usize) -> bool {
+        let Some(addr) = self.lane(side)[hop].peer.addrs.first() else {
+            return false;
+        };
+        matches!(
+            tokio::time::timeout(REDIAL_TIMEOUT, self.client.transport.dial(addr.clone())).await,
+            Ok(Ok(_))
+        )
     }
 
-    /// Checks and files one report; `Some(tokens)` when it ends the step.
+    /// Whether stage `hop` answers an `Info` probe in time.
+    async fn answers_probe(&self, side: Side, hop: usize) -> bool {
+        let p = &self.lane(side)[hop].peer;
+        matches!(
+            tokio::time::timeout(
+                PROBE_TIMEOUT,
+                self.client.call(p.peer, p.addrs.clone(), &Request::Info)
+            )
+            .await,
+            Ok(Ok(Response::Info { .. }))
+        )
+    }
+
+    /// Checks and files one report of hop `hop`; `Some` when it ends the step.
+    #[allow(clippy::too_many_arguments)]
     fn on_report(
         &mut self,
-        report: StageReport,
+        side: Side,
+        hop: usize,
+        body: ReportBody,
+        input: &StepInput,
+        replayed: &[StepInput],
         expected: &[ExpectedSave],
         arrived: &mut HashSet<(String, Option<u32>)>,
-    ) -> Result<Option<Vec<u32>>, Error> {
-        let hop = report.hop as usize;
-        let peer = self.route[hop].peer;
-        let protocol = |detail: String| Error::Protocol { peer, detail };
-        match report.body {
+        retried: bool,
+    ) -> Result<Option<HopResult>, HopError> {
+        let peer = self.lane(side)[hop].peer.peer;
+        let protocol = |detail: String| HopError::Fatal(Error::Protocol { peer, detail });
+        let last = hop + 1 == self.lane(side).len();
+        match body {
             ReportBody::Saves(saves) => {
                 for s in saves {
                     let known = expected
@@ -374,17 +880,24 @@ impl Run<'_> {
                         .any(|e| e.name == s.name && e.step == s.step && e.stage == hop);
                     if !known {
                         return Err(protocol(format!(
-                            "stage {hop} sent save {:?} (step {:?}), which the graph does not make there at trace {}, step {}",
-                            s.name, s.step, report.trace, report.step
+                            "stage {hop} sent save {:?} (step {:?}), which the graph does not make there",
+                            s.name, s.step
                         )));
                     }
                     if !arrived.insert((s.name.clone(), s.step)) {
+                        if retried {
+                            // Delivered before the failure: keep the first.
+                            continue;
+                        }
                         return Err(protocol(format!(
                             "stage {hop} sent save {:?} twice",
                             s.name
                         )));
                     }
-                    self.saves.push(s);
+                    match side {
+                        Side::Primary => self.saves.push(s),
+                        Side::Twin => self.twin_saves.push(s),
+                    }
                 }
                 Ok(None)
             }
@@ -396,18 +909,57 @@ impl Run<'_> {
                         c.node
                     )));
                 }
-                self.relayed.extend(values);
+                let relayed = match side {
+                    Side::Primary => &mut self.relayed,
+                    Side::Twin => &mut self.twin_relayed,
+                };
+                for c in values {
+                    if !relayed.iter().any(|r| r.node == c.node) {
+                        relayed.push(c);
+                    }
+                }
                 Ok(None)
             }
+            ReportBody::Replayed(outputs) => {
+                // A chain of replacements: the next one replays these.
+                let next = hop + 1;
+                let lane = self.lane_mut(side);
+                let wanted = next < lane.len() && !lane[next].opened;
+                if !wanted || outputs.len() != replayed.len() {
+                    return Err(protocol(format!(
+                        "stage {hop} sent {} replayed outputs, {} expected",
+                        outputs.len(),
+                        if wanted { replayed.len() } else { 0 }
+                    )));
+                }
+                lane[next].history = replayed
+                    .iter()
+                    .zip(outputs)
+                    .map(|(i, o)| StepInput {
+                        trace: i.trace,
+                        step: i.step,
+                        past: i.past,
+                        tokens: WireTensor::from_i64(vec![0, 0], &[]).expect("empty"),
+                        hidden: o.hidden,
+                        carry: o.carry,
+                    })
+                    .collect();
+                lane[next].ran = 0;
+                Ok(None)
+            }
+            ReportBody::Output(out) if !last => Ok(Some(HopResult::Output(out))),
+            ReportBody::Output(_) => Err(protocol(format!(
+                "stage {hop} is the last and sent an output instead of finishing the step"
+            ))),
             ReportBody::Done { tokens } => {
-                if hop + 1 != self.route.len() {
+                if !last {
                     return Err(protocol(format!(
                         "stage {hop} reported a step done, but only the last stage can"
                     )));
                 }
-                let t = report.trace as usize;
+                let t = input.trace as usize;
                 let trace = &self.graph.traces[t];
-                let stopped = report.step + 1 == self.plan.steps[t] && self.plan.stops[t].is_some();
+                let stopped = input.step + 1 == self.plan.steps[t] && self.plan.stops[t].is_some();
                 let want = if trace.max_new_tokens > 0 && !stopped {
                     trace.invokes.len()
                 } else {
@@ -417,28 +969,91 @@ impl Run<'_> {
                     return Err(protocol(format!(
                         "stage {hop} reported {} tokens for trace {t}, step {}; expected {want} (one per invoke when generating)",
                         tokens.len(),
-                        report.step
+                        input.step
                     )));
                 }
-                Ok(Some(tokens))
+                Ok(Some(HopResult::Done(tokens)))
             }
-            ReportBody::Failed(error)
-                if error.kind == ErrorKind::Unreachable && hop + 1 < self.route.len() =>
-            {
-                Err(self.lost(
-                    hop + 1,
-                    report.trace,
-                    report.step,
-                    format!("stage {hop} could not hand it the step: {}", error.message),
-                ))
-            }
-            ReportBody::Failed(error) => Err(Error::Stage {
-                stage: self.stage(hop),
-                trace: report.trace,
-                step: report.step,
-                error,
+            ReportBody::Failed(error) => Err(HopError::Failed {
+                failure: Failure::Failed(error.kind),
+                detail: format!("it reported {error}"),
+                error: Some(Error::Stage {
+                    stage: self.stage_on(side, hop),
+                    trace: input.trace,
+                    step: input.step,
+                    error,
+                }),
             }),
         }
+    }
+
+    /// Compares what hop `hop`'s twin computed from `input` with what its
+    /// holder did: the output (or the tokens, at the last hop), the saves
+    /// and the relayed values, within the verification tolerance.
+    fn check_twin(
+        &self,
+        hop: usize,
+        input: &StepInput,
+        result: &HopResult,
+        twin: &HopResult,
+    ) -> Result<(), Error> {
+        let Some(tol) = self.verify else {
+            return Ok(());
+        };
+        let mismatch = |detail: String| Error::Mismatch {
+            stage: self.stage(hop),
+            twin: self.stage_on(Side::Twin, hop),
+            trace: input.trace,
+            step: input.step,
+            detail,
+        };
+        match (result, twin) {
+            (HopResult::Output(a), HopResult::Output(b)) => {
+                verify::outputs(a, b, tol).map_err(mismatch)?;
+            }
+            (HopResult::Done(a), HopResult::Done(b)) if a != b => {
+                return Err(mismatch(format!("tokens {a:?} against {b:?}")));
+            }
+            (HopResult::Done(_), HopResult::Done(_)) => {}
+            _ => return Err(mismatch("one finished the step, the other did not".into())),
+        }
+        let expected = expected_saves(
+            self.graph,
+            self.plan,
+            &self.fragments,
+            input.trace,
+            input.step,
+        );
+        for e in expected.iter().filter(|e| e.stage == hop) {
+            let find = |saves: &[Saved]| {
+                saves
+                    .iter()
+                    .rev()
+                    .find(|s| s.name == e.name && s.step == e.step)
+                    .map(|s| s.value.clone())
+            };
+            match (find(&self.saves), find(&self.twin_saves)) {
+                (Some(a), Some(b)) => {
+                    verify::tensors(&format!("save {:?}", e.name), &a, &b, tol).map_err(mismatch)?
+                }
+                _ => {
+                    return Err(mismatch(format!(
+                        "save {:?} is missing from one of them",
+                        e.name
+                    )));
+                }
+            }
+        }
+        for b in &self.twin_relayed {
+            let a = self
+                .relayed
+                .iter()
+                .find(|a| a.node == b.node)
+                .ok_or_else(|| mismatch(format!("only the twin relayed node {}", b.node)))?;
+            verify::tensors(&format!("relayed node {}", b.node), &a.value, &b.value, tol)
+                .map_err(mismatch)?;
+        }
+        Ok(())
     }
 
     /// Fails the step if a save the graph makes at it did not arrive.
@@ -446,9 +1061,9 @@ impl Run<'_> {
         &self,
         trace: u32,
         step: u32,
-        expected: &[ExpectedSave],
         arrived: &HashSet<(String, Option<u32>)>,
     ) -> Result<(), Error> {
+        let expected = expected_saves(self.graph, self.plan, &self.fragments, trace, step);
         let missing: Vec<String> = expected
             .iter()
             .filter(|e| !arrived.contains(&(e.name.clone(), e.step)))
@@ -464,6 +1079,10 @@ impl Run<'_> {
             })
         }
     }
+}
+
+fn now() -> StdInstant {
+    StdInstant::now()
 }
 
 /// A save the graph makes at a step, and the stage that makes it.
@@ -509,7 +1128,7 @@ fn expected_saves(
 
 #[cfg(test)]
 mod tests {
-    use nnmesh_graph::{Builder, DType, IndexItem::*, Limits, Manifest, Point};
+    use nnmesh_graph::{Builder, DType, IndexItem::*, Limits, Point};
 
     use super::*;
 

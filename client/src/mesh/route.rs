@@ -1,26 +1,42 @@
 //! Choosing a route: which model is fully served, and the cheapest chain of
-//! stages through it (the shared [`find_route`] search over RTT, compute and
-//! load), plus the coverage figures `nnmesh status` prints.
+//! holders through it (the control crate's [`find_route`] search over RTT,
+//! compute and load, using any part of a holder's span), plus the coverage
+//! figures `nnmesh status` prints.
 
 use std::collections::BTreeMap;
 
-use nnmesh_protocol::{
-    ids::ModelId,
-    record::StageRecord,
+use nnmesh_control::{
+    placement::{Holder, uncovered},
     route::{Candidate, find_route},
 };
+use nnmesh_protocol::{Span, ids::ModelId};
 
 use super::{Error, Peer};
 
+/// The router's view of a peer.
+pub fn candidate(p: &Peer) -> Candidate {
+    Candidate {
+        peer: p.peer,
+        span: p.record.span,
+        // Records give tokens/s through the whole span; the router prices
+        // each layer at 1/throughput-per-layer.
+        throughput: p.record.throughput * p.record.span.len() as f32,
+        rtt_ms: p.rtt_ms,
+        load: p.record.load,
+    }
+}
+
+/// A route: each peer with the layers it runs for the request (part or all
+/// of what it serves), in layer order.
+pub type Route<'a> = Vec<(&'a Peer, Span)>;
+
 /// Picks the model (the one fully served, unless given) and the cheapest
-/// route through the nodes serving it.
+/// route through the nodes serving it: each peer with the layers it runs
+/// (part or all of what it serves).
 ///
 /// # Errors
 /// When no model, or more than one, is fully served.
-pub fn choose_route(
-    peers: &[Peer],
-    model: Option<ModelId>,
-) -> Result<(ModelId, Vec<&Peer>), Error> {
+pub fn choose_route(peers: &[Peer], model: Option<ModelId>) -> Result<(ModelId, Route<'_>), Error> {
     let mut by_model: BTreeMap<[u8; 32], Vec<&Peer>> = BTreeMap::new();
     for p in peers {
         by_model.entry(p.record.model.0).or_default().push(p);
@@ -33,20 +49,14 @@ pub fn choose_route(
             continue;
         }
         let n = ps[0].record.num_layers;
-        let cands: Vec<Candidate> = ps
-            .iter()
-            .map(|p| Candidate {
-                peer: p.peer,
-                span: p.record.span,
-                // Records give tokens/s through the whole span; the router
-                // prices each layer at 1/throughput-per-layer.
-                throughput: p.record.throughput * p.record.span.len() as f32,
-                rtt_ms: p.rtt_ms,
-                load: p.record.load,
-            })
-            .collect();
-        match find_route(&cands, n, &[]) {
-            Some(idx) => routes.push((id, idx.into_iter().map(|i| ps[i]).collect::<Vec<_>>())),
+        let cands: Vec<Candidate> = ps.iter().map(|p| candidate(p)).collect();
+        match find_route(&cands, Span::new(0, n), &[]) {
+            Some(legs) => routes.push((
+                id,
+                legs.into_iter()
+                    .map(|l| (ps[l.candidate], l.span))
+                    .collect::<Vec<_>>(),
+            )),
             None => gaps.push(format!(
                 "{} ({}): {}",
                 ps[0].record.model_name,
@@ -72,39 +82,25 @@ pub fn choose_route(
     }
 }
 
-/// Layers no node serves, as `a..b` ranges.
-pub fn coverage_gaps(peers: &[&Peer], num_layers: u32) -> String {
-    let holders = holders_per_layer(peers.iter().map(|p| &p.record), num_layers);
-    let mut gaps = Vec::new();
-    let mut l = 0;
-    while l < num_layers {
-        if holders[l as usize] == 0 {
-            let start = l;
-            while l < num_layers && holders[l as usize] == 0 {
-                l += 1;
-            }
-            gaps.push(format!("layers {start}..{l} unserved"));
-        } else {
-            l += 1;
-        }
+/// A peer as the placement rules see it.
+pub fn holder(p: &Peer) -> Holder {
+    Holder {
+        peer: p.peer,
+        span: p.record.span,
+        throughput: p.record.throughput,
     }
+}
+
+/// The layers no peer serves, for errors: "layers 10..20 unserved, …".
+pub fn coverage_gaps(peers: &[&Peer], num_layers: u32) -> String {
+    let holders: Vec<Holder> = peers.iter().map(|p| holder(p)).collect();
+    let gaps: Vec<String> = uncovered(&holders, num_layers)
+        .iter()
+        .map(|s| format!("layers {s} unserved"))
+        .collect();
     if gaps.is_empty() {
         "no contiguous route".into()
     } else {
         gaps.join(", ")
     }
-}
-
-/// How many nodes hold each layer.
-pub fn holders_per_layer<'a>(
-    records: impl Iterator<Item = &'a StageRecord>,
-    num_layers: u32,
-) -> Vec<u32> {
-    let mut holders = vec![0u32; num_layers as usize];
-    for r in records {
-        for l in r.span.start..r.span.end.min(num_layers) {
-            holders[l as usize] += 1;
-        }
-    }
-    holders
 }

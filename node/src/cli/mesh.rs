@@ -1,7 +1,8 @@
 //! The mesh commands: `status` and `keygen`.
 
 use anyhow::{Result, bail};
-use nnmesh_client::{mesh::holders_per_layer, transport::keys};
+use nnmesh_client::{mesh::holder, transport::keys};
+use nnmesh_control::placement::{Holder, holders_per_block, uncovered};
 
 use super::{Keygen, backend::MeshArgs};
 
@@ -57,23 +58,37 @@ pub(super) fn status(mesh: &MeshArgs) -> Result<()> {
     for m in models {
         let recs: Vec<_> = peers.iter().filter(|p| p.record.model == m).collect();
         let n = recs[0].record.num_layers;
-        let holders = holders_per_layer(recs.iter().map(|p| &p.record), n);
-        let bar: String = holders
+        let floor = recs.iter().map(|p| p.record.replication).max().unwrap_or(1);
+        let holders: Vec<Holder> = recs.iter().map(|p| holder(p)).collect();
+        let counts = holders_per_block(&holders, n);
+        let bar: String = counts
             .iter()
-            .map(|&h| match h {
-                0 => '·',
-                1 => '▄',
-                _ => '█',
-            })
+            .map(|&c| char::from_digit(c, 10).unwrap_or('+'))
             .collect();
-        let served = holders.iter().filter(|&&h| h > 0).count();
+        let served = counts.iter().filter(|&&c| c > 0).count();
         println!(
-            "\nmodel {} ({})\n  layers 0..{n} |{bar}|  {served}/{n} served, min {} holder(s) per layer",
+            "\nmodel {} ({})\n  holders per layer 0..{n}: {bar}\n  {served}/{n} layers served, min {} holder(s) per layer, replication floor {floor}",
             recs[0].record.model_name,
             m,
-            holders.iter().min().copied().unwrap_or(0)
+            counts.iter().min().copied().unwrap_or(0)
         );
+        for span in uncovered(&holders, n) {
+            println!("  ERROR: layers {span} have no holder: requests through them fail");
+        }
+        // Runs of layers with some holders, but fewer than the floor.
+        let mut l = 0;
+        while l < n as usize {
+            let c = counts[l];
+            let start = l;
+            while l < n as usize && counts[l] == c {
+                l += 1;
+            }
+            if c > 0 && c < floor {
+                println!(
+                    "  WARNING: layers {start}..{l} have {c} holder(s), under the floor of {floor}: a failure there cannot be replaced"
+                );
+            }
+        }
     }
-    println!("\n(█ two or more holders, ▄ one, · none)");
     Ok(())
 }

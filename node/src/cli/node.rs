@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use libp2p::Multiaddr;
 use nnmesh_client::transport::keys;
+use nnmesh_control::placement;
 use nnmesh_graph::Limits;
 use nnmesh_node::{serve, stage};
 use nnmesh_protocol::Span;
@@ -19,9 +20,27 @@ pub(crate) struct NodeArgs {
     pub model: ModelArgs,
     /// Decoder layers to serve, `A..B` (end exclusive). The stage starting at
     /// 0 also hosts the embedding; the one ending at the last layer also hosts
-    /// the final norm and lm_head.
+    /// the final norm and lm_head. Without it the node places itself: as many
+    /// layers as --max-memory holds, where the mesh is weakest, moving when
+    /// the mesh needs it.
     #[arg(long)]
-    pub blocks: Span,
+    pub blocks: Option<Span>,
+    /// Auto-placement: memory for weights and KV cache, in MiB (default: what
+    /// the machine has free; on a GPU, its free memory).
+    #[arg(long)]
+    pub max_memory: Option<u64>,
+    /// Holders every block should have (announced to the mesh; the highest
+    /// announced wins).
+    #[arg(long, default_value_t = 2)]
+    pub replication: u32,
+    /// Auto-placement: mean seconds between checks whether to move
+    /// (each wait is jittered).
+    #[arg(long, default_value_t = 60)]
+    pub rebalance_secs: u64,
+    /// Auto-placement: seconds a node stays on its layers before it may move
+    /// again (a block with no holder is repaired at once).
+    #[arg(long, default_value_t = 300)]
+    pub min_dwell_secs: u64,
     /// Address to listen on.
     #[arg(long, default_value = "/ip4/127.0.0.1/tcp/0")]
     pub listen: Vec<Multiaddr>,
@@ -36,8 +55,8 @@ pub(crate) struct NodeArgs {
     /// peers without the same key cannot connect.
     #[arg(long)]
     pub psk: Option<PathBuf>,
-    /// Serve only the peers listed in this file (one peer id per line):
-    /// clients, and the nodes that forward steps to this one.
+    /// Serve only the clients listed in this file (one peer id per line);
+    /// anyone may still ask who the node is.
     #[arg(long)]
     pub allow_peers: Option<PathBuf>,
     /// Step requests admitted at once (running + queued); more are refused as overloaded.
@@ -74,6 +93,50 @@ pub(crate) struct NodeArgs {
     /// Largest message accepted or sent, in MiB.
     #[arg(long, default_value_t = 256)]
     pub max_message_mib: usize,
+    /// Threads torch computes with (0: torch's default, one per core).
+    /// Several nodes on one machine want 1 each.
+    #[arg(long, default_value_t = 0)]
+    pub threads: i32,
+    /// Testing: answer each step, with this probability, as if the node had
+    /// lost the request's session (clients fail over and replay).
+    #[arg(long, default_value_t = 0.0, value_parser = probability)]
+    pub inject_faults: f64,
+}
+
+/// Memory free for a node's weights: `MemAvailable` on the CPU, the GPU's
+/// free memory (as `nvidia-smi` reports it) on CUDA.
+fn free_memory(device: tch::Device) -> Result<u64> {
+    match device {
+        tch::Device::Cuda(i) => {
+            let out = std::process::Command::new("nvidia-smi")
+                .args(["--query-gpu=memory.free", "--format=csv,noheader,nounits"])
+                .arg(format!("--id={i}"))
+                .output()
+                .context("asking nvidia-smi for free GPU memory; pass --max-memory MiB")?;
+            let mib: u64 = String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .context("reading nvidia-smi's free memory; pass --max-memory MiB")?;
+            Ok(mib << 20)
+        }
+        _ => {
+            let info = std::fs::read_to_string("/proc/meminfo")
+                .context("reading /proc/meminfo; pass --max-memory MiB")?;
+            let kib: u64 = info
+                .lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .context("no MemAvailable in /proc/meminfo; pass --max-memory MiB")?;
+            Ok(kib << 10)
+        }
+    }
+}
+
+fn probability(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        _ => Err(format!("{s:?} is not a probability in 0..=1")),
+    }
 }
 
 impl NodeArgs {
@@ -99,9 +162,25 @@ impl NodeArgs {
             session_ttl: Duration::from_secs(self.session_ttl_secs),
             max_sessions: self.max_sessions,
             max_kv_bytes: self.kv_cache_mib << 20,
-            ..stage::Config::new(self.model.path()?, self.blocks)
+            threads: self.threads,
+            ..stage::Config::new(self.model.path()?, self.blocks.unwrap_or(Span::new(0, 0)))
         };
         let mut cfg = serve::Config::new(stage);
+        if self.blocks.is_none() {
+            let max_memory = match self.max_memory {
+                Some(mib) => mib << 20,
+                None => free_memory(device)?,
+            };
+            cfg.auto = Some(serve::Auto {
+                max_memory,
+                placement: placement::Config {
+                    check_period: Duration::from_secs(self.rebalance_secs.max(1)),
+                    min_dwell: Duration::from_secs(self.min_dwell_secs),
+                    ..placement::Config::default()
+                },
+            });
+        }
+        cfg.replication = self.replication.max(1);
         cfg.listen = self.listen.clone();
         cfg.bootstrap = self.bootstrap.clone();
         if let Some(path) = &self.identity {
@@ -116,6 +195,7 @@ impl NodeArgs {
         cfg.queue = self.queue;
         cfg.mdns = self.mdns;
         cfg.max_message = self.max_message_mib << 20;
+        cfg.inject_faults = self.inject_faults;
         Ok(cfg)
     }
 }
@@ -128,12 +208,20 @@ impl NodeArgs {
 /// cannot start, or a stage that can no longer compute.
 pub(super) fn run(args: NodeArgs) -> Result<()> {
     let cfg = args.config()?;
+
     let model = cfg.stage.model.clone();
-    eprintln!(
-        "loading layers {} of {} ...",
-        cfg.stage.span,
-        model.display()
-    );
+    match &cfg.auto {
+        Some(auto) => eprintln!(
+            "{}: choosing layers to serve within {} MiB ...",
+            model.display(),
+            auto.max_memory >> 20
+        ),
+        None => eprintln!(
+            "loading layers {} of {} ...",
+            cfg.stage.span,
+            model.display()
+        ),
+    }
     serve::run(cfg, |ready| {
         for a in &ready.addrs {
             println!("listening {a}");

@@ -5,14 +5,16 @@
 //! the interpreter's values, and the KV cache of the trace in progress. It
 //! runs steps strictly in order — trace 0 step 0, 1, …, then trace 1 step
 //! 0, … — since a skipped step would reuse a stale KV cache and a repeated
-//! one would append to it twice.
+//! one would append to it twice; and each step says how many positions the
+//! cache must hold before it (`past`), so a replacement that replayed the
+//! wrong prefix is refused, never silently wrong.
 
 use std::time::{Duration, Instant};
 
 use nnmesh_graph::{DecodeError, Fragment, Graph, Limits, Manifest, NodeId, Plan, partition};
 use nnmesh_protocol::{
     PeerId, Span,
-    message::{ErrorKind, Hop, Saved, StepRequest, WireError},
+    message::{Carried, ErrorKind, Hop, HopOutput, Saved, StepInput, StepRequest, WireError},
     tensor::{WireDType, WireTensor},
 };
 use nnmesh_runtime::{
@@ -22,7 +24,7 @@ use nnmesh_runtime::{
     models::llama::{Cache, Input},
     wire::{from_wire, to_wire},
 };
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 use super::{Next, StepOutput, err};
 
@@ -36,10 +38,13 @@ pub(super) struct Session {
     padded: Option<Padded>,
     /// The last (trace, step) run here.
     applied: Option<(u32, u32)>,
-    /// Who the request belongs to: later steps must come for the same
-    /// client along the same route.
+    /// Who the request belongs to: later steps must come from the same client.
     client: PeerId,
+    /// The route the fragment was cut along (a new route is taken when it
+    /// leaves this stage's fragment as it is).
     route: Vec<Hop>,
+    /// The layers this session runs (part or all of what the stage holds).
+    span: Span,
     /// KV cache reserved for the request on this stage.
     kv_bytes: u64,
     last_used: Instant,
@@ -70,10 +75,11 @@ impl Session {
         limits: &Limits,
         req: &StepRequest,
     ) -> Result<Session, WireError> {
-        if (req.trace, req.step) != (0, 0) {
+        let first = req.replay.first().unwrap_or(&req.input);
+        if (first.trace, first.step) != (0, 0) {
             return Err(malformed(format!(
-                "request {} has no session here, so its first step must be trace 0 step 0, not trace {} step {}",
-                req.request, req.trace, req.step
+                "request {} has no session here, so its first step (or the first it replays) must be trace 0 step 0, not trace {} step {}",
+                req.request, first.trace, first.step
             )));
         }
         let bytes = req.graph.as_ref().ok_or_else(|| {
@@ -97,7 +103,8 @@ impl Session {
         let fragment = fragments.swap_remove(req.hop as usize);
         let store = Store::new(&graph, manifest, &engine.model, Some(&fragment.nodes))
             .map_err(|e| validation(&e))?;
-        let layers = engine.model.layers().len() as u64;
+        let span = req.route[req.hop as usize].span;
+        let layers = u64::from(span.len());
         let kv_bytes = plan
             .costs
             .iter()
@@ -115,6 +122,7 @@ impl Session {
             applied: None,
             client: req.client,
             route: req.route.clone(),
+            span,
             kv_bytes,
             last_used: Instant::now(),
         })
@@ -149,37 +157,253 @@ impl Session {
         }
     }
 
-    /// Checks that `req` is this request's next step, from its own client
-    /// along its own route. A refusal leaves the session untouched.
+    /// Checks that `req` comes from this request's client, for this
+    /// session's layers, with the session's next step (and no replay, which
+    /// only a new session takes). A refusal leaves the session untouched.
     pub(super) fn check_next(&self, req: &StepRequest) -> Result<(), WireError> {
-        if req.client != self.client || req.route != self.route {
+        if req.client != self.client {
             return Err(err(
                 ErrorKind::Forbidden,
-                format!("request {} belongs to another client or route", req.request),
+                format!("request {} belongs to another client", req.request),
             ));
         }
+        let span = req.route[req.hop as usize].span;
+        if span != self.span {
+            return Err(malformed(format!(
+                "request {} runs layers {} here, not {span}",
+                req.request, self.span
+            )));
+        }
+        if !req.replay.is_empty() {
+            return Err(malformed(format!(
+                "request {} has a session here already: only a new session replays",
+                req.request
+            )));
+        }
+        self.check_order(&req.input, req.request)
+    }
+
+    fn check_order(
+        &self,
+        input: &StepInput,
+        request: nnmesh_protocol::ids::RequestId,
+    ) -> Result<(), WireError> {
         let (t, s) = self.expected();
-        match (req.trace, req.step).cmp(&(t, s)) {
+        match (input.trace, input.step).cmp(&(t, s)) {
             std::cmp::Ordering::Equal => Ok(()),
             std::cmp::Ordering::Less => Err(malformed(format!(
-                "trace {} step {} was already applied to request {} here; a replay needs a new request id",
-                req.trace, req.step, req.request
+                "trace {} step {} was already applied to request {request} here; a replay needs a new session",
+                input.trace, input.step
             ))),
             std::cmp::Ordering::Greater => Err(malformed(format!(
-                "trace {} step {} of request {} arrived out of order: this stage runs trace {t} step {s} next",
-                req.trace, req.step, req.request
+                "trace {} step {} of request {request} arrived out of order: this stage runs trace {t} step {s} next",
+                input.trace, input.step
             ))),
         }
     }
 
-    /// Runs the step: checks its inputs, runs the fragment over the forward
-    /// (or, after an upstream stop, the fragment alone) and collects what
-    /// goes on to the next hop and back to the client.
+    /// Takes the step's route when it differs from the session's (another
+    /// stage was replaced): only if this stage's fragment stays the same.
+    pub(super) fn adopt_route(
+        &mut self,
+        manifest: &Manifest,
+        req: &StepRequest,
+    ) -> Result<(), WireError> {
+        if req.route == self.route {
+            return Ok(());
+        }
+        let spans: Vec<Span> = req.route.iter().map(|h| h.span).collect();
+        let fragments = partition(&self.graph, &self.plan, manifest, &spans)
+            .map_err(|e| err(ErrorKind::Validation, e.to_string()))?;
+        let new = &fragments[req.hop as usize];
+        let old = &self.fragment;
+        if (&new.nodes, &new.carry_in, &new.carry_out, &new.relay_out)
+            != (&old.nodes, &old.carry_in, &old.carry_out, &old.relay_out)
+        {
+            return Err(malformed(format!(
+                "the new route of request {} changes what this stage runs",
+                req.request
+            )));
+        }
+        self.route = req.route.clone();
+        self.fragment = new.clone();
+        Ok(())
+    }
+
+    /// Runs what `req` asks of this session: the replayed steps first (a
+    /// replacement catching up; their saves and relays are dropped, their
+    /// outputs kept only if asked for), then the step itself.
     pub(super) fn run(
         &mut self,
         engine: &Engine,
         manifest: &Manifest,
         req: &StepRequest,
+    ) -> Result<StepOutput, WireError> {
+        let is_last = req.hop as usize + 1 == req.route.len();
+        let mut replayed = Vec::with_capacity(req.replay.len());
+        let mut chunked = 0;
+        let mut i = 0;
+        while i < req.replay.len() {
+            // Generated tokens this hop has nothing to do at replay in one
+            // forward; steps with interventions one by one, as they ran.
+            let k = self.idle_run(&req.replay[i..]);
+            if k >= 2 {
+                let chunk = &req.replay[i..i + k];
+                for input in chunk {
+                    self.check_order(input, req.request)?;
+                    self.applied = Some((input.trace, input.step));
+                }
+                let outputs =
+                    self.run_chunk(engine, manifest, chunk, req.replay_outputs && !is_last)?;
+                replayed.extend(outputs);
+                chunked += k as u32;
+                i += k;
+                continue;
+            }
+            let input = &req.replay[i];
+            self.check_order(input, req.request)?;
+            let out = self.run_input(engine, manifest, input, is_last)?;
+            if req.replay_outputs {
+                replayed.push(out.output());
+            }
+            i += 1;
+        }
+        if !req.replay.is_empty() {
+            self.check_order(&req.input, req.request)?;
+        }
+        let mut out = self.run_input(engine, manifest, &req.input, is_last)?;
+        out.replayed = replayed;
+        out.chunked = chunked;
+        if !req.replay.is_empty() {
+            tracing::info!(steps = req.replay.len(), chunked, "replayed");
+        }
+        Ok(out)
+    }
+
+    /// How many of `inputs` (steps to replay), from the first, can run as
+    /// one forward: consecutive decode steps of one trace that carry no
+    /// values, at which this hop's fragment has no node, and where the
+    /// trace does not stop.
+    fn idle_run(&self, inputs: &[StepInput]) -> usize {
+        let Some(first) = inputs.first() else {
+            return 0;
+        };
+        let trace = first.trace as usize;
+        let steps = self.plan.steps.get(trace).copied().unwrap_or(0);
+        let stops = self.plan.stops.get(trace).copied().flatten().is_some();
+        // (Invokes share rows only in traces that do not generate.)
+        if first.step == 0 {
+            return 0;
+        }
+        inputs
+            .iter()
+            .zip(0..)
+            .take_while(|(i, j)| {
+                i.trace == first.trace
+                    && i.step == first.step + j
+                    && i.past == first.past + j
+                    && i.carry.is_empty()
+                    && !(stops && i.step + 1 == steps)
+                    && !self.store.has_work(&self.plan, i.trace, i.step)
+            })
+            .count()
+    }
+
+    /// Runs `inputs` (see [`Session::idle_run`]) as one forward of their
+    /// tokens: the cache ends as after the steps one by one, up to
+    /// rounding. Returns each step's output when `outputs` (a chain of
+    /// replacements needs them).
+    fn run_chunk(
+        &mut self,
+        engine: &Engine,
+        manifest: &Manifest,
+        inputs: &[StepInput],
+        outputs: bool,
+    ) -> Result<Vec<HopOutput>, WireError> {
+        let model = &engine.model;
+        let first = &inputs[0];
+        let span = self.span;
+        let Session {
+            graph,
+            plan,
+            store,
+            cache,
+            padded,
+            ..
+        } = self;
+        let (Some(padded), Some(cache)) = (padded.as_ref(), cache.as_mut()) else {
+            return Err(malformed(format!(
+                "trace {} step {} arrived before its step 0",
+                first.trace, first.step
+            )));
+        };
+        let past = u32::try_from(cache.len()).unwrap_or(u32::MAX);
+        if past != first.past {
+            return Err(malformed(format!(
+                "trace {} step {} comes after {} cached positions, but this stage holds {past}",
+                first.trace, first.step, first.past
+            )));
+        }
+        let mut exec = Executor::new(graph, plan, manifest, model, store);
+        exec.set_first_layer(span.start);
+        exec.begin(first.trace, first.step, &padded.lens);
+        let rows = exec.rows();
+        let mut parts = Vec::with_capacity(inputs.len());
+        for i in inputs {
+            match step_input(engine, manifest, span, i, padded, rows, None)? {
+                Some(Input::Tokens(t) | Input::Hidden(t)) => parts.push(t),
+                None => {
+                    return Err(malformed(format!(
+                        "trace {} step {} carries no input",
+                        i.trace, i.step
+                    )));
+                }
+            }
+        }
+        let joined = Tensor::cat(&parts, 1);
+        let input = if span.start == 0 {
+            Input::Tokens(joined)
+        } else {
+            Input::Hidden(joined)
+        };
+        let batch = padded.next_steps(first.step as usize, inputs.len());
+        let failed = |e: nnmesh_runtime::hooks::HookError| {
+            err(
+                ErrorKind::Internal,
+                format!(
+                    "replaying trace {} steps {}..{}: {e}",
+                    first.trace,
+                    first.step,
+                    first.step as usize + inputs.len()
+                ),
+            )
+        };
+        let out = model
+            .forward_span(input, span.range(), &batch, Some(cache), &mut exec)
+            .map_err(failed)?;
+        exec.finish().map_err(failed)?;
+        if !outputs {
+            return Ok(Vec::new());
+        }
+        (0..inputs.len() as i64)
+            .map(|j| {
+                Ok(HopOutput {
+                    hidden: Some(to_wire(&out.narrow(1, j, 1))?),
+                    carry: Vec::new(),
+                })
+            })
+            .collect()
+    }
+
+    /// Runs one step: checks its inputs, runs the fragment over the forward
+    /// (or, after an upstream stop, the fragment alone) and collects what
+    /// goes on to the next hop and back to the client.
+    fn run_input(
+        &mut self,
+        engine: &Engine,
+        manifest: &Manifest,
+        req: &StepInput,
+        is_last: bool,
     ) -> Result<StepOutput, WireError> {
         let model = &engine.model;
         let device = model.device();
@@ -214,11 +438,22 @@ impl Session {
                 req.trace, req.step
             )));
         };
+        // The (history length, position) invariant: what the cache holds is
+        // what the client says the step comes after.
+        let past = u32::try_from(cache.len()).unwrap_or(u32::MAX);
+        if past != req.past {
+            return Err(malformed(format!(
+                "trace {} step {} comes after {} cached positions, but this stage holds {past}",
+                req.trace, req.step, req.past
+            )));
+        }
+        let span = self.span;
         let stop = plan.stops[trace].filter(|a| req.step + 1 == steps && a.trace == req.trace);
         let lens = padded.lens.clone();
         let mut exec = Executor::new(graph, plan, manifest, model, store);
+        exec.set_first_layer(span.start);
         exec.begin(req.trace, req.step, &lens);
-        let input = step_input(engine, manifest, req, padded, exec.rows(), stop)?;
+        let input = step_input(engine, manifest, span, req, padded, exec.rows(), stop)?;
         for c in &req.carry {
             let node = NodeId(c.node);
             if fragment.carry_in.binary_search(&node).is_err() {
@@ -240,9 +475,16 @@ impl Session {
             )
         };
         let out = match input {
-            Some(input) => {
-                forward_step(model, &mut exec, padded, req.step, input, cache).map_err(failed)?
-            }
+            Some(input) => forward_step(
+                model,
+                span.range(),
+                &mut exec,
+                padded,
+                req.step,
+                input,
+                cache,
+            )
+            .map_err(failed)?,
             None => {
                 exec.finish().map_err(failed)?;
                 None
@@ -264,7 +506,7 @@ impl Session {
                 .filter(|n| store.is_fresh(**n))
                 .filter_map(|n| store.value(*n).map(|v| (n, v)))
                 .map(|(n, v)| {
-                    Ok(nnmesh_protocol::message::Carried {
+                    Ok(Carried {
                         node: n.0,
                         value: to_wire(v)?,
                     })
@@ -273,7 +515,6 @@ impl Session {
         };
         let carry = fresh(&fragment.carry_out)?;
         let relay = fresh(&fragment.relay_out)?;
-        let is_last = req.hop as usize + 1 == req.route.len();
         let generating = graph.traces[trace].max_new_tokens > 0;
         let next = match out {
             None if is_last => Next::Done(Vec::new()),
@@ -301,6 +542,8 @@ impl Session {
             carry,
             saves,
             relay,
+            replayed: Vec::new(),
+            chunked: 0,
         })
     }
 }
@@ -313,7 +556,8 @@ impl Session {
 fn step_input(
     engine: &Engine,
     manifest: &Manifest,
-    req: &StepRequest,
+    span: Span,
+    req: &StepInput,
     padded: &Padded,
     rows: usize,
     stop: Option<nnmesh_graph::Anchor>,
@@ -321,7 +565,7 @@ fn step_input(
     let model = &engine.model;
     let device = model.device();
     let shape = |t: &WireTensor| format!("{:?} {:?}", t.dtype, t.shape);
-    if model.is_first() {
+    if span.start == 0 {
         if let Some(h) = &req.hidden {
             return Err(malformed(format!(
                 "the first stage takes token ids, not a hidden state ({})",
@@ -360,7 +604,7 @@ fn step_input(
     let Some(h) = &req.hidden else {
         let first_site = manifest
             .position(
-                nnmesh_graph::Module::Layer(model.layers().start as u32),
+                nnmesh_graph::Module::Layer(span.start),
                 nnmesh_graph::Point::Input,
             )
             .unwrap_or(0);
@@ -368,9 +612,7 @@ fn step_input(
             Some(a) if a.position < first_site => Ok(None),
             _ => Err(malformed(format!(
                 "trace {} step {} carries no hidden state, and the graph does not stop before layer {}",
-                req.trace,
-                req.step,
-                model.layers().start
+                req.trace, req.step, span.start
             ))),
         };
     };

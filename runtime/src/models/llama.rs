@@ -568,12 +568,39 @@ impl Model {
         &self,
         input: Input,
         batch: &Batch,
+        cache: Option<&mut Cache>,
+        hooks: &mut dyn Hooks,
+    ) -> Result<Tensor, HookError> {
+        self.forward_span(input, self.layers(), batch, cache, hooks)
+    }
+
+    /// As [`Model::forward`], through the hosted layers `span` only (a
+    /// stage can serve any part of what it holds): the embedding runs when
+    /// `span` starts at layer 0, the norm and head when it ends at the last
+    /// layer.
+    ///
+    /// # Errors
+    /// When `span` is not hosted here, the input does not fit, or a hook
+    /// stops the forward or fails.
+    pub fn forward_span(
+        &self,
+        input: Input,
+        span: Range<usize>,
+        batch: &Batch,
         mut cache: Option<&mut Cache>,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor, HookError> {
+        let held = self.layers();
+        if span.is_empty() || span.start < held.start || span.end > held.end {
+            return Err(InputError::Span {
+                start: span.start,
+                end: span.end,
+            }
+            .into());
+        }
         let mut xs = match input {
             Input::Tokens(ids) => {
-                let Some(embed) = &self.embed else {
+                let (Some(embed), 0) = (&self.embed, span.start) else {
                     return Err(InputError::NoEmbedding.into());
                 };
                 hooked(hooks, Module::Embed, &ids, |ids, _| {
@@ -586,7 +613,14 @@ impl Model {
         let past = cache.as_ref().map_or(0, |c| c.len());
         let (cos, sin) = self.rope.cos_sin(&batch.positions, self.kind);
         let mask = Mask::new(batch, t, past, self.device);
-        for (j, block) in self.layers.iter().enumerate() {
+        let local = span.start - held.start..span.end - held.start;
+        for (j, block) in self
+            .layers
+            .iter()
+            .enumerate()
+            .take(local.end)
+            .skip(local.start)
+        {
             let layer = (self.layers_range.start + j) as u32;
             if let Some(src) = hooks.fork_rows(layer) {
                 // Shared rows fork here; positions and the causal mask are the
@@ -603,7 +637,7 @@ impl Model {
             let slot = cache.as_deref_mut().map(|c| &mut c.kv[j]);
             xs = block.forward(&xs, &ctx, slot, hooks)?;
         }
-        if let (Some(norm), Some(head)) = (&self.norm, &self.lm_head) {
+        if let (Some(norm), Some(head), true) = (&self.norm, &self.lm_head, span.end == held.end) {
             let h = hooked(hooks, Module::Norm, &xs, |x, _| Ok(norm.forward(x)))?;
             xs = hooked(hooks, Module::LmHead, &h, |x, _| Ok(head.forward(x)))?;
         }

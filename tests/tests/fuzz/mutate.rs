@@ -512,23 +512,23 @@ pub(crate) fn step(rng: &mut Rng, s: &mut StepRequest, graph_bytes: &[u8]) {
     for _ in 0..1 + rng.below(2) {
         match rng.below(11) {
             0 => s.hop = rng.uint() as u32 % 5,
-            1 => s.trace = rng.uint() as u32 % 3,
-            2 => s.step = rng.uint() as u32 % 6,
-            3 => tensor(rng, &mut s.tokens),
-            4 => match &mut s.hidden {
+            1 => s.input.trace = rng.uint() as u32 % 3,
+            2 => s.input.step = rng.uint() as u32 % 6,
+            3 => tensor(rng, &mut s.input.tokens),
+            4 => match &mut s.input.hidden {
                 Some(h) if rng.chance(0.8) => tensor(rng, h),
-                _ => s.hidden = None,
+                _ => s.input.hidden = None,
             },
             5 => match rng.below(3) {
-                0 if !s.carry.is_empty() => {
-                    let i = rng.below(s.carry.len());
-                    s.carry[i].node = rng.uint() as u32;
+                0 if !s.input.carry.is_empty() => {
+                    let i = rng.below(s.input.carry.len());
+                    s.input.carry[i].node = rng.uint() as u32;
                 }
-                1 if !s.carry.is_empty() => {
-                    let i = rng.below(s.carry.len());
-                    tensor(rng, &mut s.carry[i].value);
+                1 if !s.input.carry.is_empty() => {
+                    let i = rng.below(s.input.carry.len());
+                    tensor(rng, &mut s.input.carry[i].value);
                 }
-                _ => s.carry.push(Carried {
+                _ => s.input.carry.push(Carried {
                     node: rng.below(40) as u32,
                     value: WireTensor::from_f32(vec![1, 64], &[rng.float() as f32; 64])
                         .expect("consistent"),

@@ -120,6 +120,24 @@ impl Config {
             .unwrap_or(self.hidden_size / self.num_attention_heads)
     }
 
+    /// Parameters of one decoder layer: attention (q, k, v, o and the q/k/v
+    /// biases where the model has them), the gated MLP and two norms.
+    pub fn layer_params(&self) -> u64 {
+        let (h, i) = (self.hidden_size as u64, self.intermediate_size as u64);
+        let q = (self.num_attention_heads * self.head_dim()) as u64;
+        let kv = (self.kv_heads() * self.head_dim()) as u64;
+        let bias = if self.attention_bias { q + 2 * kv } else { 0 };
+        h * q + 2 * h * kv + q * h + bias + 3 * h * i + 2 * h
+    }
+
+    /// Parameters outside the layers: the embedding, the final norm and
+    /// `lm_head` (when not tied to the embedding).
+    pub fn outer_params(&self) -> u64 {
+        let (h, v) = (self.hidden_size as u64, self.vocab_size as u64);
+        let head = if self.tie_word_embeddings { 0 } else { h * v };
+        h * v + h + head
+    }
+
     /// Checks the architecture is supported and the sizes are consistent.
     ///
     /// # Errors
