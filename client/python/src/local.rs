@@ -126,6 +126,6 @@ impl Local {
                 .collect::<PyResult<Vec<Saved>>>()?;
             Ok::<_, PyErr>((saves, out.generated))
         })??;
-        outcome::to_python(py, done.0, done.1, None, None)
+        outcome::to_python(py, done.0, done.1)
     }
 }

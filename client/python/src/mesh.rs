@@ -2,8 +2,13 @@
 //! runtime that the object owns. No weights are needed here: the manifest
 //! and the tokenizer come from the nodes.
 
+use std::path::PathBuf;
+
 use libp2p::Multiaddr;
-use nnmesh_client::mesh::{self, Client};
+use nnmesh_client::{
+    mesh::{self, Client},
+    transport::{self, keys},
+};
 use nnmesh_graph::Manifest;
 use nnmesh_protocol::ids::ModelId;
 use pyo3::{prelude::*, types::PyDict};
@@ -38,13 +43,27 @@ fn mesh_error(e: mesh::Error) -> PyErr {
 impl Mesh {
     /// Connects to the mesh through `addrs` (multiaddrs ending in
     /// `/p2p/<peer id>`), discovers the nodes, picks the fully served model
-    /// and fetches its manifest and tokenizer.
+    /// (`model`, a model id in hex, when the mesh serves several) and
+    /// fetches its manifest and tokenizer.
+    ///
+    /// `identity` is a key file (created on first use) giving the client
+    /// the peer id that nodes' allow-lists name; `psk` is a private mesh's
+    /// pre-shared key file. With `verify`, every hop runs on two holders of
+    /// its layers and a disagreement fails the run, naming both.
     ///
     /// # Errors
-    /// A [`MeshError`] for a bad address, an unreachable mesh, or no model
-    /// whose every layer is served.
+    /// A [`MeshError`] for a bad address or key file, an unreachable mesh,
+    /// or no model whose every layer is served.
     #[new]
-    fn new(py: Python<'_>, addrs: Vec<String>) -> PyResult<Self> {
+    #[pyo3(signature = (addrs, model=None, identity=None, psk=None, verify=false))]
+    fn new(
+        py: Python<'_>,
+        addrs: Vec<String>,
+        model: Option<&str>,
+        identity: Option<PathBuf>,
+        psk: Option<PathBuf>,
+        verify: bool,
+    ) -> PyResult<Self> {
         let addrs = addrs
             .iter()
             .map(|a| {
@@ -55,16 +74,38 @@ impl Mesh {
         if addrs.is_empty() {
             return Err(MeshError::new_err("no mesh address given"));
         }
+        let wanted = model
+            .map(|m| {
+                m.parse::<ModelId>()
+                    .map_err(|e| MeshError::new_err(format!("bad model id {m:?}: {e}")))
+            })
+            .transpose()?;
+        let keypair = match &identity {
+            Some(path) => keys::load_or_create_identity(path)
+                .map_err(|e| MeshError::new_err(format!("identity key {}: {e}", path.display())))?,
+            None => libp2p::identity::Keypair::generate_ed25519(),
+        };
+        let mut cfg = transport::Config::new(keypair);
+        cfg.psk = psk
+            .as_deref()
+            .map(|path| {
+                keys::read_psk(path).map_err(|e| {
+                    MeshError::new_err(format!("pre-shared key {}: {e}", path.display()))
+                })
+            })
+            .transpose()?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .map_err(|e| MeshError::new_err(format!("cannot start a tokio runtime: {e}")))?;
         let (client, model, manifest, json) = wait::on_runtime(py, &rt, async move {
-            let client = Client::connect(&addrs).await?;
+            let client = Client::start(cfg, &addrs)
+                .await?
+                .with_verify(verify.then(mesh::Tolerance::default));
             let peers = client.discover().await?;
-            let (model, route) = mesh::choose_route(&peers, None)?;
-            let manifest = route[0].manifest.clone();
+            let (model, route) = mesh::choose_route(&peers, wanted)?;
+            let manifest = route[0].0.manifest.clone();
             let (_, json) = client.tokenizer(Some(model)).await?;
             Ok::<_, mesh::Error>((client, model, manifest, json))
         })?
@@ -128,7 +169,9 @@ impl Mesh {
     }
 
     /// Runs a graph (JSON) through the mesh and returns what it saved (see
-    /// `outcome::to_python`), with the route taken.
+    /// `outcome::to_python`), plus `route` (per hop `(peer, start, end)`,
+    /// after any fail-over), `model` (the model id) and `failovers` (stages
+    /// replaced along the way).
     ///
     /// # Errors
     /// A `GraphError` for an invalid graph, a [`MeshError`] for a failed
@@ -148,17 +191,15 @@ impl Mesh {
             .into_iter()
             .map(|s| (s.name, s.step, s.value))
             .collect();
-        let route = out
+        let route: Vec<_> = out
             .route
             .iter()
             .map(|h| (h.peer.to_string(), h.span.start, h.span.end))
             .collect();
-        outcome::to_python(
-            py,
-            saves,
-            out.generated,
-            Some(route),
-            Some(out.model.to_string()),
-        )
+        let dict = outcome::to_python(py, saves, out.generated)?;
+        dict.set_item("route", route)?;
+        dict.set_item("model", out.model.to_string())?;
+        dict.set_item("failovers", out.failovers)?;
+        Ok(dict)
     }
 }

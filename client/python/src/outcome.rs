@@ -1,7 +1,7 @@
 //! What a run gives back to Python: a dict with the saved tensors as raw
 //! bytes plus dtype and shape (the Python side views them as `torch`
-//! tensors without another copy), the generated tokens, and on a mesh the
-//! route and model id.
+//! tensors without another copy) and the generated tokens; a mesh run adds
+//! its route, model id and fail-overs.
 
 use nnmesh_protocol::tensor::{WireDType, WireTensor};
 use pyo3::{
@@ -23,15 +23,11 @@ fn dtype_name(d: WireDType) -> &'static str {
 }
 
 /// The run's result as a dict: `saves` (a list of `(name, step, dtype,
-/// shape, bytearray)`), `generated` (per trace, per invoke, token ids),
-/// `route` (per hop `(peer, start, end)`, or `None` for a local run) and
-/// `model` (the mesh's model id, or `None`).
+/// shape, bytearray)`) and `generated` (per trace, per invoke, token ids).
 pub(crate) fn to_python<'py>(
     py: Python<'py>,
     saves: Vec<Saved>,
     generated: Vec<Vec<Vec<u32>>>,
-    route: Option<Vec<(String, u32, u32)>>,
-    model: Option<String>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let list = PyList::empty(py);
     for (name, step, t) in saves {
@@ -41,7 +37,5 @@ pub(crate) fn to_python<'py>(
     let out = PyDict::new(py);
     out.set_item("saves", list)?;
     out.set_item("generated", generated)?;
-    out.set_item("route", route)?;
-    out.set_item("model", model)?;
     Ok(out)
 }

@@ -54,9 +54,9 @@ class Tokenizer:
     def token_id(self, token: str) -> Optional[int]: ...
     def to_json(self) -> str: ...
 
-#: A run's result: saves as (name, step, dtype, shape, bytes), generated
-#: token ids per trace and invoke, the route (peer, start, end) and model
-#: id on a mesh (None locally).
+#: A run's result: saves as (name, step, dtype, shape, bytes) and generated
+#: token ids per trace and invoke; a mesh run adds its route (peer, start,
+#: end), model id and fail-over count.
 RunResult = Dict[str, Any]
 
 class Local:
@@ -73,7 +73,14 @@ class Mesh:
     tokenizer: Tokenizer
     model: str
     peer_id: str
-    def __init__(self, addrs: List[str]) -> None: ...
+    def __init__(
+        self,
+        addrs: List[str],
+        model: Optional[str] = None,
+        identity: Optional[str] = None,
+        psk: Optional[str] = None,
+        verify: bool = False,
+    ) -> None: ...
     def manifest(self) -> str: ...
     def peers(self) -> List[Tuple[str, int, int, str]]: ...
     def run(self, graph: str) -> RunResult: ...

@@ -136,6 +136,13 @@ class LanguageModel:
     ``/p2p/<peer id>``, or a list of them) uses the model a mesh serves,
     without weights here: the manifest and tokenizer come from the nodes.
     Everything else is the same for both.
+
+    On a mesh: ``model_id`` picks the model (hex id) where several are
+    served; ``identity`` is a key file, created on first use, giving this
+    client a stable peer id (for nodes' allow-lists); ``psk`` is a private
+    mesh's pre-shared key file (``nnmesh keygen psk``); ``verify=True`` runs
+    every hop on two holders of its layers and fails, naming both, when
+    their outputs disagree.
     """
 
     def __init__(
@@ -148,6 +155,10 @@ class LanguageModel:
         device_map: Optional[str] = None,
         torch_dtype: Any = None,
         dispatch: bool = True,
+        model_id: Optional[str] = None,
+        identity: Optional[Union[str, os.PathLike]] = None,
+        psk: Optional[Union[str, os.PathLike]] = None,
+        verify: bool = False,
     ) -> None:
         if (path is None) == (mesh is None):
             raise TypeError("give a model path, LanguageModel(path), or a mesh, LanguageModel(mesh=ADDR)")
@@ -161,16 +172,27 @@ class LanguageModel:
         self._recording_stack: List[Recorder] = []
         #: The graph of the last trace or session that ran.
         self.graph: Optional[Graph] = None
-        #: The last run's route through the mesh: ``[(peer, start, end)]``
-        #: (``None`` locally).
+        #: The last run's route through the mesh, after any fail-over:
+        #: ``[(peer, start, end)]`` (``None`` locally).
         self.route: Optional[List[Any]] = None
+        #: Stages of the last mesh run that failed and were replaced by
+        #: another holder of their layers (``0`` locally).
+        self.failovers: int = 0
         try:
             if mesh is not None:
                 if device is not None and device != "cpu" or dtype is not None:
                     raise TypeError("device and dtype are chosen by the mesh's nodes")
                 addrs = [mesh] if isinstance(mesh, str) else list(mesh)
-                self._backend: Any = _nnmesh.Mesh(addrs)
+                self._backend: Any = _nnmesh.Mesh(
+                    addrs,
+                    model=model_id,
+                    identity=None if identity is None else os.fspath(identity),
+                    psk=None if psk is None else os.fspath(psk),
+                    verify=verify,
+                )
             else:
+                if model_id is not None or identity is not None or psk is not None or verify:
+                    raise TypeError("model_id, identity, psk and verify are for LanguageModel(mesh=...)")
                 self._backend = _nnmesh.Local(os.fspath(path), device or "cpu", dtype or "float32")
         except (_nnmesh.MeshError, _nnmesh.RunError) as e:
             raise from_native(e) from None
@@ -269,7 +291,8 @@ class LanguageModel:
             result = self._backend.run(text)
         except (_nnmesh.GraphError, _nnmesh.MeshError, _nnmesh.RunError) as e:
             raise from_native(e) from None
-        self.route = result["route"]
+        self.route = result.get("route")
+        self.failovers = result.get("failovers", 0)
         return result
 
     def _execute(self, rec: Recorder, frame: Any) -> Graph:
