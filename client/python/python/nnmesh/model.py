@@ -52,10 +52,12 @@ class Graph:
 
     @property
     def nodes(self) -> List[Dict[str, Any]]:
+        """The graph's nodes, as dicts in the JSON form."""
         return self.data["nodes"]
 
     @property
     def traces(self) -> List[Dict[str, Any]]:
+        """The graph's traces (prompts, new tokens), as dicts."""
         return self.data["traces"]
 
     @property
@@ -105,22 +107,27 @@ class Tokenizer:
         return self._native.decode([int(i) for i in ids])
 
     def batch_decode(self, rows: Any) -> List[str]:
+        """The text of each row of token ids."""
         return [self.decode(r) for r in rows]
 
     def convert_ids_to_tokens(self, ids: Any) -> Any:
+        """The vocabulary entry of one id, or of each id in a sequence."""
         if isinstance(ids, int):
             return self._native.token_text(ids)
         return [self._native.token_text(int(i)) for i in ids]
 
     def token_id(self, token: str) -> Optional[int]:
+        """The id of a vocabulary entry, or ``None``."""
         return self._native.token_id(token)
 
     @property
     def eos_token_id(self) -> Optional[int]:
+        """The end-of-sequence token's id, if the tokenizer names one."""
         return self._native.eos
 
     @property
     def vocab_size(self) -> int:
+        """The number of tokens in the vocabulary."""
         return self._native.vocab_size
 
 

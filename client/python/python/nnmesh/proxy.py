@@ -116,12 +116,15 @@ class Proxy:
 
     @property
     def ndim(self) -> int:
+        """The number of dimensions."""
         return len(self.shape)
 
     def dim(self) -> int:
+        """The number of dimensions, as ``torch.Tensor.dim``."""
         return len(self.shape)
 
     def size(self, dim: Optional[int] = None) -> Any:
+        """The shape, or one dimension's size, as ``torch.Tensor.size``."""
         s = self.shape
         return s if dim is None else s[dim]
 
@@ -135,6 +138,7 @@ class Proxy:
 
     @property
     def T(self) -> Any:
+        """The dimensions reversed (a ``permute`` node while recording)."""
         if not self._recording():
             return self._value.T
         return self.permute(*reversed(range(self.ndim)))

@@ -362,6 +362,8 @@ class Result:
         return self._value is not _UNSET
 
     def save(self) -> "Result":
+        """Asks for the token ids back after the block (as NNsight's
+        ``tracer.result.save()``)."""
         rec = self._tracer.recorder
         if rec is not None and self not in rec.results:
             rec.results.append(self)
@@ -369,6 +371,7 @@ class Result:
 
     @property
     def value(self) -> torch.Tensor:
+        """The token ids, ``[batch, prompt + new tokens]``, left-padded with 0."""
         if self._value is _UNSET:
             raise UnsupportedError(
                 "tracer.result exists after the run, and only when saved (tracer.result.save())",
