@@ -5,6 +5,8 @@
 //!   (any part of a holder's span can be used).
 //! - [`failover`]: a client's decisions when a hop of its route fails —
 //!   replace, wait and look again, or give up.
+//! - [`detect`]: whether a hop of a step in flight is gone (connection
+//!   loss, missed pings, a deadline and a probe), alive but stuck, or fine.
 //! - [`placement`]: which blocks a node serves (cover the weakest blocks,
 //!   keep a replication floor) and when it moves (load the new blocks,
 //!   look again, then drop the old ones).
@@ -28,6 +30,7 @@
 //! assert_eq!(legs[1].span.end, 30);
 //! ```
 
+pub mod detect;
 pub mod failover;
 pub mod placement;
 pub mod route;

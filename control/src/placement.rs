@@ -59,6 +59,14 @@
 //! U[0.5, 1.5); the first placement waits U[0, [`Config::start_jitter`]) so
 //! that nodes started together do not all pick the same blocks.
 //!
+//! # Records or a census
+//!
+//! The answer to `Discover` is either the holders' records
+//! ([`Event::Records`]) or, where handing every node every record costs too
+//! much (a mesh of thousands), their per-block aggregates
+//! ([`Placement::on_census`] with a [`Census`]): the rule only reads holder
+//! counts and throughputs per block, so both give the same decisions.
+//!
 //! ```
 //! use std::time::Instant;
 //! use nnmesh_control::placement::*;
@@ -163,6 +171,66 @@ pub fn choose_span(holders: &[Holder], num_layers: u32, len: u32, replication: u
 pub fn move_target(others: &[Holder], me: &Holder, num_layers: u32, cfg: &Config) -> Option<Span> {
     let blocks = Blocks::of(others, num_layers, Some(&me.peer));
     plan(&blocks, me.span, me.throughput, cfg).map(|p| p.to)
+}
+
+/// Per-block aggregates of a set of holders: what placement needs of the
+/// mesh's records (see [`Placement::on_census`]).
+///
+/// Kept up to date with [`add`](Census::add) and
+/// [`remove`](Census::remove), it costs O(blocks of the span) per change,
+/// whatever the number of holders.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Census {
+    /// Holders per block.
+    pub holders: Vec<u32>,
+    /// Throughput per block: the sum of its holders' (tokens/s through the
+    /// holder's whole span; non-finite or negative values count as 0).
+    pub throughput: Vec<f32>,
+}
+
+impl Census {
+    /// An empty census of `num_layers` blocks.
+    pub fn new(num_layers: u32) -> Census {
+        Census {
+            holders: vec![0; num_layers as usize],
+            throughput: vec![0.0; num_layers as usize],
+        }
+    }
+
+    /// The census of `holders` (spans are cut at `num_layers`).
+    pub fn of(holders: &[Holder], num_layers: u32) -> Census {
+        let b = Blocks::of(holders, num_layers, None);
+        Census {
+            holders: b.holders,
+            throughput: b.throughput,
+        }
+    }
+
+    /// Counts a holder of `span` at `throughput` (the part of `span` past
+    /// the census's blocks is ignored).
+    pub fn add(&mut self, span: Span, throughput: f32) {
+        let tp = valid(throughput);
+        for b in self.blocks(span) {
+            self.holders[b] += 1;
+            self.throughput[b] += tp;
+        }
+    }
+
+    /// Takes back a holder counted by [`add`](Census::add) with the same
+    /// arguments (counts never go below 0; throughputs below 0 are
+    /// clamped to 0).
+    pub fn remove(&mut self, span: Span, throughput: f32) {
+        let tp = valid(throughput);
+        for b in self.blocks(span) {
+            self.holders[b] = self.holders[b].saturating_sub(1);
+            self.throughput[b] = (self.throughput[b] - tp).max(0.0);
+        }
+    }
+
+    fn blocks(&self, span: Span) -> Range<usize> {
+        let n = self.holders.len().min(self.throughput.len());
+        (span.start as usize).min(n)..(span.end as usize).min(n)
+    }
 }
 
 /// Per-block holder counts and throughputs.
@@ -484,8 +552,60 @@ impl Placement {
                 self.phase = Phase::Discovering;
                 vec![Action::Discover]
             }
-            (Event::Records { holders }, Phase::Discovering) => {
+            (Event::Records { holders }, phase @ (Phase::Discovering | Phase::Confirming(_))) => {
                 let others = Blocks::of(holders, self.num_layers, Some(&self.me));
+                self.on_blocks(now, others, phase)
+            }
+            (Event::Loaded { span }, Phase::Loading(plan)) if span == plan.to => match self.span {
+                None => self.arrive(now, span),
+                Some(_) => {
+                    self.phase = Phase::Confirming(plan);
+                    vec![Action::Discover]
+                }
+            },
+            (Event::LoadFailed { span }, Phase::Loading(plan)) if span == plan.to => {
+                vec![self.next_check(now)]
+            }
+            (_, phase) => {
+                self.phase = phase;
+                Vec::new()
+            }
+        }
+    }
+
+    /// Takes the answer to [`Action::Discover`] as per-block aggregates of
+    /// the *other* holders (the node's own records left out), instead of
+    /// their records ([`Event::Records`]); returns what to do, exactly as
+    /// `on_event` would for records with those aggregates. A census made
+    /// for a different number of blocks is cut or padded with empty blocks.
+    ///
+    /// For meshes too large to hand every node every record: the aggregates
+    /// can be kept per block (a DHT key per block, a simulator's counters)
+    /// at a cost independent of the number of holders.
+    pub fn on_census(&mut self, now: Instant, others: &Census) -> Vec<Action> {
+        match std::mem::replace(&mut self.phase, Phase::Sleeping) {
+            phase @ (Phase::Discovering | Phase::Confirming(_)) => {
+                let n = self.num_layers as usize;
+                let mut blocks = Blocks {
+                    holders: others.holders.clone(),
+                    throughput: others.throughput.iter().map(|&t| valid(t)).collect(),
+                };
+                blocks.holders.resize(n, 0);
+                blocks.throughput.resize(n, 0.0);
+                self.on_blocks(now, blocks, phase)
+            }
+            phase => {
+                self.phase = phase;
+                Vec::new()
+            }
+        }
+    }
+
+    /// The records' answer in `phase` (discovering or confirming a move),
+    /// as the per-block aggregates of the other holders.
+    fn on_blocks(&mut self, now: Instant, others: Blocks, phase: Phase) -> Vec<Action> {
+        match phase {
+            Phase::Discovering => {
                 let plan = match self.span {
                     None => Some(Plan {
                         to: others.best_window(self.len, self.cfg.replication),
@@ -508,19 +628,8 @@ impl Placement {
                 self.phase = Phase::Loading(plan);
                 vec![Action::Load { span }]
             }
-            (Event::Loaded { span }, Phase::Loading(plan)) if span == plan.to => match self.span {
-                None => self.arrive(now, span),
-                Some(_) => {
-                    self.phase = Phase::Confirming(plan);
-                    vec![Action::Discover]
-                }
-            },
-            (Event::LoadFailed { span }, Phase::Loading(plan)) if span == plan.to => {
-                vec![self.next_check(now)]
-            }
-            (Event::Records { holders }, Phase::Confirming(plan)) => {
+            Phase::Confirming(plan) => {
                 let old = self.span.expect("only a placed node moves");
-                let others = Blocks::of(holders, self.num_layers, Some(&self.me));
                 let safe = (old.start..old.end)
                     .zip(&plan.keep)
                     .all(|(b, &keep)| others.holders[b as usize] >= keep);
@@ -532,10 +641,7 @@ impl Placement {
                 actions.insert(1, Action::Drop { span: old });
                 actions
             }
-            (_, phase) => {
-                self.phase = phase;
-                Vec::new()
-            }
+            phase => unreachable!("records are only taken while discovering: {phase:?}"),
         }
     }
 
@@ -1161,6 +1267,51 @@ mod tests {
         assert_eq!((sim.uncovering_drops, sim.unsafe_drops), (0, 0));
     }
 
+    #[test]
+    fn a_census_counts_what_the_records_hold() {
+        let mesh = [
+            h(1, 0, 10, 100.0),
+            h(2, 5, 40, f32::NAN),
+            h(3, 10, 20, -3.0),
+        ];
+        let c = Census::of(&mesh, 30);
+        assert_eq!(c.holders, holders_per_block(&mesh, 30));
+        assert_eq!(c.throughput, block_throughput(&mesh, 30));
+        // Built by hand, and taken apart again.
+        let mut built = Census::new(30);
+        for x in &mesh {
+            built.add(x.span, x.throughput);
+        }
+        assert_eq!(built, c);
+        for x in &mesh {
+            built.remove(x.span, x.throughput);
+        }
+        assert_eq!(built, Census::new(30));
+        // Never below zero.
+        built.remove(Span::new(0, 3), 5.0);
+        assert_eq!(built, Census::new(30));
+    }
+
+    #[test]
+    fn a_census_of_another_size_is_cut_or_padded() {
+        let me = peer(9);
+        let mut p = Placement::new(Config::default(), me, 100.0, 30, 10, 1);
+        let t = Instant::now();
+        p.on_event(t, Event::Start);
+        p.on_event(t, Event::Woke);
+        // Blocks 0..10 held; the rest missing from a 10-block census.
+        let mut c = Census::new(10);
+        c.add(Span::new(0, 10), 50.0);
+        assert_eq!(
+            p.on_census(t, &c),
+            [Action::Load {
+                span: Span::new(10, 20)
+            }]
+        );
+        // Not waiting for records: ignored.
+        assert!(p.on_census(t, &c).is_empty());
+    }
+
     fn peers() -> Vec<PeerId> {
         (1..=5).map(peer).collect()
     }
@@ -1300,6 +1451,84 @@ mod tests {
             prop_assert_eq!(sim.unsafe_drops, 0);
             if discover_ms == 0 {
                 prop_assert_eq!(sim.uncovering_drops, 0);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Two machines with the same seed, one given records and one the
+        /// census of the others' records, take the same decisions.
+        #[test]
+        fn a_census_decides_as_the_records_do(
+            num_layers in 1u32..16,
+            len in 1u32..16,
+            replication in 0u32..4,
+            dwell_s in prop_oneof![Just(0u64), 1u64..600],
+            looks in proptest::collection::vec(
+                (
+                    proptest::collection::vec((0usize..5, 0u32..16, 1u32..16, 0f32..300.0), 0..8),
+                    0u64..400,
+                    any::<bool>(),
+                ),
+                1..40,
+            ),
+            seed in any::<u64>(),
+        ) {
+            let peers = peers();
+            let me = peers[0];
+            let cfg = Config {
+                replication,
+                min_dwell: Duration::from_secs(dwell_s),
+                ..Config::default()
+            };
+            let mut a = Placement::new(cfg.clone(), me, 100.0, num_layers, len, seed);
+            let mut b = Placement::new(cfg, me, 100.0, num_layers, len, seed);
+            let mut now = Instant::now();
+            let mut pending = a.on_event(now, Event::Start);
+            prop_assert_eq!(&pending, &b.on_event(now, Event::Start));
+            for (look, wait_s, load_fails) in looks {
+                now += Duration::from_secs(wait_s);
+                let mut next = Vec::new();
+                for action in pending {
+                    let (x, y) = match action {
+                        Action::WakeAt(_) => (a.on_event(now, Event::Woke), b.on_event(now, Event::Woke)),
+                        Action::Discover => {
+                            // The node's own records are in the list and
+                            // left out of the census, as a driver would.
+                            let holders: Vec<Holder> = look
+                                .iter()
+                                .map(|&(i, start, len, throughput)| Holder {
+                                    peer: peers[i],
+                                    span: Span::new(start, start + len),
+                                    throughput,
+                                })
+                                .collect();
+                            let others: Vec<Holder> =
+                                holders.iter().filter(|h| h.peer != me).cloned().collect();
+                            (
+                                a.on_event(now, Event::Records { holders: &holders }),
+                                b.on_census(now, &Census::of(&others, num_layers)),
+                            )
+                        }
+                        Action::Load { span } if load_fails => (
+                            a.on_event(now, Event::LoadFailed { span }),
+                            b.on_event(now, Event::LoadFailed { span }),
+                        ),
+                        Action::Load { span } => (
+                            a.on_event(now, Event::Loaded { span }),
+                            b.on_event(now, Event::Loaded { span }),
+                        ),
+                        Action::Serve { .. } | Action::Drop { .. } | Action::Unload { .. } => {
+                            (Vec::new(), Vec::new())
+                        }
+                    };
+                    prop_assert_eq!(&x, &y);
+                    next.extend(x);
+                }
+                prop_assert_eq!(a.span(), b.span());
+                pending = next;
             }
         }
     }
