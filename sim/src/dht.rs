@@ -440,7 +440,7 @@ mod tests {
         let a = r.insert(1, Span::new(0, 5), 100.0, 0.0, Time(10));
         let b = r.insert(2, Span::new(3, 10), 50.5, 0.0, Time(10));
         let c = r.insert(3, Span::new(4, 6), 7.0, 0.0, Time(10));
-        assert_eq!(r.holders(), [1, 1, 1, 2, 3, 3, 1, 1, 1, 1]);
+        assert_eq!(r.holders(), [1, 1, 1, 2, 3, 2, 1, 1, 1, 1]);
         r.remove(b);
         assert_eq!(r.holders(), [1, 1, 1, 1, 2, 1, 0, 0, 0, 0]);
         assert_eq!(r.recount(), (r.holders().to_vec(), r.tp_milli().to_vec()));
