@@ -59,10 +59,10 @@ pub fn run(sc: &Scenario, label: &str, progress: &mut Progress) -> Summary {
 /// Runs every run of `plan`, `jobs` at a time; returns their summaries in
 /// the plan's order.
 pub fn run_plan(plan: &Plan, progress: &mut Progress, jobs: usize) -> Vec<Summary> {
-    let finish = |(run, sc): &(scenario::SweepRun, Scenario), p: &mut Progress| {
-        let mut s = run_one(sc, &run.label, p);
-        s.series = run.series.clone();
-        s.x = run.x;
+    let finish = |(sweep, sc): &(scenario::SweepRun, Scenario), p: &mut Progress| {
+        let mut s = run(sc, &sweep.label, p);
+        s.series = sweep.series.clone();
+        s.x = sweep.x;
         s
     };
     if jobs <= 1 || plan.runs.len() <= 1 {
@@ -97,10 +97,6 @@ pub fn run_plan(plan: &Plan, progress: &mut Progress, jobs: usize) -> Vec<Summar
         .collect()
 }
 
-fn run_one(sc: &Scenario, label: &str, progress: &mut Progress) -> Summary {
-    run(sc, label, progress)
-}
-
 /// Why outputs could not be written.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -118,8 +114,61 @@ pub enum OutputError {
     Plot(#[from] plot::PlotError),
 }
 
-/// Writes `summary.json` (every run) and the plan's plots into `dir`;
-/// returns the files written.
+/// One calibration target against the runs: the measured value, the
+/// simulated one (the mean over the runs), and the relative error.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Calibrated {
+    /// The target's name.
+    pub name: String,
+    /// The measured value.
+    pub measured: f64,
+    /// The runs' mean.
+    pub simulated: f64,
+    /// The runs' smallest and largest values.
+    pub range: [f64; 2],
+    /// (simulated − measured) / measured.
+    pub error: f64,
+    /// Whether a parameter was fitted to it.
+    pub fitted: bool,
+}
+
+/// Compares the runs with the scenario's calibration targets.
+pub fn calibrate(plan: &Plan, runs: &[Summary]) -> Vec<Calibrated> {
+    let values: Vec<serde_json::Value> = runs
+        .iter()
+        .map(|r| serde_json::to_value(r).expect("summaries serialize"))
+        .collect();
+    plan.base
+        .calibration
+        .iter()
+        .map(|t| {
+            let pointer = format!("/{}", t.path.replace('.', "/"));
+            let xs: Vec<f64> = values
+                .iter()
+                .filter_map(|v| v.pointer(&pointer).and_then(serde_json::Value::as_f64))
+                .collect();
+            let mean = if xs.is_empty() {
+                f64::NAN
+            } else {
+                xs.iter().sum::<f64>() / xs.len() as f64
+            };
+            Calibrated {
+                name: t.name.clone(),
+                measured: t.measured,
+                simulated: mean,
+                range: [
+                    xs.iter().copied().fold(f64::INFINITY, f64::min),
+                    xs.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                ],
+                error: (mean - t.measured) / t.measured,
+                fitted: t.fitted,
+            }
+        })
+        .collect()
+}
+
+/// Writes `summary.json` (every run) and the plan's plots into `dir`
+/// (a plot none of whose runs ran is left out); returns the files written.
 ///
 /// # Errors
 /// When a file cannot be written or a plot drawn.
@@ -137,14 +186,16 @@ pub fn write_outputs(
     let json = serde_json::json!({
         "scenario": plan.base.name,
         "description": plan.base.description,
+        "calibration": calibrate(plan, runs),
         "runs": runs,
     });
     let text = serde_json::to_string_pretty(&json).expect("summaries serialize");
     std::fs::write(&path, text + "\n").map_err(|e| write_err(&path, e))?;
     let mut files = vec![path];
     for p in &plan.base.plots {
-        plot::draw(p, runs, dir)?;
-        files.push(dir.join(&p.file));
+        if plot::draw(p, runs, dir)? {
+            files.push(dir.join(&p.file));
+        }
     }
     Ok(files)
 }

@@ -39,11 +39,12 @@ struct Line {
     dashed: bool,
 }
 
-/// Draws `plot` from `runs` into `dir`.
+/// Draws `plot` from `runs` into `dir`; `false` when none of the plot's
+/// runs is among `runs` (nothing drawn).
 ///
 /// # Errors
-/// When there is nothing to draw or the file cannot be written.
-pub fn draw(plot: &Plot, runs: &[Summary], dir: &Path) -> Result<(), PlotError> {
+/// When the file cannot be written.
+pub fn draw(plot: &Plot, runs: &[Summary], dir: &Path) -> Result<bool, PlotError> {
     let err = |message: String| PlotError {
         file: plot.file.clone(),
         message,
@@ -53,7 +54,7 @@ pub fn draw(plot: &Plot, runs: &[Summary], dir: &Path) -> Result<(), PlotError> 
         .filter(|r| plot.runs.is_empty() || plot.runs.contains(&r.label))
         .collect();
     if runs.is_empty() {
-        return Err(err("no run to draw".into()));
+        return Ok(false);
     }
     let path = dir.join(&plot.file);
     match plot.kind {
@@ -165,7 +166,8 @@ pub fn draw(plot: &Plot, runs: &[Summary], dir: &Path) -> Result<(), PlotError> 
             two_panels(&path, &plot.title, &[covered], &holders)
         }
     }
-    .map_err(err)
+    .map_err(err)?;
+    Ok(true)
 }
 
 fn l10(v: f64) -> f64 {
@@ -196,10 +198,18 @@ fn range(vals: impl Iterator<Item = f64>, log: bool) -> (f64, f64) {
 
 fn label(v: f64, log: bool) -> String {
     let x = if log { 10f64.powf(v) } else { v };
+    // Two significant digits on log axes (their ticks fall between round
+    // numbers).
+    let x = if log && x != 0.0 {
+        let mag = 10f64.powf(x.abs().log10().floor() - 1.0);
+        (x / mag).round() * mag
+    } else {
+        x
+    };
     if x != 0.0 && (x.abs() < 0.01 || x.abs() >= 1e5) {
-        format!("{x:.0e}")
+        format!("{x:.1e}")
     } else if x.abs() < 10.0 {
-        format!("{:.2}", x)
+        format!("{x:.3}")
             .trim_end_matches('0')
             .trim_end_matches('.')
             .to_string()

@@ -87,6 +87,8 @@ pub struct Scenario {
     pub sweep: Vec<SweepRun>,
     /// Plots drawn from the runs.
     pub plots: Vec<Plot>,
+    /// Figures measured on a real mesh, to compare the runs with.
+    pub calibration: Vec<Target>,
 }
 
 impl Default for Scenario {
@@ -107,6 +109,7 @@ impl Default for Scenario {
             discovery: Discovery::default(),
             sweep: Vec::new(),
             plots: Vec::new(),
+            calibration: Vec::new(),
         }
     }
 }
@@ -527,6 +530,11 @@ pub struct Control {
     /// A client leaves a peer it found dead out of discovery this long
     /// (the client's `DEAD_TTL`), s.
     pub dead_ttl_s: f64,
+    /// Answer a fail-over's first discovery with the candidates the session
+    /// found when it started, at once, instead of discovering anew (a
+    /// proposal: the client does not do this today). Later attempts (after
+    /// a backoff) discover anew.
+    pub reuse_candidates: bool,
 }
 
 impl Default for Control {
@@ -538,6 +546,7 @@ impl Default for Control {
             recovery: Recovery::Replay,
             replay: Replay::Steps,
             dead_ttl_s: 60.0,
+            reuse_candidates: false,
         }
     }
 }
@@ -659,8 +668,9 @@ pub struct DetectCfg {
     pub ping_interval_s: f64,
     /// A ping unanswered this long closes the connection, s.
     pub ping_timeout_s: f64,
-    /// A call to a host that vanished fails after this long (dialling an
-    /// address that does not answer), s.
+    /// A call to a host that vanished fails after this long: dialling an
+    /// address that does not answer ends with libp2p's connection timeout
+    /// (the `SwarmBuilder`'s default, 10 s, which the transport keeps), s.
     pub dial_timeout_s: f64,
 }
 
@@ -701,7 +711,8 @@ pub struct Discovery {
     /// Providers republish this often, s.
     pub provider_republish_s: f64,
     /// An `Info` call to a provider that vanished fails after this long
-    /// (the transport's request timeout), s.
+    /// (its dial ends with libp2p's 10 s connection timeout, before the
+    /// 60 s request timeout), s. A discovery waits for every call.
     pub info_timeout_s: f64,
     /// Block records expire after this long (`blocks`), s.
     pub record_ttl_s: f64,
@@ -736,7 +747,7 @@ impl Default for Discovery {
             alpha: 3,
             provider_ttl_s: 600.0,
             provider_republish_s: 300.0,
-            info_timeout_s: 60.0,
+            info_timeout_s: 10.0,
             record_ttl_s: 120.0,
             record_refresh_s: 60.0,
             sample: 16,
@@ -820,6 +831,23 @@ pub enum PlotKind {
     Coverage,
     /// The recovery-latency CDF, one line per run.
     RecoveryCdf,
+}
+
+/// A figure measured on a real mesh.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// What it is.
+    pub name: String,
+    /// Where the simulated figure is in a run's summary, by dotted path
+    /// (`sessions.step_ms.p50`).
+    pub path: String,
+    /// The measured value.
+    pub measured: f64,
+    /// Whether a parameter was fitted to it (so it is no test of the
+    /// model).
+    #[serde(default)]
+    pub fitted: bool,
 }
 
 /// A scenario with its runs resolved.

@@ -384,13 +384,30 @@ impl World {
     }
 
     /// The node stops serving `span` (a move's old span). Its queued steps
-    /// still run (they are ahead of the stop in the stage's mailbox).
+    /// still run (they are ahead of the stop in the stage's mailbox). In
+    /// `blocks` mode it withdraws that span's record (Petals announces a
+    /// moved span offline); only a dead node's records linger.
     fn drop_span(&mut self, n: u32, span: Span) {
         let node = &mut self.nodes[n as usize];
         if let Some(i) = node.counted.iter().position(|&s| s == span) {
             node.counted.remove(i);
             let tp = node.tp;
             self.live.remove(span, tp);
+        }
+        if self.sc.discovery.mode == DiscoveryMode::Blocks {
+            let old: Vec<u32> = node
+                .recs
+                .iter()
+                .copied()
+                .filter(|&id| {
+                    Some(id) != node.cur_rec && self.records.get(id).is_some_and(|r| r.span == span)
+                })
+                .collect();
+            for id in old {
+                self.records.remove(id);
+                self.nodes[n as usize].recs.retain(|&r| r != id);
+                self.announce_records(n, span);
+            }
         }
     }
 

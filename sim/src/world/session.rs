@@ -111,6 +111,13 @@ pub(crate) struct Session {
     recovering: Option<Recovering>,
     route_tries: u32,
     failovers: u32,
+    /// The candidates found at the start, kept for fail-over
+    /// (`reuse_candidates`): node, span, per-layer throughput, RTT, load.
+    warm: Vec<(u32, Span, f32, f32, f32)>,
+    /// Discoveries since the last failure.
+    fo_discoveries: u32,
+    /// Whether the pending fail-over discovery is answered from `warm`.
+    fo_warm: bool,
 }
 
 impl Session {
@@ -183,6 +190,9 @@ impl World {
             recovering: None,
             route_tries: 0,
             failovers: 0,
+            warm: Vec::new(),
+            fo_discoveries: 0,
+            fo_warm: false,
         });
         self.discover_route(s);
     }
@@ -248,6 +258,13 @@ impl World {
         };
         if let Some(c) = client {
             self.clients[c as usize].cache = Some((now, cands.clone(), nodes.clone()));
+        }
+        if self.sc.control.reuse_candidates {
+            self.sessions[s as usize].warm = cands
+                .iter()
+                .zip(&nodes)
+                .map(|(c, &n)| (n, c.span, c.throughput, c.rtt_ms, c.load))
+                .collect();
         }
         let route: Vec<Hop> = legs
             .iter()
@@ -554,6 +571,7 @@ impl World {
         sess.state = State::FailingOver;
         sess.step_failed_over = true;
         sess.suspect = None;
+        sess.fo_discoveries = 0;
         if failure == Failure::Lost {
             sess.dead.push((hop.node, now + dead_ttl));
             if let Some(c) = sess.client {
@@ -592,9 +610,19 @@ impl World {
         for a in actions {
             match a {
                 failover::Action::Discover { span } => {
-                    let latency = self.discover_cost(None, Some(s), span);
+                    let sess = &self.sessions[s as usize];
+                    // The first look after a failure may reuse the
+                    // session's own candidates, at once.
+                    let warm = sess.fo_discoveries == 0 && !sess.warm.is_empty();
+                    let latency = if warm {
+                        Time::ZERO
+                    } else {
+                        self.discover_cost(None, Some(s), span)
+                    };
                     let sess = &mut self.sessions[s as usize];
                     sess.fo_span = span;
+                    sess.fo_warm = warm;
+                    sess.fo_discoveries += 1;
                     self.q.at(now + latency, Ev::FailoverFound(s, sess.token));
                 }
                 failover::Action::WaitUntil { at, span } => {
@@ -625,7 +653,29 @@ impl World {
             return;
         }
         let span = sess.fo_span;
-        let (cands, nodes) = self.candidates(s, span);
+        let (cands, nodes) = if sess.fo_warm {
+            let t = self.now();
+            let dead = |n: u32| sess.dead.iter().any(|&(d, until)| d == n && t < until);
+            sess.warm
+                .iter()
+                .filter(|w| !dead(w.0) && w.1.start < span.end && span.start < w.1.end)
+                .map(|&(n, span, throughput, rtt_ms, load)| {
+                    let peer = self.nodes[n as usize].peer;
+                    (
+                        Candidate {
+                            peer,
+                            span,
+                            throughput,
+                            rtt_ms,
+                            load,
+                        },
+                        n,
+                    )
+                })
+                .unzip()
+        } else {
+            self.candidates(s, span)
+        };
         let now = self.clock.instant(self.now());
         let wall = WallInstant::now();
         let sess = &mut self.sessions[s as usize];
@@ -741,6 +791,7 @@ impl World {
         // Free what a finished session no longer needs.
         sess.route = Vec::new();
         sess.found = Vec::new();
+        sess.warm = Vec::new();
         if let Some(c) = sess.client {
             let link = std::mem::replace(&mut sess.link, Link::new(1.0, 1.0));
             let dead = std::mem::take(&mut sess.dead);
