@@ -46,9 +46,11 @@ use crate::transport::{self, Inbound};
 mod error;
 mod request;
 mod route;
+mod verify;
 
 pub use error::{Error, StageName};
 pub use route::{Route, candidate, choose_route, coverage_gaps, holder};
+pub use verify::Tolerance;
 
 /// A node found in the mesh, with its verified record.
 #[derive(Debug, Clone)]
@@ -90,6 +92,9 @@ pub struct Outcome {
     pub model: ModelId,
     /// Stages replaced along the way.
     pub failovers: u32,
+    /// Bytes of step inputs the client held at the end to replay a failed
+    /// hop (token ids, hidden states and carried values, every hop).
+    pub history_bytes: u64,
 }
 
 /// What a running request reports as it goes (see [`Client::run_with`]):
@@ -138,6 +143,8 @@ pub enum Progress {
 struct Pending {
     reports: mpsc::Sender<StageReport>,
     route: Vec<PeerId>,
+    /// With verification, each hop's second holder.
+    twins: Vec<PeerId>,
 }
 
 type PendingMap = Arc<Mutex<HashMap<RequestId, Pending>>>;
@@ -158,6 +165,9 @@ pub struct Client {
     dead: Dead,
     /// The limits of fail-over.
     failover: nnmesh_control::failover::Config,
+    /// Redundant execution: every hop also runs on a second holder and
+    /// the two must agree within this tolerance.
+    verify: Option<Tolerance>,
 }
 
 impl std::fmt::Debug for Pending {
@@ -246,7 +256,19 @@ impl Client {
             known: Arc::default(),
             dead: Arc::default(),
             failover: nnmesh_control::failover::Config::default(),
+            verify: None,
         })
+    }
+
+    /// The client with redundant execution: each hop of a request runs on
+    /// two holders of its layers, and their outputs, saves and relayed
+    /// values must agree within `tolerance`, or the request fails naming
+    /// both ([`Error::Mismatch`]). It costs a second holder's compute and
+    /// about twice the latency; it needs two holders of every hop's layers
+    /// ([`Error::NoTwin`]).
+    pub fn with_verify(mut self, tolerance: Option<Tolerance>) -> Self {
+        self.verify = tolerance;
+        self
     }
 
     /// The client with other fail-over limits (how many failures a request
@@ -319,9 +341,10 @@ impl Client {
         }
     }
 
-    /// Peers among which a route for `model` exists. A node that just joined
-    /// may not be in the DHT yet, so a mesh that lacks layers is looked at
-    /// again a few times (about 3 s in all) before the gap is reported.
+    /// Peers among which a route for `model` exists (with verification, and
+    /// a second holder for each of its hops). A node that just joined may
+    /// not be in the DHT yet, so a mesh that lacks layers is looked at again
+    /// a few times (about 3 s in all) before the gap is reported.
     async fn routable_peers(&self, model: Option<ModelId>) -> Result<Vec<Peer>, Error> {
         let mut wait = Duration::from_millis(200);
         let mut attempt = 0;
@@ -331,9 +354,12 @@ impl Client {
                 Err(Error::NoPeers) if attempt < COVERAGE_RETRIES => Vec::new(),
                 Err(e) => return Err(e),
             };
+            let verifiable =
+                |route: &Route<'_>| self.verify.is_none() || request::twins(&peers, route).is_ok();
             match choose_route(&peers, model) {
+                Ok((_, route)) if verifiable(&route) => return Ok(peers),
+                Ok(_) | Err(Error::Coverage(_)) if attempt < COVERAGE_RETRIES => {}
                 Ok(_) => return Ok(peers),
-                Err(Error::Coverage(_)) if attempt < COVERAGE_RETRIES => {}
                 Err(e) => return Err(e),
             }
             *self.known.lock().expect("not poisoned") = None;
@@ -566,13 +592,18 @@ async fn serve_reports(mut inbound: mpsc::Receiver<Inbound>, pending: PendingMap
                     .lock()
                     .expect("not poisoned")
                     .get(&report.request)
-                    .map(|p| (p.reports.clone(), p.route.get(report.hop as usize).copied()));
+                    .map(|p| {
+                        let hop = report.hop as usize;
+                        let on_route = p.route.get(hop) == Some(&inb.peer)
+                            || p.twins.get(hop) == Some(&inb.peer);
+                        (p.reports.clone(), on_route)
+                    });
                 match target {
                     None => Response::Error(WireError::new(
                         ErrorKind::UnknownRequest,
                         "no such request here",
                     )),
-                    Some((_, hop)) if hop != Some(inb.peer) || report.peer != inb.peer => {
+                    Some((_, on_route)) if !on_route || report.peer != inb.peer => {
                         tracing::warn!(peer = %inb.peer, hop = report.hop, "report from a peer off the route");
                         Response::Error(WireError::new(
                             ErrorKind::Forbidden,

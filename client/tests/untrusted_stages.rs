@@ -317,3 +317,86 @@ async fn a_stage_that_vanishes_mid_step_is_named() -> Result<()> {
     eprintln!("noticed in {:?}: {msg}", t0.elapsed());
     Ok(())
 }
+
+/// Redundant execution against two fake holders of the same layers.
+async fn verified(a: Script, b: Script) -> Result<(Result<(), mesh::Error>, [String; 2], usize)> {
+    let (tx, mut rx) = mpsc::channel(16);
+    let sa = fake_stage(a, tx.clone(), None).await?;
+    let sb = fake_stage(b, tx, None).await?;
+    let peers = [
+        sa.transport.peer_id().to_string(),
+        sb.transport.peer_id().to_string(),
+    ];
+    let client = mesh::Client::connect(&[sa.addr.clone(), sb.addr.clone()])
+        .await?
+        .with_verify(Some(mesh::Tolerance::default()));
+    let out = tokio::time::timeout(Duration::from_secs(60), client.run(graph(), None))
+        .await?
+        .map(|_| ());
+    let mut steps = 0;
+    while rx.try_recv().is_ok() {
+        steps += 1;
+    }
+    Ok((out, peers, steps))
+}
+
+fn honest() -> Script {
+    Box::new(|s| vec![saved(s.input.step), ReportBody::Done { tokens: vec![7] }])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_runs_every_step_on_two_holders() -> Result<()> {
+    let (out, _, steps) = verified(honest(), honest()).await?;
+    out?;
+    assert_eq!(steps, 4, "2 steps on each holder");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_that_lies_is_caught_and_both_are_named() -> Result<()> {
+    let tampered: Script = Box::new(|s| {
+        vec![
+            ReportBody::Saves(vec![Saved {
+                name: "h".into(),
+                step: Some(s.input.step),
+                value: WireTensor::from_f32(vec![1, 8], &[0.5, 0.5, 0.5, 0.7, 0.5, 0.5, 0.5, 0.5])
+                    .expect("consistent"),
+            }]),
+            ReportBody::Done { tokens: vec![7] },
+        ]
+    });
+    let (out, peers, _) = verified(honest(), tampered).await?;
+    let e = out.expect_err("the saves differ");
+    assert!(matches!(e, mesh::Error::Mismatch { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        peers.iter().all(|p| msg.contains(p))
+            && msg.contains("save \"h\"")
+            && msg.contains("element 3"),
+        "{msg}"
+    );
+
+    let other_token: Script =
+        Box::new(|s| vec![saved(s.input.step), ReportBody::Done { tokens: vec![8] }]);
+    let (out, _, _) = verified(honest(), other_token).await?;
+    let e = out.expect_err("the tokens differ");
+    assert!(
+        e.to_string().contains("tokens [7] against [8]")
+            || e.to_string().contains("tokens [8] against [7]"),
+        "{e}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verification_needs_a_second_holder() -> Result<()> {
+    let (tx, _rx) = mpsc::channel(16);
+    let stage = fake_stage(honest(), tx, None).await?;
+    let client = mesh::Client::connect(std::slice::from_ref(&stage.addr))
+        .await?
+        .with_verify(Some(mesh::Tolerance::default()));
+    let e = client.run(graph(), None).await.expect_err("one holder");
+    assert!(matches!(e, mesh::Error::NoTwin { .. }), "{e}");
+    assert!(e.to_string().contains("layers 0..4"), "{e}");
+    Ok(())
+}

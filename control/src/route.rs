@@ -217,6 +217,25 @@ pub fn find_route(cands: &[Candidate], layers: Span, exclude: &[PeerId]) -> Opti
     )
 }
 
+/// The cheapest single candidate holding all of `layers` (ties to the
+/// lowest peer id), leaving out `exclude`: a second opinion on a hop
+/// (redundant execution), or a replacement that must be one holder.
+pub fn best_holder(cands: &[Candidate], layers: Span, exclude: &[PeerId]) -> Option<usize> {
+    if layers.is_empty() {
+        return None;
+    }
+    cands
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| {
+            c.span.start <= layers.start && layers.end <= c.span.end && !exclude.contains(&c.peer)
+        })
+        .map(|(i, c)| (c.cost(layers.len()), c.peer, i))
+        .filter(|(cost, ..)| cost.is_finite())
+        .min_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)))
+        .map(|(.., i)| i)
+}
+
 /// Finds a second route for `primary` (legs over `cands`): the cheapest
 /// route that uses no peer of `primary`; where no such route exists, the
 /// cheapest among those using the fewest legs on `primary`'s peers.
@@ -295,6 +314,26 @@ mod tests {
             at = l.span.end;
         }
         at == range.end
+    }
+
+    #[test]
+    fn best_holder_covers_the_whole_range_alone() {
+        let cands = [
+            cand(1, 0, 10, 100.0),
+            cand(2, 0, 20, 50.0),
+            cand(3, 5, 20, 500.0),
+            cand(4, 10, 20, 900.0),
+        ];
+        // Only 1 and 2 hold 0..10; 1 is faster.
+        assert_eq!(best_holder(&cands, Span::new(0, 10), &[]), Some(0));
+        assert_eq!(best_holder(&cands, Span::new(0, 10), &[peer(1)]), Some(1));
+        assert_eq!(
+            best_holder(&cands, Span::new(0, 10), &[peer(1), peer(2)]),
+            None
+        );
+        // 4 is fastest for 10..20 but 3 and 2 also hold it.
+        assert_eq!(best_holder(&cands, Span::new(10, 20), &[peer(4)]), Some(2));
+        assert_eq!(best_holder(&cands, Span::new(3, 3), &[]), None);
     }
 
     #[test]

@@ -1,10 +1,16 @@
 //! `nnmesh bench`: prefill latency and greedy decode speed beside Hugging
 //! Face transformers, Intervention Graph overhead beside NNsight
-//! (`graphs`), and a 3-node loopback mesh against in-process (`mesh`),
-//! each measured side by side in one run and printed as figures and ratios.
+//! (`graphs`), a 3-node loopback mesh against in-process (`mesh`), and with
+//! `--resilience` recovery, replay against restart and verification on a
+//! six-node mesh (`resilience`), each measured side by side in one run and
+//! printed as figures and ratios.
 
 mod graphs;
 mod mesh;
+mod nodes;
+mod resilience;
+
+use nodes::LocalNodes;
 
 use std::{
     path::{Path, PathBuf},
@@ -203,6 +209,9 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     }
     if !args.skip_mesh {
         mesh::run(args, &engine, &prefill_ids)?;
+    }
+    if args.resilience {
+        resilience::run(args, &engine)?;
     }
     Ok(())
 }

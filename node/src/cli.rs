@@ -243,6 +243,18 @@ pub(crate) struct BenchArgs {
     /// Skip the mesh figures (which start 3 local node processes).
     #[arg(long)]
     pub skip_mesh: bool,
+    /// Also measure resilience (six local node processes): recovery from a
+    /// killed stage, replay against restart under injected failures, the
+    /// cost of --verify. Takes several minutes.
+    #[arg(long)]
+    pub resilience: bool,
+    /// Resilience: tokens generated under injected failures.
+    #[arg(long, default_value_t = 1024)]
+    pub resilience_tokens: u32,
+    /// Resilience: how long restarting from scratch may try before it is
+    /// reported unfinished.
+    #[arg(long, default_value_t = 300)]
+    pub restart_budget_secs: u64,
 }
 
 /// Runs a parsed command line.

@@ -5,8 +5,9 @@
 //!   step a peer sends and contains every failure to its request.
 //! - [`serve`]: a node on the mesh — a libp2p endpoint that announces the
 //!   stage, answers `Info` with a signed record, admits and checks requests,
-//!   and forwards each step's hidden state to the next hop while saves go
-//!   back to the client.
+//!   and reports each step's saves and output (the next hop's input) to the
+//!   client, which drives every hop; without `--blocks`, it places itself
+//!   and moves when the mesh needs it (the control crate's placement).
 //!
 //! The `nnmesh` binary (`src/main.rs`, `src/cli/`) parses flags into a
 //! [`serve::Config`] and calls [`serve::run`]; it also holds the commands

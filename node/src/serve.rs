@@ -699,7 +699,7 @@ impl Server {
     }
 
     /// Runs a step on the stage (holding `permit` for the compute only),
-    /// reports saves, and pushes the result on.
+    /// reports its saves, relays and output to the client.
     async fn process(
         &self,
         step: StepRequest,

@@ -102,6 +102,9 @@ pub struct StepOutput {
     pub relay: Vec<Carried>,
     /// The outputs of the steps replayed first, when the request asked.
     pub replayed: Vec<HopOutput>,
+    /// How many replayed steps ran together in one forward (generated
+    /// tokens this hop has no intervention at).
+    pub chunked: u32,
 }
 
 impl StepOutput {

@@ -177,6 +177,29 @@ impl WireTensor {
             .collect())
     }
 
+    /// Decodes the elements of any tensor as `f64` (exact for every dtype
+    /// but i64 values beyond 2^53); for comparisons.
+    ///
+    /// # Errors
+    /// A failed [`check`](Self::check).
+    pub fn to_f64(&self) -> Result<Vec<f64>, TensorError> {
+        self.check()?;
+        let size = self.dtype.size();
+        Ok(self
+            .data
+            .chunks_exact(size)
+            .map(|c| match self.dtype {
+                WireDType::F32 => f64::from(f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                WireDType::Bf16 => f64::from(f32::from_bits(
+                    u32::from(u16::from_le_bytes([c[0], c[1]])) << 16,
+                )),
+                WireDType::F16 => f16_to_f64(u16::from_le_bytes([c[0], c[1]])),
+                WireDType::I64 => i64::from_le_bytes(c.try_into().expect("chunks of 8")) as f64,
+                WireDType::Bool => f64::from(c[0]),
+            })
+            .collect())
+    }
+
     /// Decodes the elements of an i64 tensor.
     ///
     /// # Errors
@@ -201,6 +224,19 @@ impl WireTensor {
         }
         h.update(&self.data);
         *h.finalize().as_bytes()
+    }
+}
+
+/// An IEEE half-precision float's value.
+fn f16_to_f64(h: u16) -> f64 {
+    let sign = if h >> 15 == 1 { -1.0 } else { 1.0 };
+    let exp = i32::from((h >> 10) & 0x1f);
+    let frac = f64::from(h & 0x3ff);
+    match exp {
+        0 => sign * frac * 2f64.powi(-24),
+        31 if frac == 0.0 => sign * f64::INFINITY,
+        31 => f64::NAN,
+        _ => sign * (1.0 + frac / 1024.0) * 2f64.powi(exp - 15),
     }
 }
 
@@ -257,6 +293,35 @@ mod tests {
             data: vec![],
         };
         assert!(matches!(t.check(), Err(TensorError::Overflow { .. })));
+    }
+
+    #[test]
+    fn every_dtype_reads_as_f64() {
+        let t = |dtype, data: Vec<u8>| WireTensor {
+            dtype,
+            shape: vec![2],
+            data,
+        };
+        // 1.5 and -2 in each encoding.
+        let f16 = [0x3e00u16, 0xc000]
+            .iter()
+            .flat_map(|h| h.to_le_bytes())
+            .collect();
+        let bf16 = [0x3fc0u16, 0xc000]
+            .iter()
+            .flat_map(|h| h.to_le_bytes())
+            .collect();
+        assert_eq!(t(WireDType::F16, f16).to_f64().unwrap(), [1.5, -2.0]);
+        assert_eq!(t(WireDType::Bf16, bf16).to_f64().unwrap(), [1.5, -2.0]);
+        let f = WireTensor::from_f32(vec![2], &[1.5, -2.0]).unwrap();
+        assert_eq!(f.to_f64().unwrap(), [1.5, -2.0]);
+        let i = WireTensor::from_i64(vec![2], &[3, -4]).unwrap();
+        assert_eq!(i.to_f64().unwrap(), [3.0, -4.0]);
+        assert_eq!(t(WireDType::Bool, vec![1, 0]).to_f64().unwrap(), [1.0, 0.0]);
+        // Subnormal and infinite halves.
+        assert_eq!(f16_to_f64(0x0001), 2f64.powi(-24));
+        assert_eq!(f16_to_f64(0xfc00), f64::NEG_INFINITY);
+        assert!(f16_to_f64(0x7e00).is_nan());
     }
 
     #[test]

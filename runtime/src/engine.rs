@@ -102,13 +102,29 @@ impl Padded {
 
     /// The batch layout of the next decode step, one new token per row.
     pub fn next_step(&self, step: usize) -> Batch {
+        self.next_steps(step, 1)
+    }
+
+    /// The batch layout of decode steps `step..step + k` run as one forward
+    /// (`k` new tokens per row, each seeing the ones before it): how a
+    /// replacement replays generated tokens in one go.
+    pub fn next_steps(&self, step: usize, k: usize) -> Batch {
         let device = self.ids.device();
-        let last: Vec<i64> = self.lens.iter().map(|&l| (l - 1 + step) as i64).collect();
         let b = self.lens.len() as i64;
-        let positions = Tensor::from_slice(&last).reshape([b, 1]).to_device(device);
+        let positions: Vec<i64> = self
+            .lens
+            .iter()
+            .flat_map(|&l| (0..k).map(move |j| (l - 1 + step + j) as i64))
+            .collect();
+        let positions = Tensor::from_slice(&positions)
+            .reshape([b, k as i64])
+            .to_device(device);
         let key_mask = self.batch.key_mask.as_ref().map(|m| {
             Tensor::cat(
-                &[m, &Tensor::ones([b, step as i64], (Kind::Bool, device))],
+                &[
+                    m,
+                    &Tensor::ones([b, (step + k - 1) as i64], (Kind::Bool, device)),
+                ],
                 1,
             )
         });

@@ -195,6 +195,18 @@ impl Store {
         self.fresh[node.index()]
     }
 
+    /// Whether any node of this executor's part of the graph runs at
+    /// `step` of `trace` (a step with none is a plain forward here).
+    pub fn has_work(&self, plan: &Plan, trace: u32, step: u32) -> bool {
+        plan.nodes.iter().enumerate().any(|(i, np)| {
+            self.mine[i]
+                && match np.per_step {
+                    Some(s) => s.contains(trace, step),
+                    None => np.anchor.trace == trace && np.anchor.step == step,
+                }
+        })
+    }
+
     /// Sets a value computed elsewhere (carried from an earlier stage).
     pub fn insert(&mut self, node: NodeId, value: Tensor) {
         self.values[node.index()] = Some(value);

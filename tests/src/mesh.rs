@@ -68,6 +68,49 @@ pub fn assert_same(name: &str, mesh: &mesh::Outcome, local: &execute::Outcome) -
     identical
 }
 
+/// Asserts a mesh outcome equals the single-node outcome within
+/// `|mesh - local| <= atol + rtol · |local|` element-wise (tokens exactly);
+/// returns how many saved values were bit-identical and the largest
+/// absolute difference.
+pub fn assert_close(
+    name: &str,
+    mesh: &mesh::Outcome,
+    local: &execute::Outcome,
+    atol: f64,
+    rtol: f64,
+) -> (usize, f64) {
+    assert_eq!(mesh.generated, local.generated, "{name}: generated tokens");
+    assert_eq!(
+        mesh.saves.len(),
+        local.saves.len(),
+        "{name}: number of saves"
+    );
+    let (mut identical, mut worst) = (0, 0f64);
+    for s in &local.saves {
+        let m = mesh
+            .saves
+            .iter()
+            .find(|m| m.name == s.name && m.step == s.step)
+            .unwrap_or_else(|| panic!("{name}: {} missing from the mesh result", s.key()));
+        let mt = from_wire(&m.value, Device::Cpu).expect("decodes");
+        assert_eq!(mt.size(), s.value.size(), "{name}: {} shape", s.key());
+        if mt.equal(&s.value) {
+            identical += 1;
+            continue;
+        }
+        let (a, b) = (mt.to_kind(Kind::Double), s.value.to_kind(Kind::Double));
+        let diff = (&a - &b).abs();
+        worst = worst.max(diff.max().double_value(&[]));
+        let excess = (diff - (b.abs() * rtol + atol)).max().double_value(&[]);
+        assert!(
+            excess <= 0.0,
+            "{name}: {} beyond atol {atol} + rtol {rtol} by {excess}",
+            s.key()
+        );
+    }
+    (identical, worst)
+}
+
 /// Sends raw bytes to a node and decodes its answer.
 pub async fn raw(
     t: &transport::Endpoint,

@@ -18,7 +18,7 @@ use nnmesh_client::mesh::{self, Progress};
 use nnmesh_graph::{Graph, Limits};
 use nnmesh_protocol::{Span, message::Hop};
 use nnmesh_runtime::execute;
-use nnmesh_tests::mesh::{Node, assert_same, node, rt};
+use nnmesh_tests::mesh::{Node, assert_close, assert_same, node, rt};
 
 /// Tokens generated per run.
 const NEW_TOKENS: u32 = 8;
@@ -183,6 +183,19 @@ fn a_killed_stage_is_replaced_mid_generation_with_the_same_results() {
         let span = by[0].span;
         mesh.add(&span.to_string());
     }
+    // Redundant execution: every hop on both holders, agreeing.
+    let verified = client.clone().with_verify(Some(mesh::Tolerance::default()));
+    let t0 = Instant::now();
+    let plain = rt.block_on(client.run(graph.clone(), None)).expect("runs");
+    let t_plain = t0.elapsed();
+    let t0 = Instant::now();
+    let checked = rt
+        .block_on(verified.run(graph.clone(), None))
+        .expect("both holders agree");
+    let t_checked = t0.elapsed();
+    assert_eq!(assert_same("verified", &checked, &want), want.saves.len());
+    assert_eq!(assert_same("plain", &plain, &want), want.saves.len());
+    eprintln!("--verify took {t_checked:?} against {t_plain:?} without");
 }
 
 /// A second failure in a row, during the replay itself: the replacement is
@@ -316,4 +329,49 @@ fn no_holder_left_fails_naming_the_layers() {
         "{msg}"
     );
     eprintln!("gave up after {took:?}: {msg}");
+}
+
+/// A hop with nothing to do at the generated tokens replays them in one
+/// forward: the same tokens as an undisturbed run, and values within
+/// rounding of it (printed).
+#[test]
+fn generated_tokens_replay_in_one_forward() {
+    let graph = {
+        use nnmesh_graph::{Builder, IndexItem::*, Point};
+        let g = Builder::new();
+        let t = g
+            .trace_tokens(vec![vec![504, 414, 46682, 314, 253], vec![1, 2, 3]])
+            .generate(16);
+        // Hop 1 (layers 10..20) works at step 0 only.
+        g.save(
+            "l15",
+            g.read(t.at("model.layers.15", Point::Output).step(0)),
+        );
+        g.save(
+            "top",
+            g.read(t.at("lm_head", Point::Output).all_steps())
+                .index([Full, At(-1), Full])
+                .argmax(-1, false),
+        );
+        g.save(
+            "l27",
+            g.read(t.at("model.layers.27", Point::Output).step(15)),
+        );
+        g.finish()
+    };
+    let want = single_node(&graph);
+    let mesh = Mesh::start(&["0..10", "10..20", "20..30", "10..20"]);
+    let rt = rt();
+    let client = rt
+        .block_on(mesh::Client::connect(&[mesh.addr()]))
+        .expect("client connects");
+    let (out, _) = run_with_kill(&mesh, &client, &graph, 1, At::Accepted(12));
+    assert_eq!(out.failovers, 1);
+    assert_eq!(out.generated, want.generated, "the same tokens");
+    // The runtime's tolerance for logits against another kernel path.
+    let (identical, worst) = assert_close("replayed in one forward", &out, &want, 2e-4, 1e-5);
+    eprintln!(
+        "{identical} of {} saves bit-identical after replaying 12 steps (11 in one forward); largest difference {worst:e}",
+        want.saves.len()
+    );
 }

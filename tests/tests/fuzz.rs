@@ -737,3 +737,89 @@ fn trace_positions(graph: &Graph, trace: usize) -> u32 {
         .max()
         .unwrap_or(0)
 }
+
+/// A replacement stage, given a hop's history to replay, reaches the state
+/// the original had: its output at the next step matches the original's.
+/// Steps with interventions on the hop replay one by one, bit for bit;
+/// generated tokens it has nothing to do at replay as one forward, equal
+/// up to rounding.
+#[test]
+fn a_replacement_replays_to_the_state_of_the_stage_it_replaces() {
+    let mut mesh = mesh();
+    let model = mesh.model;
+    let prompt = vec![5u32, 17, 200, 3, 9];
+    // Hop 1 (layer 1) steered at every step.
+    let steered = {
+        let g = Builder::new();
+        let t = g
+            .trace_tokens(vec![prompt.clone(), vec![7, 8]])
+            .generate(12);
+        let v = g.vector(DType::F32, vec![0.25; 64]);
+        g.add_at(
+            t.at("model.layers.1", Point::Output).all_steps(),
+            [Full, At(-1), Full],
+            v,
+        );
+        g.finish()
+    };
+    // Hop 1 has work at step 0 only: steps 1.. replay in one forward.
+    let plain = {
+        let g = Builder::new();
+        let t = g
+            .trace_tokens(vec![prompt.clone(), vec![7, 8]])
+            .generate(12);
+        g.save("h", g.read(t.at("model.layers.1", Point::Output).step(0)));
+        g.finish()
+    };
+    for (name, graph, chunked) in [("steered", steered, 0), ("plain", plain, 10)] {
+        let [a, b, c] = &mut mesh.split[..] else {
+            unreachable!("three stages")
+        };
+        let run = drive(&mut [a, b, c], model, 1, &graph);
+        assert!(run.error.is_none(), "{name}: {:?}", run.error);
+        let hop1 = &run.received[1];
+        let (live, history) = hop1.split_last().expect("steps");
+        let mut req = live.clone();
+        req.request = RequestId(2);
+        req.graph = Some(graph.to_postcard());
+        req.replay = history.iter().map(|r| r.input.clone()).collect();
+        let cfg = Config {
+            ..Config::new(Default::default(), Span::new(0, 3))
+        };
+        let mut fresh = Stage::new(engine(1..2), &cfg);
+        let out = fresh.step(&req).expect("the replacement replays and runs");
+        assert_eq!(
+            out.chunked, chunked,
+            "{name}: steps replayed in one forward"
+        );
+        // What the original hop 1 handed hop 2 at the live step.
+        let want = run.received[2]
+            .last()
+            .expect("hop 2 ran")
+            .input
+            .hidden
+            .clone();
+        let Next::Hidden(got) = out.next else {
+            panic!("{name}: hop 1 hands on a hidden state")
+        };
+        let want = want.expect("a hidden state");
+        let (g, w) = (got.to_f32().expect("f32"), want.to_f32().expect("f32"));
+        let diff = g
+            .iter()
+            .zip(&w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        eprintln!(
+            "{name}: replayed {} steps ({chunked} in one forward); max |diff| {diff:e}",
+            history.len()
+        );
+        if chunked == 0 {
+            assert_eq!(got, want, "{name}: step-by-step replay is bit-identical");
+        } else {
+            assert!(
+                diff < 1e-4,
+                "{name}: replay in one forward is off by {diff}"
+            );
+        }
+    }
+}

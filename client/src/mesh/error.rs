@@ -110,6 +110,26 @@ pub enum Error {
         /// Why fail-over stopped.
         why: nnmesh_control::failover::GiveUp,
     },
+    /// Redundant execution: two holders of a hop's layers disagreed.
+    #[error("{stage} and its twin {twin} disagree at trace {trace}, step {step}: {detail}")]
+    Mismatch {
+        /// The route's holder.
+        stage: StageName,
+        /// The second holder.
+        twin: StageName,
+        /// The trace.
+        trace: u32,
+        /// The step.
+        step: u32,
+        /// What differs, and by how much.
+        detail: String,
+    },
+    /// Redundant execution needs a second holder of every hop's layers.
+    #[error("verification needs two holders of layers {span}; the mesh has one")]
+    NoTwin {
+        /// The layers.
+        span: Span,
+    },
     /// A step ended without some of the values the graph saves at it: the
     /// result would be partial, so there is none.
     #[error("trace {trace}, step {step} ended without {missing}")]

@@ -18,7 +18,10 @@ use std::{
     time::{Duration, Instant as StdInstant},
 };
 
-use nnmesh_control::failover::{self, Action, Event, Failover, Failure};
+use nnmesh_control::{
+    failover::{self, Action, Event, Failover, Failure},
+    route::{Leg, best_holder},
+};
 use nnmesh_graph::{Fragment, Graph, Inputs, Manifest, Node, NodeId, Plan, partition, validate};
 use nnmesh_protocol::{
     Span,
@@ -34,7 +37,10 @@ use tokio::{
     time::Instant,
 };
 
-use super::{Client, Error, Outcome, Peer, Pending, Progress, StageName, candidate, choose_route};
+use super::{
+    Client, Error, Outcome, Peer, Pending, Progress, Route, StageName, candidate, choose_route,
+    verify::{self, Tolerance},
+};
 use crate::transport::{PeerEvent, RequestError};
 
 /// How long a dial that checks whether a disconnected stage is still there may take.
@@ -59,6 +65,13 @@ pub(super) async fn run(
 ) -> Result<Outcome, Error> {
     let peers = client.routable_peers(model).await?;
     let (model, route) = choose_route(&peers, model)?;
+    let twins: Vec<Stage> = match client.verify {
+        Some(_) => twins(&peers, &route)?
+            .into_iter()
+            .map(|(p, span)| Stage::new(p.clone(), span))
+            .collect(),
+        None => Vec::new(),
+    };
     let route: Vec<Stage> = route
         .into_iter()
         .map(|(p, span)| Stage::new(p.clone(), span))
@@ -98,6 +111,7 @@ pub(super) async fn run(
         Pending {
             reports: tx,
             route: route.iter().map(|s| s.peer.peer).collect(),
+            twins: twins.iter().map(|s| s.peer.peer).collect(),
         },
     );
     let client_addrs = client
@@ -123,6 +137,11 @@ pub(super) async fn run(
         rx,
         events,
         failover: Failover::new(client.failover.clone(), request.0),
+        twins,
+        verify: client.verify,
+        arrived: HashSet::new(),
+        twin_saves: Vec::new(),
+        twin_relayed: Vec::new(),
         used: Vec::new(),
         saves: Vec::new(),
         relayed: Vec::new(),
@@ -136,10 +155,13 @@ pub(super) async fn run(
         .remove(&request);
     // Close the request on every stage it touched, the replaced ones too.
     let close = Request::Close { request };
-    let closes =
-        run.route.iter().map(|s| &s.peer).chain(&run.used).map(|p| {
-            tokio::time::timeout(CLOSE_TIMEOUT, client.call(p.peer, p.addrs.clone(), &close))
-        });
+    let closes = run
+        .route
+        .iter()
+        .chain(&run.twins)
+        .map(|s| &s.peer)
+        .chain(&run.used)
+        .map(|p| tokio::time::timeout(CLOSE_TIMEOUT, client.call(p.peer, p.addrs.clone(), &close)));
     futures::future::join_all(closes).await;
     if result.is_err() || run.failovers > 0 {
         // The mesh changed under us: look again next time.
@@ -152,7 +174,34 @@ pub(super) async fn run(
         route: run.route.iter().map(Stage::hop).collect(),
         model,
         failovers: run.failovers,
+        history_bytes: run
+            .route
+            .iter()
+            .flat_map(|s| &s.history)
+            .map(|i| {
+                let carried: usize = i.carry.iter().map(|c| c.value.data.len()).sum();
+                (i.tokens.data.len() + i.hidden.as_ref().map_or(0, |h| h.data.len()) + carried)
+                    as u64
+            })
+            .sum(),
     })
+}
+
+/// For verification: for each hop of `route`, the cheapest other holder of
+/// all its layers (same model and dtype).
+pub(super) fn twins<'a>(peers: &'a [Peer], route: &[(&Peer, Span)]) -> Result<Route<'a>, Error> {
+    let same =
+        |p: &Peer| p.record.model == route[0].0.record.model && p.manifest == route[0].0.manifest;
+    let usable: Vec<&Peer> = peers.iter().filter(|p| same(p)).collect();
+    let cands: Vec<_> = usable.iter().map(|p| candidate(p)).collect();
+    route
+        .iter()
+        .map(|&(p, span)| {
+            best_holder(&cands, span, &[p.peer])
+                .map(|i| (usable[i], span))
+                .ok_or(Error::NoTwin { span })
+        })
+        .collect()
 }
 
 /// A hop of the route, with what the client sent it.
@@ -193,7 +242,16 @@ impl Stage {
     }
 }
 
+/// Which of a hop's holders: the route's, or (with verification) its twin,
+/// a second holder of the same layers that runs every step as well.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Primary,
+    Twin,
+}
+
 /// How one hop's step ended.
+#[derive(Debug)]
 enum HopResult {
     /// A non-last hop: the next hop's input.
     Output(HopOutput),
@@ -240,6 +298,14 @@ struct Run<'a> {
     rx: mpsc::Receiver<StageReport>,
     events: broadcast::Receiver<PeerEvent>,
     failover: Failover,
+    /// With verification: for each hop, a second holder of its layers.
+    twins: Vec<Stage>,
+    verify: Option<Tolerance>,
+    /// The saves of the running step that arrived.
+    arrived: HashSet<(String, Option<u32>)>,
+    /// What the twin of the hop being verified saved and relayed.
+    twin_saves: Vec<Saved>,
+    twin_relayed: Vec<Carried>,
     /// Peers replaced along the way (closed at the end too).
     used: Vec<Peer>,
     saves: Vec<Saved>,
@@ -253,8 +319,26 @@ impl Run<'_> {
         (self.progress.lock().expect("not poisoned"))(p);
     }
 
+    fn lane(&self, side: Side) -> &Vec<Stage> {
+        match side {
+            Side::Primary => &self.route,
+            Side::Twin => &self.twins,
+        }
+    }
+
+    fn lane_mut(&mut self, side: Side) -> &mut Vec<Stage> {
+        match side {
+            Side::Primary => &mut self.route,
+            Side::Twin => &mut self.twins,
+        }
+    }
+
     fn stage(&self, hop: usize) -> StageName {
-        let s = &self.route[hop];
+        self.stage_on(Side::Primary, hop)
+    }
+
+    fn stage_on(&self, side: Side, hop: usize) -> StageName {
+        let s = &self.lane(side)[hop];
         StageName {
             hop: hop as u32,
             peer: s.peer.peer,
@@ -262,8 +346,8 @@ impl Run<'_> {
         }
     }
 
-    fn hops(&self) -> Vec<Hop> {
-        self.route.iter().map(Stage::hop).collect()
+    fn hops(&self, side: Side) -> Vec<Hop> {
+        self.lane(side).iter().map(Stage::hop).collect()
     }
 
     /// Positions every hop's KV cache holds for `trace` before `step`.
@@ -321,13 +405,18 @@ impl Run<'_> {
             // Values later stages sent back for earlier ones.
             carry: std::mem::take(&mut self.relayed),
         };
-        let mut arrived = HashSet::new();
-        let mut retried = false;
+        self.arrived.clear();
         let mut hop = 0;
         loop {
-            match self.run_hop(hop, &input, &mut arrived, retried).await {
-                Ok(HopResult::Output(out)) => {
-                    self.route[hop].ran_step(input);
+            let result = self.run_hop_surviving(Side::Primary, hop, &input).await?;
+            if self.verify.is_some() {
+                let twin = self.run_hop_surviving(Side::Twin, hop, &input).await?;
+                self.check_twin(hop, &input, &result, &twin)?;
+                self.twins[hop].ran_step(input.clone());
+            }
+            self.route[hop].ran_step(input);
+            match result {
+                HopResult::Output(out) => {
                     input = StepInput {
                         trace,
                         step,
@@ -338,13 +427,42 @@ impl Run<'_> {
                     };
                     hop += 1;
                 }
-                Ok(HopResult::Done(tokens)) => {
-                    self.route[hop].ran_step(input);
-                    self.check_complete(trace, step, &arrived)?;
+                HopResult::Done(tokens) => return Ok(tokens),
+            }
+        }
+    }
+
+    /// Runs one hop's step on `side`, replacing its holder while it fails
+    /// in a way another holder could survive.
+    async fn run_hop_surviving(
+        &mut self,
+        side: Side,
+        hop: usize,
+        input: &StepInput,
+    ) -> Result<HopResult, Error> {
+        // The saves of the step so far (all its hops), against repeats.
+        let mut arrived = match side {
+            Side::Primary => std::mem::take(&mut self.arrived),
+            Side::Twin => {
+                self.twin_saves.clear();
+                self.twin_relayed.clear();
+                HashSet::new()
+            }
+        };
+        let mut retried = false;
+        loop {
+            match self.run_hop(side, hop, input, &mut arrived, retried).await {
+                Ok(result) => {
+                    if side == Side::Primary {
+                        if matches!(result, HopResult::Done(_)) {
+                            self.check_complete(input.trace, input.step, &arrived)?;
+                        }
+                        self.arrived = arrived;
+                    }
                     if retried {
                         self.failover.on_event(now(), Event::Recovered);
                     }
-                    return Ok(tokens);
+                    return Ok(result);
                 }
                 Err(HopError::Fatal(e)) => return Err(e),
                 Err(HopError::Failed {
@@ -352,7 +470,7 @@ impl Run<'_> {
                     detail,
                     error,
                 }) => {
-                    self.fail_over(hop, trace, step, failure, detail, error)
+                    self.fail_over(side, hop, input.trace, input.step, failure, detail, error)
                         .await?;
                     retried = true;
                 }
@@ -360,9 +478,11 @@ impl Run<'_> {
         }
     }
 
-    /// Replaces hop `hop` after it failed, or says why it cannot be.
+    /// Replaces hop `hop` of `side` after it failed, or says why it cannot be.
+    #[allow(clippy::too_many_arguments)]
     async fn fail_over(
         &mut self,
+        side: Side,
         hop: usize,
         trace: u32,
         step: u32,
@@ -370,8 +490,14 @@ impl Run<'_> {
         detail: String,
         error: Option<Error>,
     ) -> Result<(), Error> {
-        let dead = self.stage(hop);
-        tracing::warn!(%dead, trace, step, %detail, "a stage failed; failing over");
+        let dead = self.stage_on(side, hop);
+        tracing::warn!(%dead, trace, step, %detail, ?side, "a stage failed; failing over");
+        // Verified hops keep two different holders of the same layers.
+        let other = match (self.verify, side) {
+            (None, _) => None,
+            (Some(_), Side::Primary) => Some(self.twins[hop].peer.peer),
+            (Some(_), Side::Twin) => Some(self.route[hop].peer.peer),
+        };
         if failure == Failure::Lost {
             self.client.mark_dead(dead.peer);
         }
@@ -393,7 +519,7 @@ impl Run<'_> {
                         .await
                         .unwrap_or_default()
                         .into_iter()
-                        .filter(|p| self.same_model(p))
+                        .filter(|p| self.same_model(p) && Some(p.peer) != other)
                         .collect();
                     let cands: Vec<_> = peers.iter().map(candidate).collect();
                     self.failover.on_event(
@@ -408,14 +534,36 @@ impl Run<'_> {
                     tokio::time::sleep_until(Instant::from_std(at)).await;
                     self.failover.on_event(now(), Event::Woke { span })
                 }
-                Action::Replace { span, legs } => {
+                Action::Replace { span, mut legs } => {
+                    if self.verify.is_some() && legs.len() > 1 {
+                        // A verified hop is compared with its twin as a
+                        // whole: its replacement must be one holder.
+                        let cands: Vec<_> = peers.iter().map(candidate).collect();
+                        let banned: Vec<_> = cands
+                            .iter()
+                            .map(|c| c.peer)
+                            .filter(|p| self.failover.is_blacklisted(now(), p))
+                            .collect();
+                        match best_holder(&cands, span, &banned) {
+                            Some(i) => legs = vec![Leg { candidate: i, span }],
+                            None => {
+                                return Err(Error::GaveUp {
+                                    stage: dead,
+                                    trace,
+                                    step,
+                                    failure: detail,
+                                    why: failover::GiveUp::NoHolder { span, attempts: 1 },
+                                });
+                            }
+                        }
+                    }
                     let new: Vec<Stage> = legs
                         .iter()
                         .map(|l| Stage::new(peers[l.candidate].clone(), l.span))
                         .collect();
                     let by: Vec<Hop> = new.iter().map(Stage::hop).collect();
-                    let replay = self.route[hop].history.len() as u32;
-                    self.replace(hop, span, new)?;
+                    let replay = self.lane(side)[hop].history.len() as u32;
+                    self.replace(side, hop, span, new)?;
                     self.notify(&Progress::FailedOver {
                         failed: dead.clone(),
                         reason: detail.clone(),
@@ -454,28 +602,42 @@ impl Run<'_> {
     /// Puts `new` (covering `span`) in place of hop `hop`; the first new
     /// stage inherits the old one's history to replay (the others get
     /// theirs from the outputs of that replay).
-    fn replace(&mut self, hop: usize, span: Span, mut new: Vec<Stage>) -> Result<(), Error> {
-        let old = &self.route[hop];
+    fn replace(
+        &mut self,
+        side: Side,
+        hop: usize,
+        span: Span,
+        mut new: Vec<Stage>,
+    ) -> Result<(), Error> {
+        let old = &self.lane(side)[hop];
         debug_assert_eq!(old.span, span);
         if let Some(first) = new.first_mut() {
             first.history = old.history.clone();
         }
-        let spans: Vec<Span> = self.route[..hop]
+        let lane = self.lane(side);
+        let spans: Vec<Span> = lane[..hop]
             .iter()
             .map(|s| s.span)
             .chain(new.iter().map(|s| s.span))
-            .chain(self.route[hop + 1..].iter().map(|s| s.span))
+            .chain(lane[hop + 1..].iter().map(|s| s.span))
             .collect();
-        let fragments = partition(self.graph, self.plan, self.manifest, &spans)?;
+        // A twin keeps its hop's layers (one holder), so its fragments are
+        // the route's.
+        let fragments = match side {
+            Side::Primary => Some(partition(self.graph, self.plan, self.manifest, &spans)?),
+            Side::Twin => None,
+        };
         tracing::info!(
-            replaced = %self.stage(hop),
+            replaced = %self.stage_on(side, hop),
             by = ?new.iter().map(|s| format!("{} on {}", s.span, s.peer.peer)).collect::<Vec<_>>(),
             replay = old.history.len(),
             "stage replaced"
         );
-        let removed: Vec<Stage> = self.route.splice(hop..=hop, new).collect();
+        let removed: Vec<Stage> = self.lane_mut(side).splice(hop..=hop, new).collect();
         self.used.extend(removed.into_iter().map(|s| s.peer));
-        self.fragments = fragments;
+        if let Some(f) = fragments {
+            self.fragments = f;
+        }
         self.failovers += 1;
         // Reports of the new route's peers are accepted from now on.
         if let Some(p) = self
@@ -486,6 +648,7 @@ impl Run<'_> {
             .get_mut(&self.request)
         {
             p.route = self.route.iter().map(|s| s.peer.peer).collect();
+            p.twins = self.twins.iter().map(|s| s.peer.peer).collect();
         }
         Ok(())
     }
@@ -494,24 +657,26 @@ impl Run<'_> {
     /// and waits for its output.
     async fn run_hop(
         &mut self,
+        side: Side,
         hop: usize,
         input: &StepInput,
         arrived: &mut HashSet<(String, Option<u32>)>,
         retried: bool,
     ) -> Result<HopResult, HopError> {
-        let stage = &self.route[hop];
+        let lane = self.lane(side);
+        let stage = &lane[hop];
         let peer = stage.peer.peer;
         let replay = stage.history[stage.ran..].to_vec();
         // A chain of replacements: the next one needs this one's replayed
         // outputs as its own history.
         let replay_outputs =
-            !replay.is_empty() && self.route.get(hop + 1).is_some_and(|next| !next.opened);
+            !replay.is_empty() && lane.get(hop + 1).is_some_and(|next| !next.opened);
         let msg = StepRequest {
             request: self.request,
             client: self.client.peer_id(),
             client_addrs: self.client_addrs.clone(),
             model: self.model,
-            route: self.hops(),
+            route: self.hops(side),
             hop: hop as u32,
             graph: (!stage.opened).then(|| self.graph_bytes.clone()),
             input: input.clone(),
@@ -558,17 +723,17 @@ impl Run<'_> {
             }
             Err(e) => return Err(HopError::Fatal(e)),
         }
-        let stage = &mut self.route[hop];
+        let stage = &mut self.lane_mut(side)[hop];
         stage.opened = true;
         let replayed = stage.history[stage.ran..].to_vec();
         let accepted = Progress::Accepted {
             trace: input.trace,
             step: input.step,
-            stage: self.stage(hop),
+            stage: self.stage_on(side, hop),
             replay: replayed.len() as u32,
         };
         self.notify(&accepted);
-        self.await_hop(hop, input, &replayed, arrived, retried)
+        self.await_hop(side, hop, input, &replayed, arrived, retried)
             .await
     }
 
@@ -585,13 +750,16 @@ impl Run<'_> {
         };
         let prefix = replayed as f64 * rows * 2.0;
         let tps = f64::from(self.route[hop].peer.record.throughput.max(1e-3));
+        // (The twin holds the same layers; the route's holder sets the pace.)
         let secs = (tokens + prefix) / tps * DEADLINE_FACTOR;
         DEADLINE_BASE + Duration::from_secs_f64(secs.min(3600.0))
     }
 
     /// Waits for hop `hop`'s reports of the step until its output, watching it.
+    #[allow(clippy::too_many_arguments)]
     async fn await_hop(
         &mut self,
+        side: Side,
         hop: usize,
         input: &StepInput,
         replayed: &[StepInput],
@@ -600,7 +768,7 @@ impl Run<'_> {
     ) -> Result<HopResult, HopError> {
         let (trace, step) = (input.trace, input.step);
         let expected = expected_saves(self.graph, self.plan, &self.fragments, trace, step);
-        let peer = self.route[hop].peer.peer;
+        let peer = self.lane(side)[hop].peer.peer;
         let period = self.deadline(hop, input, replayed.len());
         let mut deadline = Instant::now() + period;
         let mut deadlines = 0;
@@ -620,7 +788,7 @@ impl Run<'_> {
                         continue;
                     }
                     if let Some(result) = self.on_report(
-                        hop, report.body, input, replayed, &expected, arrived, retried,
+                        side, hop, report.body, input, replayed, &expected, arrived, retried,
                     )? {
                         return Ok(result);
                     }
@@ -633,7 +801,7 @@ impl Run<'_> {
                         Err(broadcast::error::RecvError::Lagged(_)) => PeerEvent::Disconnected(peer),
                         Err(broadcast::error::RecvError::Closed) => return Err(Error::Closed.into()),
                     };
-                    if !self.reachable(hop).await {
+                    if !self.reachable(side, hop).await {
                         let why = match event {
                             PeerEvent::Unresponsive(_) => "it stopped answering pings",
                             PeerEvent::Disconnected(_) => {
@@ -644,7 +812,7 @@ impl Run<'_> {
                     }
                 }
                 () = tokio::time::sleep_until(deadline) => {
-                    if !self.answers_probe(hop).await {
+                    if !self.answers_probe(side, hop).await {
                         return Err(lost(
                             format!("no progress within {} s and no answer to a probe", period.as_secs()),
                         ));
@@ -665,8 +833,8 @@ impl Run<'_> {
     }
 
     /// Whether stage `hop` can be reached (connected, or dialled anew).
-    async fn reachable(&self, hop: usize) -> bool {
-        let Some(addr) = self.route[hop].peer.addrs.first() else {
+    async fn reachable(&self, side: Side, hop: usize) -> bool {
+        let Some(addr) = self.lane(side)[hop].peer.addrs.first() else {
             return false;
         };
         matches!(
@@ -676,8 +844,8 @@ impl Run<'_> {
     }
 
     /// Whether stage `hop` answers an `Info` probe in time.
-    async fn answers_probe(&self, hop: usize) -> bool {
-        let p = &self.route[hop].peer;
+    async fn answers_probe(&self, side: Side, hop: usize) -> bool {
+        let p = &self.lane(side)[hop].peer;
         matches!(
             tokio::time::timeout(
                 PROBE_TIMEOUT,
@@ -692,6 +860,7 @@ impl Run<'_> {
     #[allow(clippy::too_many_arguments)]
     fn on_report(
         &mut self,
+        side: Side,
         hop: usize,
         body: ReportBody,
         input: &StepInput,
@@ -700,9 +869,9 @@ impl Run<'_> {
         arrived: &mut HashSet<(String, Option<u32>)>,
         retried: bool,
     ) -> Result<Option<HopResult>, HopError> {
-        let peer = self.route[hop].peer.peer;
+        let peer = self.lane(side)[hop].peer.peer;
         let protocol = |detail: String| HopError::Fatal(Error::Protocol { peer, detail });
-        let last = hop + 1 == self.route.len();
+        let last = hop + 1 == self.lane(side).len();
         match body {
             ReportBody::Saves(saves) => {
                 for s in saves {
@@ -725,7 +894,10 @@ impl Run<'_> {
                             s.name
                         )));
                     }
-                    self.saves.push(s);
+                    match side {
+                        Side::Primary => self.saves.push(s),
+                        Side::Twin => self.twin_saves.push(s),
+                    }
                 }
                 Ok(None)
             }
@@ -737,9 +909,13 @@ impl Run<'_> {
                         c.node
                     )));
                 }
+                let relayed = match side {
+                    Side::Primary => &mut self.relayed,
+                    Side::Twin => &mut self.twin_relayed,
+                };
                 for c in values {
-                    if !self.relayed.iter().any(|r| r.node == c.node) {
-                        self.relayed.push(c);
+                    if !relayed.iter().any(|r| r.node == c.node) {
+                        relayed.push(c);
                     }
                 }
                 Ok(None)
@@ -747,7 +923,8 @@ impl Run<'_> {
             ReportBody::Replayed(outputs) => {
                 // A chain of replacements: the next one replays these.
                 let next = hop + 1;
-                let wanted = next < self.route.len() && !self.route[next].opened;
+                let lane = self.lane_mut(side);
+                let wanted = next < lane.len() && !lane[next].opened;
                 if !wanted || outputs.len() != replayed.len() {
                     return Err(protocol(format!(
                         "stage {hop} sent {} replayed outputs, {} expected",
@@ -755,7 +932,7 @@ impl Run<'_> {
                         if wanted { replayed.len() } else { 0 }
                     )));
                 }
-                self.route[next].history = replayed
+                lane[next].history = replayed
                     .iter()
                     .zip(outputs)
                     .map(|(i, o)| StepInput {
@@ -767,7 +944,7 @@ impl Run<'_> {
                         carry: o.carry,
                     })
                     .collect();
-                self.route[next].ran = 0;
+                lane[next].ran = 0;
                 Ok(None)
             }
             ReportBody::Output(out) if !last => Ok(Some(HopResult::Output(out))),
@@ -801,13 +978,82 @@ impl Run<'_> {
                 failure: Failure::Failed(error.kind),
                 detail: format!("it reported {error}"),
                 error: Some(Error::Stage {
-                    stage: self.stage(hop),
+                    stage: self.stage_on(side, hop),
                     trace: input.trace,
                     step: input.step,
                     error,
                 }),
             }),
         }
+    }
+
+    /// Compares what hop `hop`'s twin computed from `input` with what its
+    /// holder did: the output (or the tokens, at the last hop), the saves
+    /// and the relayed values, within the verification tolerance.
+    fn check_twin(
+        &self,
+        hop: usize,
+        input: &StepInput,
+        result: &HopResult,
+        twin: &HopResult,
+    ) -> Result<(), Error> {
+        let Some(tol) = self.verify else {
+            return Ok(());
+        };
+        let mismatch = |detail: String| Error::Mismatch {
+            stage: self.stage(hop),
+            twin: self.stage_on(Side::Twin, hop),
+            trace: input.trace,
+            step: input.step,
+            detail,
+        };
+        match (result, twin) {
+            (HopResult::Output(a), HopResult::Output(b)) => {
+                verify::outputs(a, b, tol).map_err(mismatch)?;
+            }
+            (HopResult::Done(a), HopResult::Done(b)) if a != b => {
+                return Err(mismatch(format!("tokens {a:?} against {b:?}")));
+            }
+            (HopResult::Done(_), HopResult::Done(_)) => {}
+            _ => return Err(mismatch("one finished the step, the other did not".into())),
+        }
+        let expected = expected_saves(
+            self.graph,
+            self.plan,
+            &self.fragments,
+            input.trace,
+            input.step,
+        );
+        for e in expected.iter().filter(|e| e.stage == hop) {
+            let find = |saves: &[Saved]| {
+                saves
+                    .iter()
+                    .rev()
+                    .find(|s| s.name == e.name && s.step == e.step)
+                    .map(|s| s.value.clone())
+            };
+            match (find(&self.saves), find(&self.twin_saves)) {
+                (Some(a), Some(b)) => {
+                    verify::tensors(&format!("save {:?}", e.name), &a, &b, tol).map_err(mismatch)?
+                }
+                _ => {
+                    return Err(mismatch(format!(
+                        "save {:?} is missing from one of them",
+                        e.name
+                    )));
+                }
+            }
+        }
+        for b in &self.twin_relayed {
+            let a = self
+                .relayed
+                .iter()
+                .find(|a| a.node == b.node)
+                .ok_or_else(|| mismatch(format!("only the twin relayed node {}", b.node)))?;
+            verify::tensors(&format!("relayed node {}", b.node), &a.value, &b.value, tol)
+                .map_err(mismatch)?;
+        }
+        Ok(())
     }
 
     /// Fails the step if a save the graph makes at it did not arrive.

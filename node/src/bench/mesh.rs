@@ -3,68 +3,17 @@
 //! 20..30), the per-hop overhead that implies, and the transfer rate of a
 //! large tensor between two transports.
 
-use std::{
-    io::{BufRead, BufReader},
-    path::Path,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
-use libp2p::{Multiaddr, identity::Keypair};
+use anyhow::{Context, Result};
+use libp2p::identity::Keypair;
 use nnmesh_client::{mesh, transport};
 use nnmesh_graph::{Builder, Graph, Limits, recipes};
 use nnmesh_protocol::{codec, message::Response};
 use nnmesh_runtime::{engine::Engine, execute};
 
-use super::{median, time_once};
+use super::{LocalNodes, median, time_once};
 use crate::cli::BenchArgs;
-
-/// `nnmesh node` processes of this executable on loopback, killed when dropped.
-struct LocalNodes(Vec<Child>);
-
-impl Drop for LocalNodes {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl LocalNodes {
-    /// Starts a node serving `blocks` and waits for its first `listening`
-    /// address and its `node` line.
-    fn start(
-        &mut self,
-        model: &Path,
-        blocks: &str,
-        bootstrap: Option<&Multiaddr>,
-    ) -> Result<Multiaddr> {
-        let mut cmd = Command::new(std::env::current_exe()?);
-        cmd.args(["node", "--blocks", blocks, "--model"])
-            .arg(model)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
-        if let Some(b) = bootstrap {
-            cmd.arg("--bootstrap").arg(b.to_string());
-        }
-        let mut child = cmd.spawn().context("starting a node")?;
-        let stdout = child.stdout.take().context("stdout is piped")?;
-        self.0.push(child);
-        let mut addr = None;
-        for line in BufReader::new(stdout).lines() {
-            let line = line?;
-            if let Some(a) = line.strip_prefix("listening ") {
-                addr.get_or_insert(a.parse::<Multiaddr>()?);
-            }
-            if line.starts_with("node ") {
-                return addr.context("no listening address before the node line");
-            }
-        }
-        bail!("node {blocks} exited before serving")
-    }
-}
 
 /// Measures and prints the table.
 ///
@@ -88,10 +37,10 @@ pub(super) fn run(args: &BenchArgs, engine: &Engine, prompt: &[u32]) -> Result<(
     let tiny = empty_of(&prompt[..1]);
     eprintln!("mesh: starting 3 local nodes ...");
     let model = args.model.path()?;
-    let mut nodes = LocalNodes(Vec::new());
-    let first = nodes.start(&model, "0..10", None)?;
-    nodes.start(&model, "10..20", Some(&first))?;
-    nodes.start(&model, "20..30", Some(&first))?;
+    let mut nodes = LocalNodes::default();
+    let first = nodes.start(&model, "0..10", None, &[])?;
+    nodes.start(&model, "10..20", Some(&first), &[])?;
+    nodes.start(&model, "20..30", Some(&first), &[])?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -33,6 +33,11 @@ pub(crate) struct MeshArgs {
     /// A private mesh's pre-shared key file.
     #[arg(long)]
     pub psk: Option<PathBuf>,
+    /// Redundant execution: run every hop on two holders of its layers and
+    /// fail, naming both, if their outputs differ beyond a tolerance (about
+    /// twice the latency; needs two holders of every hop's layers).
+    #[arg(long)]
+    pub verify: bool,
 }
 
 impl MeshArgs {
@@ -48,7 +53,8 @@ impl MeshArgs {
         };
         let mut cfg = transport::Config::new(keypair);
         cfg.psk = self.psk.as_deref().map(keys::read_psk).transpose()?;
-        Ok(rt.block_on(mesh::Client::start(cfg, &self.mesh))?)
+        let client = rt.block_on(mesh::Client::start(cfg, &self.mesh))?;
+        Ok(client.with_verify(self.verify.then(mesh::Tolerance::default)))
     }
 }
 
@@ -148,7 +154,26 @@ impl Backend {
             Backend::Mesh {
                 client, rt, model, ..
             } => {
-                let out = rt.block_on(client.run(graph, *model))?;
+                // Fail-overs are worth telling: a stage died and another
+                // holder replayed the request's steps on its layers.
+                let out = rt.block_on(client.run_with(graph, *model, |p| {
+                    if let mesh::Progress::FailedOver {
+                        failed,
+                        reason,
+                        by,
+                        replay,
+                    } = p
+                    {
+                        let by: Vec<String> = by
+                            .iter()
+                            .map(|h| format!("{} on {}", h.span, h.peer))
+                            .collect();
+                        eprintln!(
+                            "{failed} failed ({reason}); replaced by {} replaying {replay} steps",
+                            by.join(", ")
+                        );
+                    }
+                }))?;
                 eprintln!("mesh route (model {}):", out.model);
                 for (i, h) in out.route.iter().enumerate() {
                     eprintln!(

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use nnmesh_graph::{DecodeError, Fragment, Graph, Limits, Manifest, NodeId, Plan, partition};
 use nnmesh_protocol::{
     PeerId, Span,
-    message::{Carried, ErrorKind, Hop, Saved, StepInput, StepRequest, WireError},
+    message::{Carried, ErrorKind, Hop, HopOutput, Saved, StepInput, StepRequest, WireError},
     tensor::{WireDType, WireTensor},
 };
 use nnmesh_runtime::{
@@ -24,7 +24,7 @@ use nnmesh_runtime::{
     models::llama::{Cache, Input},
     wire::{from_wire, to_wire},
 };
-use tch::Kind;
+use tch::{Kind, Tensor};
 
 use super::{Next, StepOutput, err};
 
@@ -241,19 +241,158 @@ impl Session {
     ) -> Result<StepOutput, WireError> {
         let is_last = req.hop as usize + 1 == req.route.len();
         let mut replayed = Vec::with_capacity(req.replay.len());
-        for input in &req.replay {
+        let mut chunked = 0;
+        let mut i = 0;
+        while i < req.replay.len() {
+            // Generated tokens this hop has nothing to do at replay in one
+            // forward; steps with interventions one by one, as they ran.
+            let k = self.idle_run(&req.replay[i..]);
+            if k >= 2 {
+                let chunk = &req.replay[i..i + k];
+                for input in chunk {
+                    self.check_order(input, req.request)?;
+                    self.applied = Some((input.trace, input.step));
+                }
+                let outputs =
+                    self.run_chunk(engine, manifest, chunk, req.replay_outputs && !is_last)?;
+                replayed.extend(outputs);
+                chunked += k as u32;
+                i += k;
+                continue;
+            }
+            let input = &req.replay[i];
             self.check_order(input, req.request)?;
             let out = self.run_input(engine, manifest, input, is_last)?;
             if req.replay_outputs {
                 replayed.push(out.output());
             }
+            i += 1;
         }
         if !req.replay.is_empty() {
             self.check_order(&req.input, req.request)?;
         }
         let mut out = self.run_input(engine, manifest, &req.input, is_last)?;
         out.replayed = replayed;
+        out.chunked = chunked;
+        if !req.replay.is_empty() {
+            tracing::info!(steps = req.replay.len(), chunked, "replayed");
+        }
         Ok(out)
+    }
+
+    /// How many of `inputs` (steps to replay), from the first, can run as
+    /// one forward: consecutive decode steps of one trace that carry no
+    /// values, at which this hop's fragment has no node, and where the
+    /// trace does not stop.
+    fn idle_run(&self, inputs: &[StepInput]) -> usize {
+        let Some(first) = inputs.first() else {
+            return 0;
+        };
+        let trace = first.trace as usize;
+        let steps = self.plan.steps.get(trace).copied().unwrap_or(0);
+        let stops = self.plan.stops.get(trace).copied().flatten().is_some();
+        // (Invokes share rows only in traces that do not generate.)
+        if first.step == 0 {
+            return 0;
+        }
+        inputs
+            .iter()
+            .zip(0..)
+            .take_while(|(i, j)| {
+                i.trace == first.trace
+                    && i.step == first.step + j
+                    && i.past == first.past + j
+                    && i.carry.is_empty()
+                    && !(stops && i.step + 1 == steps)
+                    && !self.store.has_work(&self.plan, i.trace, i.step)
+            })
+            .count()
+    }
+
+    /// Runs `inputs` (see [`Session::idle_run`]) as one forward of their
+    /// tokens: the cache ends as after the steps one by one, up to
+    /// rounding. Returns each step's output when `outputs` (a chain of
+    /// replacements needs them).
+    fn run_chunk(
+        &mut self,
+        engine: &Engine,
+        manifest: &Manifest,
+        inputs: &[StepInput],
+        outputs: bool,
+    ) -> Result<Vec<HopOutput>, WireError> {
+        let model = &engine.model;
+        let first = &inputs[0];
+        let span = self.span;
+        let Session {
+            graph,
+            plan,
+            store,
+            cache,
+            padded,
+            ..
+        } = self;
+        let (Some(padded), Some(cache)) = (padded.as_ref(), cache.as_mut()) else {
+            return Err(malformed(format!(
+                "trace {} step {} arrived before its step 0",
+                first.trace, first.step
+            )));
+        };
+        let past = u32::try_from(cache.len()).unwrap_or(u32::MAX);
+        if past != first.past {
+            return Err(malformed(format!(
+                "trace {} step {} comes after {} cached positions, but this stage holds {past}",
+                first.trace, first.step, first.past
+            )));
+        }
+        let mut exec = Executor::new(graph, plan, manifest, model, store);
+        exec.set_first_layer(span.start);
+        exec.begin(first.trace, first.step, &padded.lens);
+        let rows = exec.rows();
+        let mut parts = Vec::with_capacity(inputs.len());
+        for i in inputs {
+            match step_input(engine, manifest, span, i, padded, rows, None)? {
+                Some(Input::Tokens(t) | Input::Hidden(t)) => parts.push(t),
+                None => {
+                    return Err(malformed(format!(
+                        "trace {} step {} carries no input",
+                        i.trace, i.step
+                    )));
+                }
+            }
+        }
+        let joined = Tensor::cat(&parts, 1);
+        let input = if span.start == 0 {
+            Input::Tokens(joined)
+        } else {
+            Input::Hidden(joined)
+        };
+        let batch = padded.next_steps(first.step as usize, inputs.len());
+        let failed = |e: nnmesh_runtime::hooks::HookError| {
+            err(
+                ErrorKind::Internal,
+                format!(
+                    "replaying trace {} steps {}..{}: {e}",
+                    first.trace,
+                    first.step,
+                    first.step as usize + inputs.len()
+                ),
+            )
+        };
+        let out = model
+            .forward_span(input, span.range(), &batch, Some(cache), &mut exec)
+            .map_err(failed)?;
+        exec.finish().map_err(failed)?;
+        if !outputs {
+            return Ok(Vec::new());
+        }
+        (0..inputs.len() as i64)
+            .map(|j| {
+                Ok(HopOutput {
+                    hidden: Some(to_wire(&out.narrow(1, j, 1))?),
+                    carry: Vec::new(),
+                })
+            })
+            .collect()
     }
 
     /// Runs one step: checks its inputs, runs the fragment over the forward
@@ -404,6 +543,7 @@ impl Session {
             saves,
             relay,
             replayed: Vec::new(),
+            chunked: 0,
         })
     }
 }
