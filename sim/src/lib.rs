@@ -39,6 +39,7 @@ mod engine;
 mod net;
 pub mod plot;
 pub mod progress;
+pub mod report;
 mod rng;
 pub mod scenario;
 pub mod summary;
@@ -167,7 +168,8 @@ pub fn calibrate(plan: &Plan, runs: &[Summary]) -> Vec<Calibrated> {
         .collect()
 }
 
-/// Writes `summary.json` (every run) and the plan's plots into `dir`
+/// Writes `summary.json` (every run), `summary.txt` (the report) and the
+/// plan's plots into `dir`
 /// (a plot none of whose runs ran is left out); returns the files written.
 ///
 /// # Errors
@@ -191,7 +193,9 @@ pub fn write_outputs(
     });
     let text = serde_json::to_string_pretty(&json).expect("summaries serialize");
     std::fs::write(&path, text + "\n").map_err(|e| write_err(&path, e))?;
-    let mut files = vec![path];
+    let txt = dir.join("summary.txt");
+    std::fs::write(&txt, report::text(plan, runs)).map_err(|e| write_err(&txt, e))?;
+    let mut files = vec![path, txt];
     for p in &plan.base.plots {
         if plot::draw(p, runs, dir)? {
             files.push(dir.join(&p.file));

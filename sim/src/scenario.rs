@@ -524,8 +524,9 @@ pub struct Control {
     /// Petals' "caching with restarts").
     pub recovery: Recovery,
     /// How a replacement computes the history it replays: one forward per
-    /// replayed step (`steps`, the node today) or one prefill of all of it
-    /// (`prefill`, Petals' Algorithm 1).
+    /// replayed step (`steps`: a hop that intervenes at every step), the
+    /// prompt and then the generated tokens in one chunk (`chunk`, the node
+    /// today), or one prefill of all of it (`prefill`, Petals' Algorithm 1).
     pub replay: Replay,
     /// A client leaves a peer it found dead out of discovery this long
     /// (the client's `DEAD_TTL`), s.
@@ -544,7 +545,7 @@ impl Default for Control {
             failover: FailoverCfg::default(),
             detect: DetectCfg::default(),
             recovery: Recovery::Replay,
-            replay: Replay::Steps,
+            replay: Replay::Chunk,
             dead_ttl_s: 60.0,
             reuse_candidates: false,
         }
@@ -567,6 +568,8 @@ pub enum Recovery {
 pub enum Replay {
     /// One forward per replayed step.
     Steps,
+    /// The prompt's forward, then one forward of every generated token.
+    Chunk,
     /// One prefill of every replayed token.
     Prefill,
 }

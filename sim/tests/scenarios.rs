@@ -243,3 +243,100 @@ fn the_bundled_scenarios_parse() {
     }
     assert!(found >= 2, "no scenarios in {}", dir.display());
 }
+
+/// Petals' Table 1 in miniature: four pinned stages, one looping client,
+/// long generations, every hop failing with probability `P`.
+const CHAIN: &str = r#"
+name = "chain"
+seed = 5
+duration_s = 3000.0
+sample_every_s = 60.0
+
+[model]
+blocks = 16
+hidden = 1024
+block_gb = 0.5
+
+[nodes]
+count = 4
+join_over_s = 0.0
+startup_s = 0.0
+step_overhead_ms = 10.0
+pinned = [[0, 4], [4, 8], [8, 12], [12, 16]]
+
+[[nodes.profiles]]
+name = "gpu"
+memory_gb = 2.0
+decode_ms_per_block = 1.0
+prefill_ms_per_token_block = 0.05
+
+[net]
+regions = [{ name = "one", share = 1.0, lat = 0.0, lon = 0.0, radius_km = 0.0 }]
+
+[churn]
+lifetime = { dist = "forever" }
+replace = false
+hop_failure_p = P
+
+[workload]
+mode = "closed"
+clients = 1
+start_s = 5.0
+prompt_tokens = [16, 16]
+new_tokens = [256, 256]
+
+[control.placement]
+rule = "pinned"
+
+[control.failover]
+max_failures = 1000000
+max_attempts = 1000000
+"#;
+
+#[test]
+fn a_replay_beats_a_restart_and_fewer_forwards_replay_faster() {
+    let run = |p: &str, set: &str| {
+        let s = go(&scenario(&CHAIN.replace("P", p), set));
+        check(&s);
+        s.sessions
+    };
+    let steps_per_s = |p: &str, set: &str| {
+        let s = run(p, set);
+        assert!(s.completed > 0, "p={p} {set}: {s:?}");
+        s.steps_per_s_overall
+    };
+    // Without failures, how a replay would run makes no difference.
+    let clean: Vec<f64> = ["steps", "chunk", "prefill"]
+        .iter()
+        .map(|m| steps_per_s("0.0", &format!("\"control.replay\" = \"{m}\"")))
+        .collect();
+    assert!(clean.windows(2).all(|w| w[0] == w[1]), "{clean:?}");
+    assert_eq!(
+        clean[0],
+        steps_per_s("0.0", r#""control.recovery" = "restart""#)
+    );
+    // At p = 1e-2 a hop fails every ~25 steps of a 4-hop chain: a
+    // step-by-step replay redoes one forward per step, a chunk two
+    // forwards, a prefill one.
+    let steps = steps_per_s("0.01", r#""control.replay" = "steps""#);
+    let chunk = steps_per_s("0.01", r#""control.replay" = "chunk""#);
+    let prefill = steps_per_s("0.01", r#""control.replay" = "prefill""#);
+    assert!(
+        steps < chunk && chunk < prefill && prefill < clean[0],
+        "steps {steps}, chunk {chunk}, prefill {prefill}, clean {}",
+        clean[0]
+    );
+    // The node replays generated tokens in one chunk by default.
+    assert_eq!(chunk, steps_per_s("0.01", ""));
+    // Restarts redo whole generations: at 1e-3 they are slower than any
+    // replay; at 1e-2 (a failure-free 272-step run of 4 hops has odds of
+    // 0.99^1088 ~ 2e-5) none finishes, as in Petals' Table 1.
+    let replay = steps_per_s("0.001", r#""control.replay" = "steps""#);
+    let restart = steps_per_s("0.001", r#""control.recovery" = "restart""#);
+    assert!(restart < 0.8 * replay, "restart {restart}, replay {replay}");
+    let restart = run("0.01", r#""control.recovery" = "restart""#);
+    assert!(
+        restart.completed == 0 && restart.restarts > 100,
+        "{restart:?}"
+    );
+}

@@ -526,9 +526,23 @@ impl World {
                 0.0
             };
             match self.sc.control.replay {
-                // One forward per replayed step, as the node replays today.
+                // One forward per replayed step (the node before it
+                // chunked replays; today a hop that intervenes at every
+                // step).
                 Replay::Steps => {
                     let mut ms = decodes * (overhead + decode);
+                    if has_prompt {
+                        ms += overhead + prefill(prompt);
+                    }
+                    ms
+                }
+                // The prompt, then the generated tokens as one chunk (the
+                // node today, for a hop with no intervention at them).
+                Replay::Chunk => {
+                    let mut ms = 0.0;
+                    if decodes > 0.0 {
+                        ms += overhead + prefill(decodes * rows);
+                    }
                     if has_prompt {
                         ms += overhead + prefill(prompt);
                     }
