@@ -421,9 +421,12 @@ impl Client {
         request::run(self, graph, model, &mut progress).await
     }
 
+    /// Replaces a graph's text prompts by token ids, asking the first of
+    /// `peers` (nodes serving `model`) that answers; unreachable ones are
+    /// marked dead.
     async fn tokenize_prompts(
         &self,
-        first: &Peer,
+        peers: &[&Peer],
         model: ModelId,
         graph: &mut Graph,
     ) -> Result<(), Error> {
@@ -440,21 +443,33 @@ impl Client {
             return Ok(());
         }
         let count = texts.len();
-        let ids = match self
-            .call(
-                first.peer,
-                first.addrs.clone(),
-                &Request::Tokenize { model, texts },
-            )
-            .await?
-        {
-            Response::Tokens(ids) if ids.len() == count => ids,
-            other => {
-                return Err(Error::Protocol {
-                    peer: first.peer,
-                    detail: format!("Tokenize of {count} texts answered {other:?}"),
-                });
+        let mut last = Error::NoPeers;
+        let mut answer = None;
+        for p in peers {
+            let req = Request::Tokenize {
+                model,
+                texts: texts.clone(),
+            };
+            match self.call(p.peer, p.addrs.clone(), &req).await {
+                Ok(Response::Tokens(ids)) if ids.len() == count => {
+                    answer = Some(ids);
+                    break;
+                }
+                Ok(other) => {
+                    return Err(Error::Protocol {
+                        peer: p.peer,
+                        detail: format!("Tokenize of {count} texts answered {other:?}"),
+                    });
+                }
+                Err(e @ Error::Request { .. }) => {
+                    self.mark_dead(p.peer);
+                    last = e;
+                }
+                Err(e) => return Err(e),
             }
+        }
+        let Some(ids) = answer else {
+            return Err(last);
         };
         let mut ids = ids.into_iter();
         for inv in graph.traces.iter_mut().flat_map(|t| &mut t.invokes) {

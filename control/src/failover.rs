@@ -105,12 +105,17 @@ impl Failure {
     }
 
     /// Whether the same peer may succeed if asked again soon: it is alive
-    /// and was only busy, or lost the session (a replay rebuilds it).
+    /// and was only busy, lost the session (a replay rebuilds it), or moved
+    /// to other layers since the record the route came from (its new
+    /// record may make it the only holder of the layers being replaced).
     pub fn is_transient(self) -> bool {
         matches!(
             self,
-            Failure::Refused(ErrorKind::Overloaded | ErrorKind::UnknownRequest)
-                | Failure::Failed(ErrorKind::Overloaded | ErrorKind::UnknownRequest)
+            Failure::Refused(
+                ErrorKind::Overloaded | ErrorKind::UnknownRequest | ErrorKind::NotServed
+            ) | Failure::Failed(
+                ErrorKind::Overloaded | ErrorKind::UnknownRequest | ErrorKind::NotServed
+            )
         )
     }
 }
@@ -412,6 +417,10 @@ mod tests {
         assert_eq!(replace_by(&mut f, &[cand(1, 10, 20)]), Some(0));
         fail(&mut f, now, 2, Failure::Failed(ErrorKind::UnknownRequest));
         assert_eq!(replace_by(&mut f, &[cand(2, 10, 20)]), Some(0));
+        // A peer that moved away from the failed layers (a stale record)
+        // may be the one holder of the next layers replaced.
+        fail(&mut f, now, 5, Failure::Refused(ErrorKind::NotServed));
+        assert_eq!(replace_by(&mut f, &[cand(5, 10, 20)]), Some(0));
         // A lost or forbidding peer is not, even alone.
         fail(&mut f, now, 3, Failure::Lost);
         assert_eq!(replace_by(&mut f, &[cand(3, 10, 20)]), None);

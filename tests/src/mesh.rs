@@ -25,8 +25,16 @@ pub fn three_nodes(model: &Path) -> Vec<Node> {
     Node::three(model).expect("nodes start")
 }
 
-/// A tokio runtime for the client side of a test.
+/// A tokio runtime for the client side of a test. With `RUST_LOG` set, the client's logs
+/// go to the test's output (the nodes' go to their own stderr).
 pub fn rt() -> tokio::runtime::Runtime {
+    if std::env::var_os("RUST_LOG").is_some() {
+        // Fails harmlessly when a subscriber is already set.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -289,10 +289,14 @@ fn a_stage_is_replaced_by_a_chain_of_holders() {
     let spans: Vec<Span> = by.iter().map(|h| h.span).collect();
     assert_eq!(spans, [Span::new(10, 14), Span::new(14, 20)]);
     assert_eq!(out.route.len(), 4);
-    assert_eq!(
-        assert_same("chain", &out, &want),
-        want.saves.len(),
-        "bit-identical through a chain of replacements"
+    // Layers 10..14 hold no intervention, so their replay of the generated
+    // tokens runs as one forward: within the runtime's tolerance for
+    // another kernel path (as `generated_tokens_replay_in_one_forward`),
+    // not bit for bit.
+    let (identical, worst) = assert_close("chain", &out, &want, 2e-4, 1e-5);
+    eprintln!(
+        "chain: {identical} of {} saves bit-identical; largest difference {worst:e}",
+        want.saves.len()
     );
 }
 

@@ -59,6 +59,20 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Runs `graph` through the mesh (see [`Client::run`]).
 pub(super) async fn run(
     client: &Client,
+    graph: Graph,
+    model: Option<ModelId>,
+    progress: &mut (dyn FnMut(&Progress) + Send),
+) -> Result<Outcome, Error> {
+    let out = run_once(client, graph, model, progress).await;
+    if out.as_ref().map_or(true, |o| o.failovers > 0) {
+        // The mesh changed under us: look again next time.
+        *client.known.lock().expect("not poisoned") = None;
+    }
+    out
+}
+
+async fn run_once(
+    client: &Client,
     mut graph: Graph,
     model: Option<ModelId>,
     progress: &mut (dyn FnMut(&Progress) + Send),
@@ -84,8 +98,14 @@ pub(super) async fn run(
         .fold(route[0].peer.record.limits.clone(), |l, s| {
             l.tightest(&s.peer.record.limits)
         });
+    // Any holder of the model tokenizes; the route's first.
+    let tokenizers: Vec<&Peer> = route
+        .iter()
+        .map(|s| &s.peer)
+        .chain(peers.iter().filter(|p| p.record.model == model))
+        .collect();
     client
-        .tokenize_prompts(&route[0].peer, model, &mut graph)
+        .tokenize_prompts(&tokenizers, model, &mut graph)
         .await?;
     let graph_bytes = graph.to_postcard();
     if graph_bytes.len() as u64 > limits.max_graph_bytes {
@@ -140,6 +160,7 @@ pub(super) async fn run(
         twins,
         verify: client.verify,
         arrived: HashSet::new(),
+        step_failed: false,
         twin_saves: Vec::new(),
         twin_relayed: Vec::new(),
         used: Vec::new(),
@@ -163,10 +184,6 @@ pub(super) async fn run(
         .chain(&run.used)
         .map(|p| tokio::time::timeout(CLOSE_TIMEOUT, client.call(p.peer, p.addrs.clone(), &close)));
     futures::future::join_all(closes).await;
-    if result.is_err() || run.failovers > 0 {
-        // The mesh changed under us: look again next time.
-        *client.known.lock().expect("not poisoned") = None;
-    }
     let generated = result?;
     Ok(Outcome {
         saves: run.saves,
@@ -303,6 +320,8 @@ struct Run<'a> {
     verify: Option<Tolerance>,
     /// The saves of the running step that arrived.
     arrived: HashSet<(String, Option<u32>)>,
+    /// Whether a hop failed during the running step.
+    step_failed: bool,
     /// What the twin of the hop being verified saved and relayed.
     twin_saves: Vec<Saved>,
     twin_relayed: Vec<Carried>,
@@ -406,6 +425,7 @@ impl Run<'_> {
             carry: std::mem::take(&mut self.relayed),
         };
         self.arrived.clear();
+        self.step_failed = false;
         let mut hop = 0;
         loop {
             let result = self.run_hop_surviving(Side::Primary, hop, &input).await?;
@@ -449,7 +469,9 @@ impl Run<'_> {
                 HashSet::new()
             }
         };
-        let mut retried = false;
+        // After a failure in this step, saves may arrive again (from the
+        // replacement, or from the hops after a replacement chain).
+        let mut retried = self.step_failed;
         loop {
             match self.run_hop(side, hop, input, &mut arrived, retried).await {
                 Ok(result) => {
@@ -473,6 +495,7 @@ impl Run<'_> {
                     self.fail_over(side, hop, input.trace, input.step, failure, detail, error)
                         .await?;
                     retried = true;
+                    self.step_failed = true;
                 }
             }
         }
