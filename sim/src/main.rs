@@ -2,11 +2,13 @@
 //! sweep), prints a table of the headline figures, and writes
 //! `summary.json` and the scenario's plots.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
-use nnmesh_sim::{Plan, Scenario, progress::Progress, report, run_plan, write_outputs};
+use nnmesh_sim::{
+    Plan, Scenario, Summary, plot, progress::Progress, report, run_plan, write_outputs,
+};
 
 #[derive(Parser)]
 #[command(
@@ -41,8 +43,28 @@ enum Command {
         #[arg(long, short)]
         quiet: bool,
     },
+    /// Redraw a scenario's plots from the `summary.json` of an earlier
+    /// run (after a change to the plots, without running it again).
+    Plot {
+        /// The scenario (TOML): its plots are drawn.
+        scenario: PathBuf,
+        /// The folder with `summary.json`, where the plots go (default as
+        /// for `run`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Print every parameter with its default, as a scenario file.
     Defaults,
+}
+
+/// `results/NAME` beside the scenario's folder (`sim/results/NAME`).
+fn default_out(scenario: &Path, plan: &Plan) -> PathBuf {
+    let dir = scenario
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.to_path_buf())
+        .unwrap_or_default();
+    dir.join("results").join(&plan.base.name)
 }
 
 fn main() -> Result<()> {
@@ -67,14 +89,7 @@ fn main() -> Result<()> {
                     bail!("no run is labelled {only:?}");
                 }
             }
-            let out = out.unwrap_or_else(|| {
-                let dir = scenario
-                    .parent()
-                    .and_then(|p| p.parent())
-                    .map(|p| p.to_path_buf())
-                    .unwrap_or_default();
-                dir.join("results").join(&plan.base.name)
-            });
+            let out = out.unwrap_or_else(|| default_out(&scenario, &plan));
             let runs = run_plan(&plan, &mut Progress::new(!quiet), jobs);
             print!("{}", report::text(&plan, &runs));
             let files = write_outputs(&plan, &runs, &out)
@@ -88,6 +103,27 @@ fn main() -> Result<()> {
                     bad.label,
                     bad.invariants
                 );
+            }
+            Ok(())
+        }
+        Command::Plot { scenario, out } => {
+            let plan = Plan::load(&scenario)?;
+            let out = out.unwrap_or_else(|| default_out(&scenario, &plan));
+            let path = out.join("summary.json");
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            #[derive(serde::Deserialize)]
+            struct Saved {
+                runs: Vec<Summary>,
+            }
+            let saved: Saved = serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", path.display()))?;
+            for p in &plan.base.plots {
+                if plot::draw(p, &saved.runs, &out)
+                    .with_context(|| format!("drawing {}", p.file))?
+                {
+                    println!("wrote {}", out.join(&p.file).display());
+                }
             }
             Ok(())
         }

@@ -113,6 +113,13 @@ pub fn draw(plot: &Plot, runs: &[Summary], dir: &Path) -> Result<bool, PlotError
                 plot.log_y,
                 &lines,
                 None,
+                // Throughput falls with x, traffic grows: keep the legend
+                // off the lines.
+                if plot.kind == PlotKind::StepsVsX {
+                    SeriesLabelPosition::LowerLeft
+                } else {
+                    SeriesLabelPosition::UpperLeft
+                },
             )
         }
         PlotKind::RecoveryCdf => {
@@ -138,6 +145,7 @@ pub fn draw(plot: &Plot, runs: &[Summary], dir: &Path) -> Result<bool, PlotError
                 false,
                 &lines,
                 Some((0.0, 1.0)),
+                SeriesLabelPosition::LowerRight,
             )
         }
         PlotKind::Coverage => {
@@ -228,6 +236,7 @@ fn chart(
     log_y: bool,
     lines: &[Line],
     y_fixed: Option<(f64, f64)>,
+    legend: SeriesLabelPosition,
 ) -> Result<(), String> {
     let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
@@ -289,7 +298,7 @@ fn chart(
     c.configure_series_labels()
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperRight)
+        .position(legend)
         .draw()
         .map_err(|e| e.to_string())?;
     root.present().map_err(|e| e.to_string())
