@@ -165,6 +165,8 @@ pub struct Client {
     dead: Dead,
     /// The limits of fail-over.
     failover: nnmesh_control::failover::Config,
+    /// When a hop counts as failed.
+    detect: nnmesh_control::detect::Config,
     /// Redundant execution: every hop also runs on a second holder and
     /// the two must agree within this tolerance.
     verify: Option<Tolerance>,
@@ -256,6 +258,7 @@ impl Client {
             known: Arc::default(),
             dead: Arc::default(),
             failover: nnmesh_control::failover::Config::default(),
+            detect: nnmesh_control::detect::Config::default(),
             verify: None,
         })
     }
@@ -276,6 +279,13 @@ impl Client {
     /// is left out).
     pub fn with_failover(mut self, cfg: nnmesh_control::failover::Config) -> Self {
         self.failover = cfg;
+        self
+    }
+
+    /// The client with other failure detection (a step's deadline, how
+    /// long a redial or a probe of a silent hop may take).
+    pub fn with_detection(mut self, cfg: nnmesh_control::detect::Config) -> Self {
+        self.detect = cfg;
         self
     }
 
