@@ -532,9 +532,9 @@ pub struct Control {
     /// (the client's `DEAD_TTL`), s.
     pub dead_ttl_s: f64,
     /// Answer a fail-over's first discovery with the candidates the session
-    /// found when it started, at once, instead of discovering anew (a
-    /// proposal: the client does not do this today). Later attempts (after
-    /// a backoff) discover anew.
+    /// found when it started, at once, instead of discovering anew. Later
+    /// attempts (after a backoff) discover anew. The client does this now;
+    /// off by default, the scenarios model the client before it.
     pub reuse_candidates: bool,
 }
 
@@ -715,7 +715,9 @@ pub struct Discovery {
     pub provider_republish_s: f64,
     /// An `Info` call to a provider that vanished fails after this long
     /// (its dial ends with libp2p's 10 s connection timeout, before the
-    /// 60 s request timeout), s. A discovery waits for every call.
+    /// 60 s request timeout), s. A discovery waits for every call. The
+    /// client now gives up on an `Info` after 2 s; the scenarios' 10 s
+    /// model the client before it.
     pub info_timeout_s: f64,
     /// Block records expire after this long (`blocks`), s.
     pub record_ttl_s: f64,

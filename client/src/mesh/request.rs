@@ -155,6 +155,7 @@ async fn run_once(
         twin_saves: Vec::new(),
         twin_relayed: Vec::new(),
         used: Vec::new(),
+        known: peers.clone(),
         saves: Vec::new(),
         relayed: Vec::new(),
         failovers: 0,
@@ -318,6 +319,9 @@ struct Run<'a> {
     twin_relayed: Vec<Carried>,
     /// Peers replaced along the way (closed at the end too).
     used: Vec<Peer>,
+    /// The holders the request last found: a fail-over looks among them
+    /// first, at once, and discovers anew only when they do not do.
+    known: Vec<Peer>,
     saves: Vec<Saved>,
     /// Values later stages sent back for earlier ones, for the next step.
     relayed: Vec<Carried>,
@@ -524,16 +528,28 @@ impl Run<'_> {
             },
         );
         let mut peers: Vec<Peer> = Vec::new();
+        let mut looked = false;
         while let Some(action) = actions.pop() {
             actions = match action {
                 Action::Discover { span } => {
-                    peers = self
-                        .client
-                        .discover()
-                        .await
-                        .unwrap_or_default()
+                    // First the holders already known (those found dead
+                    // left out): no discovery round on the path of a
+                    // fail-over. After a wait, the mesh as it is now.
+                    let found = if looked {
+                        let fresh = self.client.discover().await.unwrap_or_default();
+                        self.known.clone_from(&fresh);
+                        fresh
+                    } else {
+                        looked = true;
+                        self.known.clone()
+                    };
+                    peers = found
                         .into_iter()
-                        .filter(|p| self.same_model(p) && Some(p.peer) != other)
+                        .filter(|p| {
+                            self.same_model(p)
+                                && Some(p.peer) != other
+                                && !self.client.is_dead(&p.peer)
+                        })
                         .collect();
                     let cands: Vec<_> = peers.iter().map(candidate).collect();
                     self.failover.on_event(
