@@ -630,7 +630,7 @@ pub enum PlacementRule {
 pub struct FailoverCfg {
     /// Searches for a replacement of one set of layers before giving up.
     pub max_attempts: u32,
-    /// Failures one session survives.
+    /// Failures in a row, without progress, one session survives.
     pub max_failures: u32,
     /// First backoff, ms.
     pub backoff_ms: f64,
