@@ -31,6 +31,9 @@
 pub mod mesh;
 pub mod transport;
 
+/// The failure detection a [`mesh::Client`] runs with
+/// ([`mesh::Client::with_detection`]).
+pub use nnmesh_control::detect;
 /// The fail-over limits a [`mesh::Client`] runs with
 /// ([`mesh::Client::with_failover`]).
 pub use nnmesh_control::failover;

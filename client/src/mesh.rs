@@ -165,6 +165,8 @@ pub struct Client {
     dead: Dead,
     /// The limits of fail-over.
     failover: nnmesh_control::failover::Config,
+    /// When a hop counts as failed.
+    detect: nnmesh_control::detect::Config,
     /// Redundant execution: every hop also runs on a second holder and
     /// the two must agree within this tolerance.
     verify: Option<Tolerance>,
@@ -181,6 +183,11 @@ impl std::fmt::Debug for Pending {
 /// How long a discovery result is reused before the mesh is asked again
 /// (records are re-verified then; a failed run forgets it at once).
 const DISCOVERY_TTL: Duration = Duration::from_secs(20);
+/// How long a discovery waits for a node's record: a node that takes
+/// longer is left out of this round (the simulator's
+/// `ablation-info-deadline` shows a vanished node otherwise holds every
+/// fail-over up for a dial timeout).
+const INFO_TIMEOUT: Duration = Duration::from_secs(2);
 /// Discoveries retried (200 ms, doubling) while no route covers the model.
 const COVERAGE_RETRIES: u32 = 4;
 /// How long a peer found dead is left out of discovery.
@@ -256,6 +263,7 @@ impl Client {
             known: Arc::default(),
             dead: Arc::default(),
             failover: nnmesh_control::failover::Config::default(),
+            detect: nnmesh_control::detect::Config::default(),
             verify: None,
         })
     }
@@ -276,6 +284,13 @@ impl Client {
     /// is left out).
     pub fn with_failover(mut self, cfg: nnmesh_control::failover::Config) -> Self {
         self.failover = cfg;
+        self
+    }
+
+    /// The client with other failure detection (a step's deadline, how
+    /// long a redial or a probe of a silent hop may take).
+    pub fn with_detection(mut self, cfg: nnmesh_control::detect::Config) -> Self {
+        self.detect = cfg;
         self
     }
 
@@ -511,25 +526,31 @@ pub async fn discover(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     ids.retain(|p| !skip(p));
+    // A vanished provider must not hold the round up for a dial timeout.
     let answers = futures::future::join_all(ids.into_iter().map(|id| async move {
         let t0 = Instant::now();
-        (
-            id,
-            call(transport, id, Vec::new(), &Request::Info).await,
-            t0.elapsed(),
+        let answer = tokio::time::timeout(
+            INFO_TIMEOUT,
+            call(transport, id, Vec::new(), &Request::Info),
         )
+        .await;
+        (id, answer, t0.elapsed())
     }))
     .await;
     let mut peers = Vec::new();
     for (id, answer, rtt) in answers {
         let (records, manifest) = match answer {
-            Ok(Response::Info { records, manifest }) => (records, manifest),
-            Ok(other) => {
+            Ok(Ok(Response::Info { records, manifest })) => (records, manifest),
+            Ok(Ok(other)) => {
                 tracing::warn!(peer = %id, ?other, "unexpected Info answer");
                 continue;
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 tracing::warn!(peer = %id, error = %e, "peer did not answer Info");
+                continue;
+            }
+            Err(_) => {
+                tracing::warn!(peer = %id, "peer did not answer Info within {INFO_TIMEOUT:?}");
                 continue;
             }
         };

@@ -14,7 +14,10 @@
 //! - When no replacement covers the layers, the client waits with
 //!   exponential backoff (jittered) and looks again, up to
 //!   [`Config::max_attempts`] times, then gives up naming the layers.
-//! - A request survives at most [`Config::max_failures`] failures in all.
+//! - A request survives at most [`Config::max_failures`] failures in a row
+//!   without progress (a step going through on a repaired route resets the
+//!   count): a long generation under a steady failure rate keeps going, a
+//!   request that fails everywhere stops.
 //!
 //! ```
 //! use std::time::{Duration, Instant};
@@ -51,7 +54,8 @@ use crate::route::{Candidate, Leg, find_route};
 pub struct Config {
     /// Looks for a replacement of one set of layers before giving up.
     pub max_attempts: u32,
-    /// Failures a request survives in all.
+    /// Failures in a row, without a step going through on a repaired
+    /// route in between, that a request survives.
     pub max_failures: u32,
     /// The first wait when no replacement is found; doubled each time.
     pub backoff: Duration,
@@ -195,10 +199,10 @@ pub enum GiveUp {
         /// How many times the mesh was searched.
         attempts: u32,
     },
-    /// Too many failures in one request.
-    #[error("{failures} failures in one request; giving up")]
+    /// Too many failures in a row.
+    #[error("{failures} failures in a row without progress; giving up")]
     TooManyFailures {
-        /// The failures.
+        /// The failures in a row.
         failures: u32,
     },
 }
@@ -207,7 +211,10 @@ pub enum GiveUp {
 #[derive(Debug)]
 pub struct Failover {
     cfg: Config,
+    /// Failures in all.
     failures: u32,
+    /// Failures since the last step that went through on a repaired route.
+    in_a_row: u32,
     /// Searches for the layers being replaced.
     attempts: u32,
     /// Failed peers: until when they are left out, and whether the failure
@@ -222,13 +229,14 @@ impl Failover {
         Failover {
             cfg,
             failures: 0,
+            in_a_row: 0,
             attempts: 0,
             blacklist: HashMap::new(),
             rng: seed | 1,
         }
     }
 
-    /// Failures so far.
+    /// Failures so far, in all.
     pub fn failures(&self) -> u32 {
         self.failures
     }
@@ -249,6 +257,7 @@ impl Failover {
                 failure,
             } => {
                 self.failures += 1;
+                self.in_a_row += 1;
                 self.blacklist
                     .insert(peer, (now + self.cfg.blacklist, failure.is_transient()));
                 if !failure.is_retriable() {
@@ -257,9 +266,9 @@ impl Failover {
                     };
                     return vec![Action::GiveUp(GiveUp::NotRetriable { peer, kind })];
                 }
-                if self.failures > self.cfg.max_failures {
+                if self.in_a_row > self.cfg.max_failures {
                     return vec![Action::GiveUp(GiveUp::TooManyFailures {
-                        failures: self.failures,
+                        failures: self.in_a_row,
                     })];
                 }
                 self.attempts = 0;
@@ -297,6 +306,7 @@ impl Failover {
             Event::Woke { span } => vec![Action::Discover { span }],
             Event::Recovered => {
                 self.attempts = 0;
+                self.in_a_row = 0;
                 Vec::new()
             }
         }
@@ -531,9 +541,15 @@ mod tests {
             [Action::Replace { .. }]
         ));
         fail(&mut f, later, 2, Failure::Lost);
+        // Progress resets the count: a long request under a steady failure
+        // rate goes on.
+        f.on_event(later, Event::Recovered);
+        fail(&mut f, later, 4, Failure::Lost);
+        fail(&mut f, later, 5, Failure::Lost);
         assert_eq!(
-            fail(&mut f, later, 3, Failure::Lost),
+            fail(&mut f, later, 6, Failure::Lost),
             [Action::GiveUp(GiveUp::TooManyFailures { failures: 3 })]
         );
+        assert_eq!(f.failures(), 5);
     }
 }

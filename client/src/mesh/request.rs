@@ -14,11 +14,12 @@
 //! retried, what arrived before the failure is kept and repeats dropped.
 
 use std::{
-    collections::HashSet,
+    collections::{BTreeSet, HashSet, VecDeque},
     time::{Duration, Instant as StdInstant},
 };
 
 use nnmesh_control::{
+    detect::{self, Detector},
     failover::{self, Action, Event, Failover, Failure},
     route::{Leg, best_holder},
 };
@@ -43,16 +44,6 @@ use super::{
 };
 use crate::transport::{PeerEvent, RequestError};
 
-/// How long a dial that checks whether a disconnected stage is still there may take.
-const REDIAL_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long a stage may take to answer a liveness probe.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
-/// A hop's deadline for a step: this much, plus [`DEADLINE_FACTOR`] times
-/// the compute time its advertised throughput predicts.
-const DEADLINE_BASE: Duration = Duration::from_secs(10);
-const DEADLINE_FACTOR: f64 = 20.0;
-/// Deadlines a step may pass while the stage still answers probes.
-const DEADLINES: u32 = 3;
 /// How long closing the request on each stage may take.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -164,6 +155,7 @@ async fn run_once(
         twin_saves: Vec::new(),
         twin_relayed: Vec::new(),
         used: Vec::new(),
+        known: peers.clone(),
         saves: Vec::new(),
         relayed: Vec::new(),
         failovers: 0,
@@ -327,6 +319,9 @@ struct Run<'a> {
     twin_relayed: Vec<Carried>,
     /// Peers replaced along the way (closed at the end too).
     used: Vec<Peer>,
+    /// The holders the request last found: a fail-over looks among them
+    /// first, at once, and discovers anew only when they do not do.
+    known: Vec<Peer>,
     saves: Vec<Saved>,
     /// Values later stages sent back for earlier ones, for the next step.
     relayed: Vec<Carried>,
@@ -533,16 +528,28 @@ impl Run<'_> {
             },
         );
         let mut peers: Vec<Peer> = Vec::new();
+        let mut looked = false;
         while let Some(action) = actions.pop() {
             actions = match action {
                 Action::Discover { span } => {
-                    peers = self
-                        .client
-                        .discover()
-                        .await
-                        .unwrap_or_default()
+                    // First the holders already known (those found dead
+                    // left out): no discovery round on the path of a
+                    // fail-over. After a wait, the mesh as it is now.
+                    let found = if looked {
+                        let fresh = self.client.discover().await.unwrap_or_default();
+                        self.known.clone_from(&fresh);
+                        fresh
+                    } else {
+                        looked = true;
+                        self.known.clone()
+                    };
+                    peers = found
                         .into_iter()
-                        .filter(|p| self.same_model(p) && Some(p.peer) != other)
+                        .filter(|p| {
+                            self.same_model(p)
+                                && Some(p.peer) != other
+                                && !self.client.is_dead(&p.peer)
+                        })
                         .collect();
                     let cands: Vec<_> = peers.iter().map(candidate).collect();
                     self.failover.on_event(
@@ -760,10 +767,9 @@ impl Run<'_> {
             .await
     }
 
-    /// The deadline of a hop's step: a base plus a multiple of the compute
-    /// time its advertised throughput predicts for the step's tokens (and
-    /// for the steps it replays first).
-    fn deadline(&self, hop: usize, input: &StepInput, replayed: usize) -> Duration {
+    /// The tokens a hop's step computes, for its deadline: the step's, and
+    /// those of the steps it replays first.
+    fn step_tokens(&self, input: &StepInput, replayed: usize) -> f64 {
         let t = input.trace as usize;
         let rows = self.graph.traces[t].invokes.len() as f64;
         let tokens = if input.step == 0 {
@@ -771,11 +777,7 @@ impl Run<'_> {
         } else {
             rows
         };
-        let prefix = replayed as f64 * rows * 2.0;
-        let tps = f64::from(self.route[hop].peer.record.throughput.max(1e-3));
-        // (The twin holds the same layers; the route's holder sets the pace.)
-        let secs = (tokens + prefix) / tps * DEADLINE_FACTOR;
-        DEADLINE_BASE + Duration::from_secs_f64(secs.min(3600.0))
+        tokens + replayed as f64 * rows * 2.0
     }
 
     /// Waits for hop `hop`'s reports of the step until its output, watching it.
@@ -792,15 +794,61 @@ impl Run<'_> {
         let (trace, step) = (input.trace, input.step);
         let expected = expected_saves(self.graph, self.plan, &self.fragments, trace, step);
         let peer = self.lane(side)[hop].peer.peer;
-        let period = self.deadline(hop, input, replayed.len());
-        let mut deadline = Instant::now() + period;
-        let mut deadlines = 0;
-        let lost = |reason: String| HopError::Failed {
-            failure: Failure::Lost,
-            error: None,
-            detail: reason,
-        };
+        // The failure detector decides; this loop carries out its actions
+        // and feeds it what happens (control::detect).
+        let mut detector = Detector::new(self.client.detect.clone());
+        let mut timers: BTreeSet<StdInstant> = BTreeSet::new();
+        let mut actions: VecDeque<detect::Action> = detector
+            .on_event(
+                now(),
+                detect::Event::Sent {
+                    tokens: self.step_tokens(input, replayed.len()),
+                    // The twin holds the same layers; the route's holder
+                    // sets the pace.
+                    throughput: self.route[hop].peer.record.throughput,
+                },
+            )
+            .into();
         loop {
+            while let Some(action) = actions.pop_front() {
+                let seen = match action {
+                    detect::Action::WakeAt(at) => {
+                        timers.insert(at);
+                        continue;
+                    }
+                    detect::Action::Redial => {
+                        if self.reachable(side, hop).await {
+                            detect::Event::Redialed
+                        } else {
+                            detect::Event::RedialFailed
+                        }
+                    }
+                    detect::Action::Probe => {
+                        if self.answers_probe(side, hop).await {
+                            detect::Event::ProbeAnswered
+                        } else {
+                            detect::Event::ProbeFailed
+                        }
+                    }
+                    detect::Action::Lost(why) => {
+                        return Err(HopError::Failed {
+                            failure: Failure::Lost,
+                            error: None,
+                            detail: why.to_string(),
+                        });
+                    }
+                    detect::Action::NoProgress { waited } => {
+                        return Err(Error::NoProgress {
+                            trace,
+                            step,
+                            secs: waited.as_secs(),
+                        }
+                        .into());
+                    }
+                };
+                actions.extend(detector.on_event(now(), seen));
+            }
+            let wake = timers.first().copied();
             tokio::select! {
                 report = self.rx.recv() => {
                     let report = report.ok_or(Error::Closed)?;
@@ -817,39 +865,19 @@ impl Run<'_> {
                     }
                 }
                 event = self.events.recv() => {
-                    let event = match event {
-                        Ok(e) if e.peer() == peer => e,
+                    let seen = match event {
+                        Ok(PeerEvent::Unresponsive(p)) if p == peer => detect::Event::Unresponsive,
+                        Ok(PeerEvent::Disconnected(p)) if p == peer => detect::Event::Disconnected,
                         Ok(_) => continue,
                         // Missed events: check the hop.
-                        Err(broadcast::error::RecvError::Lagged(_)) => PeerEvent::Disconnected(peer),
+                        Err(broadcast::error::RecvError::Lagged(_)) => detect::Event::Disconnected,
                         Err(broadcast::error::RecvError::Closed) => return Err(Error::Closed.into()),
                     };
-                    if !self.reachable(side, hop).await {
-                        let why = match event {
-                            PeerEvent::Unresponsive(_) => "it stopped answering pings",
-                            PeerEvent::Disconnected(_) => {
-                                "its connection was lost and it cannot be reached again"
-                            }
-                        };
-                        return Err(lost(why.into()));
-                    }
+                    actions.extend(detector.on_event(now(), seen));
                 }
-                () = tokio::time::sleep_until(deadline) => {
-                    if !self.answers_probe(side, hop).await {
-                        return Err(lost(
-                            format!("no progress within {} s and no answer to a probe", period.as_secs()),
-                        ));
-                    }
-                    deadlines += 1;
-                    if deadlines >= DEADLINES {
-                        return Err(Error::NoProgress {
-                            trace,
-                            step,
-                            secs: (period * deadlines).as_secs(),
-                        }
-                        .into());
-                    }
-                    deadline += period;
+                () = tokio::time::sleep_until(Instant::from_std(wake.unwrap_or_else(now))), if wake.is_some() => {
+                    timers.pop_first();
+                    actions.extend(detector.on_event(now(), detect::Event::Woke));
                 }
             }
         }
@@ -861,7 +889,11 @@ impl Run<'_> {
             return false;
         };
         matches!(
-            tokio::time::timeout(REDIAL_TIMEOUT, self.client.transport.dial(addr.clone())).await,
+            tokio::time::timeout(
+                self.client.detect.redial_timeout,
+                self.client.transport.dial(addr.clone())
+            )
+            .await,
             Ok(Ok(_))
         )
     }
@@ -871,7 +903,7 @@ impl Run<'_> {
         let p = &self.lane(side)[hop].peer;
         matches!(
             tokio::time::timeout(
-                PROBE_TIMEOUT,
+                self.client.detect.probe_timeout,
                 self.client.call(p.peer, p.addrs.clone(), &Request::Info)
             )
             .await,
