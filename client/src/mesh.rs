@@ -461,6 +461,10 @@ impl Client {
         let mut last = Error::NoPeers;
         let mut answer = None;
         for p in peers {
+            if self.is_dead(&p.peer) {
+                // (Listed twice, or found dead meanwhile.)
+                continue;
+            }
             let req = Request::Tokenize {
                 model,
                 texts: texts.clone(),

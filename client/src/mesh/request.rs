@@ -319,8 +319,9 @@ struct Run<'a> {
     twin_relayed: Vec<Carried>,
     /// Peers replaced along the way (closed at the end too).
     used: Vec<Peer>,
-    /// The holders the request last found: a fail-over looks among them
-    /// first, at once, and discovers anew only when they do not do.
+    /// The holders the request last found: a lost hop's replacement is
+    /// looked for among them first, at once; the mesh is asked anew when
+    /// they do not do.
     known: Vec<Peer>,
     saves: Vec<Saved>,
     /// Values later stages sent back for earlier ones, for the next step.
@@ -528,13 +529,13 @@ impl Run<'_> {
             },
         );
         let mut peers: Vec<Peer> = Vec::new();
-        let mut looked = false;
+        // A lost hop is replaced from the holders already known, at once
+        // (those found dead are left out, so this cannot loop); a refusal
+        // may mean those records are stale, so the mesh is asked anew.
+        let mut looked = failure != Failure::Lost;
         while let Some(action) = actions.pop() {
             actions = match action {
                 Action::Discover { span } => {
-                    // First the holders already known (those found dead
-                    // left out): no discovery round on the path of a
-                    // fail-over. After a wait, the mesh as it is now.
                     let found = if looked {
                         let fresh = self.client.discover().await.unwrap_or_default();
                         self.known.clone_from(&fresh);
