@@ -360,3 +360,64 @@ pub enum ValidateError {
         name: String,
     },
 }
+
+impl ValidateError {
+    /// The node the error names, if it names one: lets a front end point at
+    /// the line of code that built that node.
+    pub fn node(&self) -> Option<NodeId> {
+        use ValidateError::*;
+        match self {
+            DanglingInput { node, .. }
+            | ForwardReference { node, .. }
+            | NotAValue { node, .. }
+            | UnknownModule { node, .. }
+            | UnknownPoint { node, .. }
+            | TraceOutOfRange { node, .. }
+            | InvokeOutOfRange { node, .. }
+            | StepOutOfRange { node, .. }
+            | EmptySteps { node, .. }
+            | StepMismatch { node, .. }
+            | OutOfOrder { node, .. }
+            | Arity { node, .. }
+            | Shape { node, .. }
+            | Dtype { node, .. }
+            | ApplyArgs { node, .. }
+            | ApplyShape { node, .. }
+            | WriteIndex { node, .. }
+            | WriteShape { node, .. }
+            | WriteDtype { node, .. }
+            | ConstLength { node, .. }
+            | ConstValue { node, .. }
+            | DuplicateSave { node, .. } => Some(*node),
+            Version { .. }
+            | NoTraces
+            | TooManyTraces { .. }
+            | EmptyTrace { .. }
+            | TooManyInvokes { .. }
+            | TooManyNewTokens { .. }
+            | InputsMismatch { .. }
+            | EmptyPrompt { .. }
+            | PromptTooLong { .. }
+            | TokenOutOfRange { .. }
+            | TooManyNodes { .. }
+            | ConstBytes { .. }
+            | SavedBytes { .. }
+            | OverBudget { .. } => None,
+        }
+    }
+
+    /// The trace the error names, if it names one and no node.
+    pub fn trace(&self) -> Option<u32> {
+        use ValidateError::*;
+        match self {
+            EmptyTrace { trace }
+            | TooManyInvokes { trace, .. }
+            | TooManyNewTokens { trace, .. }
+            | EmptyPrompt { trace, .. }
+            | PromptTooLong { trace, .. }
+            | TokenOutOfRange { trace, .. }
+            | OverBudget { trace, .. } => Some(*trace),
+            _ => None,
+        }
+    }
+}

@@ -906,3 +906,19 @@ fn padding_and_invokes() {
         tiny().site(Module::Layer(0), Point::Output)
     );
 }
+
+#[test]
+fn errors_name_their_node_or_trace() {
+    let h = || read("model.layers.0", Point::Output);
+    let e = err(&one_trace_graph(vec![
+        h(),
+        Node::Const {
+            value: ConstTensor::vector(DType::F32, vec![0.0; 9]),
+        },
+        op(Op::Add, &[0, 1]),
+    ]));
+    assert_eq!((e.node(), e.trace()), (Some(NodeId(2)), None));
+    let e = ValidateError::EmptyTrace { trace: 1 };
+    assert_eq!((e.node(), e.trace()), (None, Some(1)));
+    assert_eq!(ValidateError::NoTraces.node(), None);
+}
