@@ -20,6 +20,32 @@ pub fn node(blocks: &str, bootstrap: Option<&Multiaddr>, model: &Path, extra: &[
     Node::start(model, blocks, bootstrap, extra).expect("node starts")
 }
 
+/// Starts an auto-placed `nnmesh node` (no `--blocks`) on SmolLM2 that
+/// holds ten layers in f32 (13.5 MiB each) beside the embedding (108 MiB)
+/// and a 16 MiB KV cache, with one torch thread, and rebalances every ~3 s
+/// after a 10 s dwell: six of them hold every layer twice.
+pub fn auto_node(bootstrap: Option<&Multiaddr>) -> Node {
+    const AUTO: &[&str] = &[
+        "--max-memory",
+        "265",
+        "--kv-cache-mib",
+        "16",
+        "--threads",
+        "1",
+        "--rebalance-secs",
+        "3",
+        "--min-dwell-secs",
+        "10",
+    ];
+    Node::start_auto(&crate::model_path(), bootstrap, AUTO).expect("node starts")
+}
+
+/// Holders per block of SmolLM2's 30 layers among `peers`' records.
+pub fn holders_per_block(peers: &[mesh::Peer]) -> Vec<u32> {
+    let holders: Vec<_> = peers.iter().map(mesh::holder).collect();
+    nnmesh_control::placement::holders_per_block(&holders, 30)
+}
+
 /// Starts the README's mesh: 0..10, 10..20, 20..30.
 pub fn three_nodes(model: &Path) -> Vec<Node> {
     Node::three(model).expect("nodes start")
@@ -45,35 +71,10 @@ pub fn rt() -> tokio::runtime::Runtime {
 /// Asserts a mesh outcome equals the single-node outcome; returns how many
 /// saved values were bit-identical.
 pub fn assert_same(name: &str, mesh: &mesh::Outcome, local: &execute::Outcome) -> usize {
-    assert_eq!(mesh.generated, local.generated, "{name}: generated tokens");
-    assert_eq!(
-        mesh.saves.len(),
-        local.saves.len(),
-        "{name}: number of saves"
-    );
-    let mut identical = 0;
-    for s in &local.saves {
-        let m = mesh
-            .saves
-            .iter()
-            .find(|m| m.name == s.name && m.step == s.step)
-            .unwrap_or_else(|| panic!("{name}: {} missing from the mesh result", s.key()));
-        let mt = from_wire(&m.value, Device::Cpu).expect("decodes");
-        assert_eq!(mt.size(), s.value.size(), "{name}: {} shape", s.key());
-        if mt.equal(&s.value) {
-            identical += 1;
-        } else {
-            // Same machine, same kernels: the mesh is expected to be bit for
-            // bit equal (the callers assert how many were); this bound only
-            // tells a rounding difference from a wrong value.
-            let d = (mt.to_kind(Kind::Double) - s.value.to_kind(Kind::Double))
-                .abs()
-                .max()
-                .double_value(&[]);
-            assert!(d < 1e-5, "{name}: {} differs by {d}", s.key());
-        }
-    }
-    identical
+    // Same machine, same kernels: the mesh is expected to be bit for bit
+    // equal (the callers assert how many were); this bound only tells a
+    // rounding difference from a wrong value.
+    assert_close(name, mesh, local, 1e-5, 0.0).0
 }
 
 /// Asserts a mesh outcome equals the single-node outcome within

@@ -16,29 +16,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use libp2p::Multiaddr;
 use nnmesh_client::mesh::{self, Progress};
-use nnmesh_control::placement::{Holder, holders_per_block};
 use nnmesh_graph::{Graph, Limits};
 use nnmesh_runtime::execute;
 use nnmesh_tests::{
     local_node::LocalNode,
-    mesh::{assert_same, rt},
+    mesh::{assert_same, auto_node, holders_per_block, rt},
 };
 
-/// As in `placement.rs`: ten layers per node, checks every ~3 s.
-const AUTO: &[&str] = &[
-    "--max-memory",
-    "265",
-    "--kv-cache-mib",
-    "16",
-    "--threads",
-    "1",
-    "--rebalance-secs",
-    "3",
-    "--min-dwell-secs",
-    "10",
-];
 /// Mean time between kills.
 const KILL_EVERY: Duration = Duration::from_secs(6);
 
@@ -47,10 +32,6 @@ fn env(name: &str, default: u64) -> u64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn start(bootstrap: Option<&Multiaddr>) -> LocalNode {
-    LocalNode::start_auto(&nnmesh_tests::model_path(), bootstrap, AUTO).expect("node starts")
 }
 
 /// What one client saw.
@@ -128,10 +109,10 @@ fn client_loop(
 fn every_request_completes_with_the_single_node_result_while_nodes_die() {
     let secs = env("NNMESH_CHAOS_SECS", 60);
     let clients = env("NNMESH_CHAOS_CLIENTS", 4) as usize;
-    let first = start(None);
+    let first = auto_node(None);
     let boot = first.addr.clone();
     let mut nodes: Vec<LocalNode> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..5).map(|_| s.spawn(|| start(Some(&boot)))).collect();
+        let handles: Vec<_> = (0..5).map(|_| s.spawn(|| auto_node(Some(&boot)))).collect();
         handles
             .into_iter()
             .map(|h| h.join().expect("started"))
@@ -147,8 +128,7 @@ fn every_request_completes_with_the_single_node_result_while_nodes_die() {
         let t0 = Instant::now();
         loop {
             let peers = rt.block_on(client.discover()).unwrap_or_default();
-            let holders: Vec<Holder> = peers.iter().map(mesh::holder).collect();
-            if holders_per_block(&holders, 30).iter().all(|&c| c >= 2) {
+            if holders_per_block(&peers).iter().all(|&c| c >= 2) {
                 break;
             }
             assert!(
@@ -202,7 +182,7 @@ fn every_request_completes_with_the_single_node_result_while_nodes_die() {
             };
             drop(victim); // SIGKILL
             kills += 1;
-            let fresh = start(Some(&boot));
+            let fresh = auto_node(Some(&boot));
             nodes.lock().expect("not poisoned").push(fresh);
         }
         stop.store(true, Ordering::Relaxed);

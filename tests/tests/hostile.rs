@@ -290,6 +290,18 @@ fn hostile_messages_get_clear_errors_and_the_mesh_keeps_serving() {
         next.input.past = 3;
         assert_eq!(send(&t, &nodes[0], &next).await, Response::Accepted);
         assert!(outcome(&mut inbound).await.is_none(), "step 1 still runs");
+        // The (history length, position) invariant: step 2 comes after 4
+        // cached positions, not 9.
+        let mut wrong = next.clone();
+        wrong.input.step = 2;
+        wrong.input.past = 9;
+        assert_eq!(send(&t, &nodes[0], &wrong).await, Response::Accepted);
+        fails(
+            &mut inbound,
+            ErrorKind::Malformed,
+            "after 9 cached positions",
+        )
+        .await;
 
         // A middle stage's input, checked against the plan.
         let lens = {

@@ -8,46 +8,24 @@ use std::{
     time::{Duration, Instant},
 };
 
-use libp2p::Multiaddr;
 use nnmesh_client::mesh;
-use nnmesh_control::placement::{Holder, holders_per_block};
 use nnmesh_graph::Limits;
 use nnmesh_protocol::Span;
 use nnmesh_runtime::execute;
 use nnmesh_tests::{
     local_node::LocalNode,
-    mesh::{assert_same, rt},
+    mesh::{assert_same, auto_node, holders_per_block, rt},
 };
-
-/// Ten SmolLM2 layers in f32 (13.5 MiB each) beside the embedding (108 MiB)
-/// and a 16 MiB KV cache; checks every ~3 s, a 10 s dwell.
-const AUTO: &[&str] = &[
-    "--max-memory",
-    "265",
-    "--kv-cache-mib",
-    "16",
-    "--threads",
-    "1",
-    "--rebalance-secs",
-    "3",
-    "--min-dwell-secs",
-    "10",
-];
-
-fn start(bootstrap: Option<&Multiaddr>) -> LocalNode {
-    LocalNode::start_auto(&nnmesh_tests::model_path(), bootstrap, AUTO).expect("node starts")
-}
 
 /// Holders per block of the mesh, as its records say.
 fn coverage(client: &mesh::Client) -> (Vec<u32>, BTreeMap<String, Span>) {
     let rt = rt();
     let peers = rt.block_on(client.discover()).unwrap_or_default();
-    let holders: Vec<Holder> = peers.iter().map(mesh::holder).collect();
     let spans = peers
         .iter()
         .map(|p| (p.peer.to_string(), p.record.span))
         .collect();
-    (holders_per_block(&holders, 30), spans)
+    (holders_per_block(&peers), spans)
 }
 
 /// Polls until `ok` holds of the coverage, up to `within`; returns how long it took.
@@ -73,12 +51,12 @@ fn wait_for(
 
 #[test]
 fn six_auto_placed_nodes_keep_two_holders_per_block_and_heal() {
-    let first = start(None);
+    let first = auto_node(None);
     let boot = first.addr.clone();
     // The other five start at once: they see the same mesh and may pick
     // the same layers, then rebalance.
     let others: Vec<LocalNode> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..5).map(|_| s.spawn(|| start(Some(&boot)))).collect();
+        let handles: Vec<_> = (0..5).map(|_| s.spawn(|| auto_node(Some(&boot)))).collect();
         handles
             .into_iter()
             .map(|h| h.join().expect("started"))

@@ -54,6 +54,30 @@ fn malformed(msg: impl Into<String>) -> WireError {
     err(ErrorKind::Malformed, msg)
 }
 
+/// A trace's padding and KV cache (made by its step 0), checked against
+/// the (history length, position) invariant: what the cache holds is what
+/// the client says step `step` comes after (`past`).
+fn positioned<'a>(
+    padded: &'a Option<Padded>,
+    cache: &'a mut Option<Cache>,
+    trace: u32,
+    step: u32,
+    past: u32,
+) -> Result<(&'a Padded, &'a mut Cache), WireError> {
+    let (Some(padded), Some(cache)) = (padded.as_ref(), cache.as_mut()) else {
+        return Err(malformed(format!(
+            "trace {trace} step {step} arrived before its step 0"
+        )));
+    };
+    let held = u32::try_from(cache.len()).unwrap_or(u32::MAX);
+    if held != past {
+        return Err(malformed(format!(
+            "trace {trace} step {step} comes after {past} cached positions, but this stage holds {held}"
+        )));
+    }
+    Ok((padded, cache))
+}
+
 fn wire_dtype(kind: Kind) -> Option<WireDType> {
     Some(match kind {
         Kind::Float => WireDType::F32,
@@ -331,19 +355,7 @@ impl Session {
             padded,
             ..
         } = self;
-        let (Some(padded), Some(cache)) = (padded.as_ref(), cache.as_mut()) else {
-            return Err(malformed(format!(
-                "trace {} step {} arrived before its step 0",
-                first.trace, first.step
-            )));
-        };
-        let past = u32::try_from(cache.len()).unwrap_or(u32::MAX);
-        if past != first.past {
-            return Err(malformed(format!(
-                "trace {} step {} comes after {} cached positions, but this stage holds {past}",
-                first.trace, first.step, first.past
-            )));
-        }
+        let (padded, cache) = positioned(padded, cache, first.trace, first.step, first.past)?;
         let mut exec = Executor::new(graph, plan, manifest, model, store);
         exec.set_first_layer(span.start);
         exec.begin(first.trace, first.step, &padded.lens);
@@ -432,21 +444,7 @@ impl Session {
             padded,
             ..
         } = self;
-        let (Some(padded), Some(cache)) = (padded.as_ref(), cache.as_mut()) else {
-            return Err(malformed(format!(
-                "trace {} step {} arrived before its step 0",
-                req.trace, req.step
-            )));
-        };
-        // The (history length, position) invariant: what the cache holds is
-        // what the client says the step comes after.
-        let past = u32::try_from(cache.len()).unwrap_or(u32::MAX);
-        if past != req.past {
-            return Err(malformed(format!(
-                "trace {} step {} comes after {} cached positions, but this stage holds {past}",
-                req.trace, req.step, req.past
-            )));
-        }
+        let (padded, cache) = positioned(padded, cache, req.trace, req.step, req.past)?;
         let span = self.span;
         let stop = plan.stops[trace].filter(|a| req.step + 1 == steps && a.trace == req.trace);
         let lens = padded.lens.clone();
