@@ -609,9 +609,10 @@ async fn call(
     }
 }
 
-fn rand_u64() -> u64 {
-    // std's RandomState is seeded from the OS per process; a counter keeps
-    // ids from one client distinct.
+/// A random `u64`: std's `RandomState` keys (seeded from the OS per
+/// process) hashing a counter, so values from one process are distinct.
+/// For request ids and fault injection; not for keys.
+pub fn random_u64() -> u64 {
     use std::{
         hash::{BuildHasher, Hasher},
         sync::atomic::{AtomicU64, Ordering},

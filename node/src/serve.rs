@@ -23,7 +23,10 @@ use std::{
 
 use actix::Addr;
 use libp2p::{Multiaddr, PeerId, identity::Keypair, pnet::PreSharedKey};
-use nnmesh_client::transport::{self, Inbound};
+use nnmesh_client::{
+    mesh,
+    transport::{self, Inbound},
+};
 use nnmesh_graph::Limits;
 use nnmesh_protocol::{
     Span, codec,
@@ -230,19 +233,6 @@ fn close(stage: &Addr<StageActor>, step: &StepRequest) {
         request: step.request,
         client: step.client,
     });
-}
-
-/// A random `u64` (std's per-process random hasher keys, advanced by a
-/// counter): enough for fault injection.
-fn random_u64() -> u64 {
-    use std::{
-        hash::{BuildHasher, Hasher},
-        sync::atomic::{AtomicU64, Ordering},
-    };
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    h.finish()
 }
 
 fn now_ms() -> u64 {
@@ -530,7 +520,7 @@ fn handle(node: Arc<Server>, inb: Inbound) {
             let Ok(permit) = node.admit.clone().try_acquire_owned() else {
                 return refuse(inb, ErrorKind::Overloaded, node.overloaded());
             };
-            if node.fault_threshold > 0 && random_u64() < node.fault_threshold {
+            if node.fault_threshold > 0 && mesh::random_u64() < node.fault_threshold {
                 close(&stage, &step);
                 tracing::info!(request = step.request.0, "fault injected: session dropped");
                 return refuse(

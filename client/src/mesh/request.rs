@@ -113,7 +113,7 @@ async fn run_once(
     let spans: Vec<Span> = route.iter().map(|s| s.span).collect();
     let fragments = partition(&graph, &plan, &manifest, &spans)?;
 
-    let request = RequestId(super::rand_u64());
+    let request = RequestId(super::random_u64());
     let (tx, rx) = mpsc::channel(64);
     // Subscribe before dialling, so no disconnection goes unseen.
     let events = client.transport.peer_events();

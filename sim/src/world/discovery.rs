@@ -160,21 +160,17 @@ impl World {
     /// Charges `lookups` Kademlia lookups: the initiator's RPCs (to `node`
     /// if a node initiates), the same served by the members.
     pub(super) fn lookup_cost(&mut self, node: Option<u32>, lookups: f64, kind: &'static str) {
-        let rpcs = lookups * self.kad.rpcs_per_lookup;
-        self.routing_rpcs += rpcs;
-        if let Some(n) = node {
-            self.charge(
-                n,
-                rpcs,
-                rpcs * KAD_BYTES * f64::from(self.sc.discovery.k),
-                kind,
-            );
-        }
+        self.routing_cost(node, lookups * self.kad.rpcs_per_lookup, kind);
     }
 
     /// Charges `gets` block reads (each stops at the first storer).
     pub(super) fn get_cost(&mut self, node: Option<u32>, gets: f64, kind: &'static str) {
-        let rpcs = gets * self.kad.rpcs_per_get;
+        self.routing_cost(node, gets * self.kad.rpcs_per_get, kind);
+    }
+
+    /// Charges `rpcs` Kademlia RPCs to the mesh, and to `node` if a node
+    /// initiates them.
+    fn routing_cost(&mut self, node: Option<u32>, rpcs: f64, kind: &'static str) {
         self.routing_rpcs += rpcs;
         if let Some(n) = node {
             self.charge(
