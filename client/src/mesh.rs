@@ -92,9 +92,38 @@ pub struct Outcome {
     pub model: ModelId,
     /// Stages replaced along the way.
     pub failovers: u32,
+    /// Per hop of the route: where its steps' time went.
+    pub hops: Vec<HopStats>,
     /// Bytes of step inputs the client held at the end to replay a failed
     /// hop (token ids, hidden states and carried values, every hop).
     pub history_bytes: u64,
+}
+
+/// Where one hop's steps spent their time, as the client saw it and the
+/// stage reported it (steps that ran on a replaced holder count too).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HopStats {
+    /// Steps finished on this hop.
+    pub steps: u32,
+    /// From sending each step to its last report, summed.
+    pub total: Duration,
+    /// Of that, waiting in the stage's queue.
+    pub queued: Duration,
+    /// Of that, in the stage's forward (shared with the steps batched with it).
+    pub compute: Duration,
+    /// Steps that shared their forward with other requests' steps.
+    pub batched: u32,
+    /// The largest forward a step ran in, in steps.
+    pub max_batch: u32,
+}
+
+impl HopStats {
+    /// What is neither queueing nor compute: the messages (serialization,
+    /// the transport, both ways) and the hand-offs between tasks and
+    /// threads on either side.
+    pub fn overhead(&self) -> Duration {
+        self.total.saturating_sub(self.queued + self.compute)
+    }
 }
 
 /// What a running request reports as it goes (see [`Client::run_with`]):

@@ -104,6 +104,7 @@ async fn fake_stage(
                                 trace: step.input.trace,
                                 step: step.input.step,
                                 body,
+                                timing: None,
                             }));
                             let _ = t
                                 .request(client, addrs.clone(), codec::encode(&report))
@@ -258,6 +259,7 @@ async fn reports_from_peers_off_the_route_are_refused() -> Result<()> {
         trace: 0,
         step: 0,
         body: ReportBody::Done { tokens: vec![9] },
+        timing: None,
     }));
     let addrs: Vec<Multiaddr> = step
         .client_addrs

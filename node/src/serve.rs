@@ -32,7 +32,8 @@ use nnmesh_protocol::{
     Span, codec,
     ids::ModelId,
     message::{
-        ErrorKind, ReportBody, Request, Response, Saved, StageReport, StepRequest, WireError,
+        ErrorKind, ReportBody, Request, Response, Saved, StageReport, StepRequest, StepTiming,
+        WireError,
     },
     record::{STAGES_KEY, SignedRecord, StageRecord},
 };
@@ -82,7 +83,7 @@ pub struct Config {
 
 impl Config {
     /// Serves `stage` on a fresh identity, listening on `127.0.0.1` (any
-    /// port), open to everyone, with a queue of 8 and 256 MiB messages.
+    /// port), open to everyone, with a queue of 64 steps and 256 MiB messages.
     pub fn new(stage: stage::Config) -> Config {
         Config {
             stage,
@@ -91,7 +92,7 @@ impl Config {
             keypair: Keypair::generate_ed25519(),
             psk: None,
             allow: None,
-            queue: 8,
+            queue: 64,
             mdns: false,
             max_message: 256 << 20,
             auto: None,
@@ -654,6 +655,16 @@ impl Server {
     }
 
     async fn report(&self, step: &StepRequest, body: ReportBody) -> Result<(), String> {
+        self.report_timed(step, body, None).await
+    }
+
+    /// As [`Server::report`], with the step's timing on its last report.
+    async fn report_timed(
+        &self,
+        step: &StepRequest,
+        body: ReportBody,
+        timing: Option<StepTiming>,
+    ) -> Result<(), String> {
         let client = step.client;
         let addrs = step
             .client_addrs
@@ -667,6 +678,7 @@ impl Server {
             trace: step.input.trace,
             step: step.input.step,
             body,
+            timing,
         }));
         let bytes = self
             .endpoint
@@ -731,7 +743,7 @@ impl Server {
             Next::Done(tokens) => ReportBody::Done { tokens },
             Next::Hidden(_) | Next::Stopped => ReportBody::Output(out.output()),
         };
-        if let Err(e) = self.report(&step, body).await {
+        if let Err(e) = self.report_timed(&step, body, Some(out.timing)).await {
             tracing::warn!(error = %e, "could not report the step's end to the client");
         }
     }

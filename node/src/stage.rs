@@ -19,18 +19,20 @@
 mod session;
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, VecDeque},
     panic::AssertUnwindSafe,
     path::PathBuf,
     time::{Duration, Instant},
 };
 
-use actix::{Actor, ActorContext, Addr, Arbiter, AsyncContext, Context, Handler, Message};
+use actix::{
+    Actor, ActorContext, Addr, Arbiter, AsyncContext, Context, Handler, Message, ResponseFuture,
+};
 use nnmesh_graph::{Limits, Manifest};
 use nnmesh_protocol::{
     PeerId, Span,
     ids::RequestId,
-    message::{Carried, ErrorKind, HopOutput, Saved, StepRequest, WireError},
+    message::{Carried, ErrorKind, HopOutput, Saved, StepRequest, StepTiming, WireError},
     tensor::WireTensor,
 };
 use tch::{Device, Kind, Tensor};
@@ -39,6 +41,9 @@ use tokio::sync::{mpsc, oneshot};
 use self::session::Session;
 use nnmesh_runtime::{
     engine::{Engine, EngineError},
+    error::panic_message,
+    execute::forward_steps,
+    hooks::HookError,
     models::llama::Input,
 };
 
@@ -65,14 +70,21 @@ pub struct Config {
     /// Most bytes of KV cache reserved by open sessions; a session that
     /// would exceed it is refused as overloaded (live ones are never evicted).
     pub max_kv_bytes: u64,
-    /// Threads torch computes with on the stage's thread (0: torch's
-    /// default, one per core).
+    /// Threads torch computes with on the stage's thread (0: this
+    /// machine's cores shared among the nodes running on it, see
+    /// [`default_threads`]).
     pub threads: i32,
+    /// Most steps run as one packed forward (1: one step at a time).
+    pub max_batch: usize,
+    /// A step that waited this long for its forward is refused as
+    /// overloaded (its client fails over).
+    pub queue_deadline: Duration,
 }
 
 impl Config {
     /// Layers `span` of the model at `model`, in f32 on the CPU, with the
-    /// default limits: 64 sessions, 2 GiB of KV cache, a 10-minute session TTL.
+    /// default limits: 64 sessions, 2 GiB of KV cache, a 10-minute session
+    /// TTL, batches of up to 32 steps that wait at most 30 s.
     pub fn new(model: PathBuf, span: Span) -> Config {
         Config {
             model,
@@ -84,8 +96,46 @@ impl Config {
             max_sessions: 64,
             max_kv_bytes: 2 << 30,
             threads: 0,
+            max_batch: 32,
+            queue_deadline: Duration::from_secs(30),
         }
     }
+}
+
+/// Torch threads for a node not given `--threads`: this machine's cores
+/// shared evenly among the nnmesh nodes running on it, at least one each.
+/// One node alone computes with every core; several on one machine do not
+/// thrash each other's thread pools. A stage re-reads it every few seconds,
+/// so nodes started or stopped later are accounted for.
+pub fn default_threads() -> i32 {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let share = cores / nodes_on_this_machine().max(1);
+    i32::try_from(share.max(1)).unwrap_or(i32::MAX)
+}
+
+/// How many `nnmesh node` processes run on this machine (from `/proc`;
+/// 1 where there is none to read).
+fn nodes_on_this_machine() -> usize {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return 1;
+    };
+    procs
+        .flatten()
+        .filter(|p| {
+            p.file_name()
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter(|p| std::fs::read(p.path().join("cmdline")).is_ok_and(|c| is_node_command(&c)))
+        .count()
+}
+
+/// Whether a NUL-separated command line is `…/nnmesh node …`.
+fn is_node_command(cmdline: &[u8]) -> bool {
+    let mut args = cmdline.split(|&b| b == 0);
+    let program = args.next().unwrap_or_default();
+    let name = program.rsplit(|&b| b == b'/').next().unwrap_or_default();
+    name == b"nnmesh" && args.next() == Some(b"node".as_slice())
 }
 
 /// What one step produced on this stage.
@@ -105,6 +155,8 @@ pub struct StepOutput {
     /// How many replayed steps ran together in one forward (generated
     /// tokens this hop has no intervention at).
     pub chunked: u32,
+    /// How the step's time on the stage was spent.
+    pub timing: StepTiming,
 }
 
 impl StepOutput {
@@ -134,6 +186,9 @@ pub enum Next {
     Done(Vec<u32>),
 }
 
+/// A session's key: the request, and the first layer of its hop.
+type Key = (RequestId, u32);
+
 /// A pipeline stage: the model's layers `layers` and the sessions of the
 /// requests running through them.
 pub struct Stage {
@@ -145,7 +200,7 @@ pub struct Stage {
     max_kv_bytes: u64,
     /// Open sessions by request and the first layer of the hop: after a
     /// fail-over one node may run two parts of a request's route.
-    sessions: HashMap<(RequestId, u32), Session>,
+    sessions: HashMap<Key, Session>,
     throughput: f32,
     panics: u64,
 }
@@ -161,23 +216,6 @@ impl std::fmt::Debug for Stage {
 
 fn err(kind: ErrorKind, msg: impl Into<String>) -> WireError {
     WireError::new(kind, msg)
-}
-
-/// The message of a caught panic, first line only: libtorch errors carry a
-/// C++ backtrace after it, as real or (inside a `Debug` string) escaped
-/// newlines.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    let msg = payload
-        .downcast_ref::<String>()
-        .map(String::as_str)
-        .or_else(|| payload.downcast_ref::<&str>().copied())
-        .unwrap_or("a panic without a message");
-    let end = [msg.find('\n'), msg.find("\\n")]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(msg.len());
-    msg[..end].chars().take(400).collect()
 }
 
 /// Runs `f`, turning a panic into an [`ErrorKind::Internal`] error.
@@ -260,6 +298,154 @@ impl Stage {
     /// A [`WireError`] naming what was wrong; [`ErrorKind::Internal`] for a
     /// failure (or a caught panic) inside the step.
     pub fn step(&mut self, req: &StepRequest) -> Result<StepOutput, WireError> {
+        let key = self.admit(req)?;
+        let Stage {
+            engine,
+            manifest,
+            sessions,
+            ..
+        } = self;
+        let session = sessions
+            .get_mut(&key)
+            .expect("the session was found or opened above");
+        let out = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            let _guard = tch::no_grad_guard();
+            session.run(engine, manifest, req)
+        }));
+        let out = match out {
+            Ok(out) => out,
+            Err(payload) => {
+                session.panics += 1;
+                Err(err(
+                    ErrorKind::Internal,
+                    format!(
+                        "trace {} step {} failed on this stage: {}",
+                        req.input.trace,
+                        req.input.step,
+                        panic_message(payload.as_ref())
+                    ),
+                ))
+            }
+        };
+        if out.is_err() {
+            self.drop_session(key);
+        }
+        out
+    }
+
+    /// Runs several requests' steps, as one packed forward where they can
+    /// share it: steps without a replay, one per session, grouped by the
+    /// layers they run. Each result is what [`Stage::step`] gives the step
+    /// alone, up to the rounding of a matrix product over more rows: every
+    /// request keeps its own rows, positions, KV cache and graph, and a
+    /// failure, a panic or a stop in one request's graph ends that request
+    /// only. The other steps (a replay, a second step of a session) run
+    /// after it, one by one, in order.
+    pub fn step_many(&mut self, reqs: &[&StepRequest]) -> Vec<Result<StepOutput, WireError>> {
+        let mut results: Vec<Option<Result<StepOutput, WireError>>> =
+            reqs.iter().map(|_| None).collect();
+        let mut groups: HashMap<Span, Vec<(usize, Key)>> = HashMap::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, req) in reqs.iter().enumerate() {
+            let Some(hop) = req.route.get(req.hop as usize) else {
+                continue;
+            };
+            let key = (req.request, hop.span.start);
+            if !req.replay.is_empty() || !seen.insert(key) {
+                continue;
+            }
+            match self.admit(req) {
+                Ok(key) => groups.entry(hop.span).or_default().push((i, key)),
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        for (span, group) in groups {
+            for (i, out) in self.run_packed(span, &group, reqs) {
+                results[i] = Some(out);
+            }
+        }
+        reqs.iter()
+            .zip(results)
+            .map(|(req, out)| out.unwrap_or_else(|| self.step(req)))
+            .collect()
+    }
+
+    /// Runs the steps `group` (admitted, sessions open) of layers `span`
+    /// as one packed forward.
+    fn run_packed(
+        &mut self,
+        span: Span,
+        group: &[(usize, Key)],
+        reqs: &[&StepRequest],
+    ) -> Vec<(usize, Result<StepOutput, WireError>)> {
+        let _guard = tch::no_grad_guard();
+        let now = Instant::now();
+        let mut taken: Vec<(usize, Key, Session)> = group
+            .iter()
+            .filter_map(|&(i, key)| Some((i, key, self.sessions.remove(&key)?)))
+            .collect();
+        let (engine, manifest) = (&self.engine, &self.manifest);
+        let mut done = Vec::with_capacity(taken.len());
+        let mut ran = Vec::with_capacity(taken.len());
+        {
+            let mut prepared = Vec::with_capacity(taken.len());
+            for (i, _, session) in &mut taken {
+                session.touch(now);
+                let input = &reqs[*i].input;
+                match contain("readying the step", || {
+                    session.prepare(engine, manifest, input)
+                }) {
+                    Ok(p) => prepared.push((*i, p)),
+                    Err(e) => done.push((*i, Err(e))),
+                }
+            }
+            let mut steps = Vec::with_capacity(prepared.len());
+            let mut order = Vec::with_capacity(prepared.len());
+            for (i, p) in &mut prepared {
+                match p.step() {
+                    Ok(Some(step)) => {
+                        steps.push(step);
+                        order.push(*i);
+                    }
+                    Ok(None) => ran.push((*i, Ok(None))),
+                    Err(e) => ran.push((*i, Err(e))),
+                }
+            }
+            let n = steps.len();
+            let outs = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                forward_steps(&engine.model, span.range(), steps)
+            }))
+            .unwrap_or_else(|payload| {
+                let msg = panic_message(payload.as_ref());
+                (0..n).map(|_| Err(HookError::Panic(msg.clone()))).collect()
+            });
+            ran.extend(order.into_iter().zip(outs));
+        }
+        for (i, out) in ran {
+            let req = reqs[i];
+            let session = &mut taken.iter_mut().find(|t| t.0 == i).expect("taken").2;
+            let is_last = req.hop as usize + 1 == req.route.len();
+            let out = match out {
+                Ok(out) => contain("ending the step", || {
+                    session.collect(&req.input, out, is_last)
+                }),
+                Err(e) => Err(session.failed(e, &req.input)),
+            };
+            done.push((i, out));
+        }
+        for (i, key, session) in taken {
+            let ok = done.iter().any(|(j, out)| *j == i && out.is_ok());
+            self.sessions.insert(key, session);
+            if !ok {
+                self.drop_session(key);
+            }
+        }
+        done
+    }
+
+    /// Checks `req` against the stage and its session, opening the session
+    /// at the request's first step; returns the session's key.
+    fn admit(&mut self, req: &StepRequest) -> Result<Key, WireError> {
         let layers = self.engine.model.layers();
         let hop = req.route.get(req.hop as usize).ok_or_else(|| {
             err(
@@ -281,7 +467,6 @@ impl Stage {
                 ),
             ));
         }
-        let now = Instant::now();
         let key = (req.request, hop.span.start);
         if let Some(session) = self.sessions.get_mut(&key) {
             session.check_next(req)?;
@@ -290,39 +475,18 @@ impl Stage {
             let session = self.open(req)?;
             self.sessions.insert(key, session);
         }
-        let Stage {
-            engine,
-            manifest,
-            sessions,
-            ..
-        } = self;
-        let session = sessions
-            .get_mut(&key)
-            .expect("the session was found or opened above");
-        session.touch(now);
-        let out = std::panic::catch_unwind(AssertUnwindSafe(|| {
-            let _guard = tch::no_grad_guard();
-            session.run(engine, manifest, req)
-        }));
-        let out = match out {
-            Ok(out) => out,
-            Err(payload) => {
-                self.panics += 1;
-                Err(err(
-                    ErrorKind::Internal,
-                    format!(
-                        "trace {} step {} failed on this stage: {}",
-                        req.input.trace,
-                        req.input.step,
-                        panic_message(payload.as_ref())
-                    ),
-                ))
-            }
-        };
-        if out.is_err() {
-            self.sessions.remove(&key);
+        if let Some(session) = self.sessions.get_mut(&key) {
+            session.touch(Instant::now());
         }
-        out
+        Ok(key)
+    }
+
+    /// Drops a session whose step failed (its KV cache may be half
+    /// written), counting the panics its forwards caught.
+    fn drop_session(&mut self, key: Key) {
+        if let Some(s) = self.sessions.remove(&key) {
+            self.panics += s.panics;
+        }
     }
 
     /// A new session for `req`, if the node has room for it.
@@ -455,15 +619,129 @@ fn measure_throughput(engine: &Engine) -> f32 {
     (t as f64 / best) as f32
 }
 
-/// A [`Stage`] as an actix actor on its own thread.
+/// A [`Stage`] as an actix actor on its own thread, with its scheduler:
+/// steps wait in a queue while a forward runs, and the next forward takes
+/// them together (continuous batching, see [`StageActor::next_batch`]).
 pub struct StageActor {
     stage: Stage,
     fatal: mpsc::Sender<String>,
+    queue: VecDeque<Queued>,
+    /// A [`Flush`] is on its way.
+    flushing: bool,
+    max_batch: usize,
+    deadline: Duration,
+    /// Threads as configured (0: follow the nodes on this machine).
+    threads: i32,
 }
 
 impl std::fmt::Debug for StageActor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.stage.fmt(f)
+        f.debug_struct("StageActor")
+            .field("stage", &self.stage)
+            .field("queued", &self.queue.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A step waiting for its forward.
+struct Queued {
+    req: Box<StepRequest>,
+    reply: oneshot::Sender<Result<StepOutput, WireError>>,
+    since: Instant,
+}
+
+impl StageActor {
+    /// The steps the next forward runs, taken out of the queue: every
+    /// decode step waiting (up to `max_batch`, oldest first), plus one
+    /// prefill or replay; only prefills when no decode waits. So a decode
+    /// step waits for at most one forward and one prompt, never a queue of
+    /// prompts. Steps past their deadline are refused here.
+    fn next_batch(&mut self) -> Vec<Queued> {
+        let now = Instant::now();
+        let mut batch = Vec::new();
+        let mut rest = VecDeque::with_capacity(self.queue.len());
+        let decoding = self
+            .queue
+            .iter()
+            .any(|q| q.req.input.step > 0 && q.req.replay.is_empty());
+        let mut prefills = 0;
+        for q in self.queue.drain(..) {
+            if now.duration_since(q.since) > self.deadline {
+                let _ = q.reply.send(Err(err(
+                    ErrorKind::Overloaded,
+                    format!(
+                        "the step waited over {:?} for this stage; retry elsewhere",
+                        self.deadline
+                    ),
+                )));
+                continue;
+            }
+            let decode = q.req.input.step > 0 && q.req.replay.is_empty();
+            let fits = batch.len() < self.max_batch
+                && (decode || !decoding && prefills < self.max_batch || prefills == 0);
+            if fits {
+                prefills += usize::from(!decode);
+                batch.push(q);
+            } else {
+                rest.push_back(q);
+            }
+        }
+        self.queue = rest;
+        batch
+    }
+
+    /// Runs the next batch and answers its steps.
+    fn flush(&mut self) {
+        let batch = self.next_batch();
+        if batch.is_empty() {
+            return;
+        }
+        let t0 = Instant::now();
+        let panics = self.stage.panics();
+        let reqs: Vec<&StepRequest> = batch.iter().map(|q| &*q.req).collect();
+        let outs = match reqs.as_slice() {
+            [one] => vec![self.stage.step(one)],
+            many => self.stage.step_many(many),
+        };
+        let n = batch.len();
+        let took = t0.elapsed();
+        let ms = took.as_secs_f64() * 1e3;
+        let mut failed = None;
+        for (q, mut out) in batch.into_iter().zip(outs) {
+            let req = &q.req;
+            if let Ok(out) = &mut out {
+                out.timing = StepTiming {
+                    queued_us: micros(t0.saturating_duration_since(q.since)),
+                    compute_us: micros(took),
+                    batch: n as u32,
+                };
+            }
+            match &out {
+                Ok(_) => tracing::debug!(
+                    request = req.request.0,
+                    trace = req.input.trace,
+                    step = req.input.step,
+                    hop = req.hop,
+                    batch = n,
+                    ms,
+                    "step done"
+                ),
+                Err(e) => {
+                    tracing::warn!(request = req.request.0, trace = req.input.trace, step = req.input.step, error = %e, "step failed");
+                    failed = Some(e.message.clone());
+                }
+            }
+            let _ = q.reply.send(out);
+        }
+        if self.stage.panics() > panics
+            && let Err(reason) = self.stage.probe()
+        {
+            // A request's failure broke the stage itself: stop serving.
+            let _ = self.fatal.try_send(format!(
+                "the stage cannot compute any more ({reason}) after: {}",
+                failed.unwrap_or_default()
+            ));
+        }
     }
 }
 
@@ -472,6 +750,19 @@ impl Actor for StageActor {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(MAILBOX);
+        if self.threads == 0 {
+            // Follow the nodes on this machine as they come and go.
+            ctx.run_interval(Duration::from_secs(5), |_, _| {
+                let want = default_threads();
+                if want != tch::get_num_threads() {
+                    tracing::info!(
+                        threads = want,
+                        "torch threads follow the nodes on this machine"
+                    );
+                    tch::set_num_threads(want);
+                }
+            });
+        }
         let every = (self.stage.ttl / 4).max(Duration::from_secs(1));
         ctx.run_interval(every, |actor, _| {
             let dropped = actor.stage.evict_idle(Instant::now());
@@ -528,11 +819,13 @@ pub async fn spawn(
     let arbiter = Arbiter::new();
     let (tx, rx) = oneshot::channel();
     arbiter.spawn_fn(move || {
-        if cfg.threads > 0 {
-            // Set on the thread that computes: OpenMP's thread count is a
-            // per-thread setting.
-            tch::set_num_threads(cfg.threads);
-        }
+        // Set on the thread that computes: OpenMP's thread count is a
+        // per-thread setting.
+        tch::set_num_threads(if cfg.threads > 0 {
+            cfg.threads
+        } else {
+            default_threads()
+        });
         let loaded = std::panic::catch_unwind(|| Stage::load(&cfg));
         let started = match loaded {
             Ok(Ok(stage)) => match stage.engine.tokenizer.to_json() {
@@ -542,7 +835,16 @@ pub async fn spawn(
                         throughput: stage.throughput,
                         tokenizer: json.into_bytes(),
                     };
-                    Ok((StageActor { stage, fatal }.start(), info))
+                    let actor = StageActor {
+                        stage,
+                        fatal,
+                        queue: VecDeque::new(),
+                        flushing: false,
+                        max_batch: cfg.max_batch.max(1),
+                        deadline: cfg.queue_deadline,
+                        threads: cfg.threads,
+                    };
+                    Ok((actor.start(), info))
                 }
                 Err(e) => Err(StartError::Load(e.into())),
             },
@@ -579,35 +881,53 @@ pub struct Close {
 }
 
 impl Handler<RunStep> for StageActor {
-    type Result = Result<StepOutput, WireError>;
+    type Result = ResponseFuture<Result<StepOutput, WireError>>;
 
-    fn handle(&mut self, msg: RunStep, _: &mut Context<Self>) -> Self::Result {
-        let req = msg.0;
-        let span = tracing::info_span!(
-            "step",
-            request = req.request.0,
-            trace = req.input.trace,
-            step = req.input.step,
-            hop = req.hop
-        );
-        let _e = span.enter();
-        let t0 = Instant::now();
-        let panics = self.stage.panics();
-        let out = self.stage.step(&req);
-        match &out {
-            Ok(_) => tracing::debug!(ms = t0.elapsed().as_secs_f64() * 1e3, "step done"),
-            Err(e) => tracing::warn!(error = %e, "step failed"),
+    /// Queues the step; the next [`Flush`] runs it, with whatever else
+    /// arrived meanwhile.
+    fn handle(&mut self, msg: RunStep, ctx: &mut Context<Self>) -> Self::Result {
+        let (reply, rx) = oneshot::channel();
+        self.queue.push_back(Queued {
+            req: msg.0,
+            reply,
+            since: Instant::now(),
+        });
+        if !self.flushing {
+            // Delivered after the messages already in the mailbox: they
+            // join this forward.
+            self.flushing = true;
+            ctx.notify(Flush);
         }
-        if self.stage.panics() > panics
-            && let Err(reason) = self.stage.probe()
-        {
-            // The request's failure broke the stage itself: stop serving.
-            let _ = self.fatal.try_send(format!(
-                "the stage cannot compute any more ({reason}) after: {}",
-                out.as_ref().err().map_or("", |e| e.message.as_str())
-            ));
+        Box::pin(async move {
+            rx.await.unwrap_or_else(|_| {
+                Err(err(
+                    ErrorKind::Internal,
+                    "the stage stopped before running the step",
+                ))
+            })
+        })
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Run the next batch of queued steps.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+struct Flush;
+
+impl Handler<Flush> for StageActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Flush, ctx: &mut Context<Self>) {
+        self.flushing = false;
+        self.flush();
+        if !self.queue.is_empty() {
+            self.flushing = true;
+            ctx.notify(Flush);
         }
-        out
     }
 }
 
@@ -667,5 +987,18 @@ mod tests {
         );
         // Nothing else is touched: the next call runs.
         assert_eq!(contain("adding", || Ok(1 + 1)).expect("runs"), 2);
+    }
+
+    #[test]
+    fn node_processes_are_told_apart_by_their_command_line() {
+        assert!(is_node_command(
+            b"/x/target/release/nnmesh\0node\0--blocks\0A..B\0"
+        ));
+        assert!(is_node_command(b"nnmesh\0node\0"));
+        assert!(!is_node_command(b"/x/nnmesh\0bench\0"));
+        assert!(!is_node_command(b"/x/nnmesh-node\0node\0"));
+        assert!(!is_node_command(b""));
+        // This test process is not a node; at least one core each.
+        assert!(default_threads() >= 1);
     }
 }

@@ -8,7 +8,7 @@
 use serde::{Serialize, de::DeserializeOwned};
 
 /// Version of the encoding, the first two bytes (LE) of every message.
-pub const WIRE_VERSION: u16 = 2;
+pub const WIRE_VERSION: u16 = 3;
 
 /// Default maximum size of one encoded message, 256 MiB.
 pub const MAX_MESSAGE: usize = 256 << 20;
@@ -244,15 +244,23 @@ mod tests {
             any::<u32>(),
             any::<u32>(),
             report_body(),
+            proptest::option::of((any::<u64>(), any::<u64>(), any::<u32>())),
         )
-            .prop_map(|(request, hop, peer, trace, step, body)| StageReport {
-                request: RequestId(request),
-                hop,
-                peer,
-                trace,
-                step,
-                body,
-            })
+            .prop_map(
+                |(request, hop, peer, trace, step, body, timing)| StageReport {
+                    request: RequestId(request),
+                    hop,
+                    peer,
+                    trace,
+                    step,
+                    body,
+                    timing: timing.map(|(queued_us, compute_us, batch)| StepTiming {
+                        queued_us,
+                        compute_us,
+                        batch,
+                    }),
+                },
+            )
     }
 
     fn request() -> impl Strategy<Value = Request> {
@@ -376,6 +384,11 @@ mod tests {
     }
 
     fn report(body: ReportBody) -> Request {
+        let timing = matches!(body, ReportBody::Done { .. }).then_some(StepTiming {
+            queued_us: 5,
+            compute_us: 300,
+            batch: 2,
+        });
         Request::Report(Box::new(StageReport {
             request: RequestId(9),
             hop: 1,
@@ -383,6 +396,7 @@ mod tests {
             trace: 0,
             step: 3,
             body,
+            timing,
         }))
     }
 
@@ -495,24 +509,24 @@ mod tests {
         ]
     }
 
-    const SNAP_INFO: &str = "020000";
+    const SNAP_INFO: &str = "030000";
     const SNAP_TOKENIZE: &str =
-        "020001111111111111111111111111111111111111111111111111111111111111111101026869";
-    const SNAP_STEP: &str = "020002ac0226002408011220acdcc8494d458f44a7aaac1d6a84ec624daee88436db2ae26e67ba645a10622801022f61abababababababababababababababababababababababababababababababab01260024080112208a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c01022f68001e0001019901020c03020102100700000000000000ffffffffffffffff000105000101040000803f0000";
-    const SNAP_REPORT_SAVES: &str = "020003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df28000300010178010403020102100700000000000000ffffffffffffffff";
-    const SNAP_REPORT_OUTPUT: &str = "020003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df280003040103020102100700000000000000ffffffffffffffff00";
-    const SNAP_REPORT_RELAY: &str = "020003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df28000301010203020102100700000000000000ffffffffffffffff";
-    const SNAP_REPORT_DONE: &str = "020003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df280003020201c801";
-    const SNAP_REPORT_FAILED: &str = "020003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df28000303050462757379";
-    const SNAP_CLOSE: &str = "02000401";
+        "030001111111111111111111111111111111111111111111111111111111111111111101026869";
+    const SNAP_STEP: &str = "030002ac0226002408011220acdcc8494d458f44a7aaac1d6a84ec624daee88436db2ae26e67ba645a10622801022f61abababababababababababababababababababababababababababababababab01260024080112208a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c01022f68001e0001019901020c03020102100700000000000000ffffffffffffffff000105000101040000803f0000";
+    const SNAP_REPORT_SAVES: &str = "030003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df28000300010178010403020102100700000000000000ffffffffffffffff00";
+    const SNAP_REPORT_OUTPUT: &str = "030003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df280003040103020102100700000000000000ffffffffffffffff0000";
+    const SNAP_REPORT_RELAY: &str = "030003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df28000301010203020102100700000000000000ffffffffffffffff00";
+    const SNAP_REPORT_DONE: &str = "030003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df280003020201c8010105ac0202";
+    const SNAP_REPORT_FAILED: &str = "030003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df2800030305046275737900";
+    const SNAP_CLOSE: &str = "03000401";
     const SNAP_TOKENIZER: &str =
-        "0200052222222222222222222222222222222222222222222222222222222222222222";
-    const SNAP_RESP_INFO: &str = "0200000102010201030204050106";
-    const SNAP_RESP_TOKENS: &str = "0200010202010200";
-    const SNAP_RESP_ACCEPTED: &str = "020002";
-    const SNAP_RESP_ACK: &str = "020003";
-    const SNAP_RESP_TOKENIZER: &str = "020005027b7d";
-    const SNAP_RESP_ERROR: &str = "020004050462757379";
+        "0300052222222222222222222222222222222222222222222222222222222222222222";
+    const SNAP_RESP_INFO: &str = "0300000102010201030204050106";
+    const SNAP_RESP_TOKENS: &str = "0300010202010200";
+    const SNAP_RESP_ACCEPTED: &str = "030002";
+    const SNAP_RESP_ACK: &str = "030003";
+    const SNAP_RESP_TOKENIZER: &str = "030005027b7d";
+    const SNAP_RESP_ERROR: &str = "030004050462757379";
 
     #[test]
     fn snapshots_are_stable() {

@@ -21,7 +21,7 @@ use crate::{
 
 /// libp2p protocol id of the stage protocol. The version in it changes
 /// together with [`crate::codec::WIRE_VERSION`].
-pub const STAGE_PROTOCOL: &str = "/nnmesh/stage/2";
+pub const STAGE_PROTOCOL: &str = "/nnmesh/stage/3";
 
 /// One hop of a route: a peer and the layers it runs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -139,6 +139,21 @@ pub struct StageReport {
     pub step: u32,
     /// The report.
     pub body: ReportBody,
+    /// With the step's last report (its output, or done): how the stage
+    /// spent the step's time there.
+    pub timing: Option<StepTiming>,
+}
+
+/// How a stage spent one step's time (see [`StageReport::timing`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepTiming {
+    /// Microseconds the step waited in the stage's queue for its forward.
+    pub queued_us: u64,
+    /// Microseconds of the forward it ran in (shared with the others in
+    /// its batch).
+    pub compute_us: u64,
+    /// Steps in that forward, this one included (1: it ran alone).
+    pub batch: u32,
 }
 
 /// The payload of a [`StageReport`].

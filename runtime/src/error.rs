@@ -23,6 +23,19 @@ pub enum HookError {
         #[source]
         cause: NodeError,
     },
+    /// A hook replaced a value with one of another shape or dtype.
+    #[error("the value at {at} was replaced by {got}; it must stay {want}")]
+    Replaced {
+        /// The hook point.
+        at: String,
+        /// Its dtype and shape.
+        want: String,
+        /// What replaced it.
+        got: String,
+    },
+    /// A hook panicked (the panic was caught; only this request failed).
+    #[error("panicked: {0}")]
+    Panic(String),
 }
 
 /// The input of a forward does not fit the model or stage.
@@ -131,4 +144,21 @@ impl NodeError {
     pub fn at(self, node: NodeId) -> HookError {
         HookError::Node { node, cause: self }
     }
+}
+
+/// The message of a caught panic, first line only: libtorch errors carry a
+/// C++ backtrace after it, as real or (inside a `Debug` string) escaped
+/// newlines.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    let msg = payload
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| payload.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic without a message");
+    let end = [msg.find('\n'), msg.find("\\n")]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(msg.len());
+    msg[..end].chars().take(400).collect()
 }

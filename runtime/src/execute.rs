@@ -9,7 +9,7 @@ use crate::{
     engine::{Engine, EngineError, Padded},
     hooks::HookError,
     interpret::{Executor, SavedTensor, Store},
-    models::llama::{Batch, Cache, Input, Model},
+    models::llama::{Batch, Cache, Input, Model, Segment},
 };
 
 /// Why a graph could not be run.
@@ -121,53 +121,170 @@ pub fn run_planned(
     manifest: &Manifest,
     share_rows: bool,
 ) -> Result<Outcome, Error> {
+    run_many(engine, &[(graph, plan)], manifest, share_rows)
+        .pop()
+        .expect("one outcome per graph")
+}
+
+/// Runs several tokenized, validated graphs together: at every step, the
+/// forwards of all graphs still running are one packed forward
+/// ([`forward_steps`]), as a stage batches concurrent requests. Each
+/// outcome is the one [`run_planned`] gives the graph alone, up to the
+/// rounding of a matrix product over more rows; a graph that fails fails
+/// alone.
+pub fn run_many(
+    engine: &Engine,
+    graphs: &[(&Graph, &Plan)],
+    manifest: &Manifest,
+    share_rows: bool,
+) -> Vec<Result<Outcome, Error>> {
     let model = &engine.model;
-    let mut state = Store::new(graph, manifest, model, None)?;
-    if !share_rows {
-        state.disable_row_sharing();
-    }
     let _guard = tch::no_grad_guard();
-    let mut generated = Vec::new();
-    for (t, _) in graph.traces.iter().enumerate() {
-        let prompts = trace_prompts(graph, t);
-        engine.check_prompts(&prompts, graph.traces[t].max_new_tokens as usize)?;
-        let padded = Padded::new(&prompts, model.device());
-        let lens = padded.lens.clone();
-        let steps = plan.steps[t];
-        let mut cache = model.new_cache();
-        let mut input = padded.ids.shallow_clone();
-        let mut tokens = vec![Vec::new(); prompts.len()];
-        for step in 0..steps {
-            let mut exec = Executor::new(graph, plan, manifest, model, &mut state);
-            exec.begin(t as u32, step, &lens);
-            let ids = Input::Tokens(input.shallow_clone());
-            let logits = forward_step(
-                model,
-                model.layers(),
-                &mut exec,
-                &padded,
-                step,
-                ids,
-                &mut cache,
-            )?;
-            let generating = graph.traces[t].max_new_tokens > 0;
-            let Some(logits) = logits else { break };
-            if !generating {
-                break;
+    let mut runs: Vec<Result<Run, Error>> = graphs
+        .iter()
+        .map(|&(graph, plan)| {
+            let mut store = Store::new(graph, manifest, model, None)?;
+            if !share_rows {
+                store.disable_row_sharing();
             }
+            Ok(Run {
+                graph,
+                plan,
+                store,
+                trace: None,
+                generated: Vec::new(),
+            })
+        })
+        .collect();
+    loop {
+        for run in &mut runs {
+            if let Ok(r) = run
+                && let Err(e) = r.start_trace(engine)
+            {
+                *run = Err(e);
+            }
+        }
+        let active: Vec<usize> = (0..runs.len())
+            .filter(|&i| runs[i].as_ref().is_ok_and(|r| r.trace.is_some()))
+            .collect();
+        if active.is_empty() {
+            break;
+        }
+        let outs = {
+            let mut execs = Vec::with_capacity(active.len());
+            for run in runs.iter_mut().flatten() {
+                let Run {
+                    graph,
+                    plan,
+                    store,
+                    trace: Some(trace),
+                    ..
+                } = run
+                else {
+                    continue;
+                };
+                let mut exec = Executor::new(graph, plan, manifest, model, store);
+                exec.begin(trace.index as u32, trace.step, &trace.padded.lens);
+                execs.push((exec, trace));
+            }
+            let steps = execs
+                .iter_mut()
+                .map(|(exec, trace)| Step {
+                    exec,
+                    padded: &trace.padded,
+                    step: trace.step,
+                    input: Input::Tokens(trace.input.shallow_clone()),
+                    cache: &mut trace.cache,
+                })
+                .collect();
+            forward_steps(model, model.layers(), steps)
+        };
+        for (i, out) in active.into_iter().zip(outs) {
+            let run = &mut runs[i];
+            if let Err(e) = out
+                .map_err(Error::from)
+                .and_then(|out| run.as_mut().map_or(Ok(()), |r| r.advance(out)))
+            {
+                *run = Err(e);
+            }
+        }
+    }
+    runs.into_iter()
+        .map(|run| {
+            let mut run = run?;
+            Ok(Outcome {
+                saves: run.store.take_saves(),
+                generated: run.generated,
+            })
+        })
+        .collect()
+}
+
+/// One graph in [`run_many`].
+struct Run<'g> {
+    graph: &'g Graph,
+    plan: &'g Plan,
+    store: Store,
+    /// The trace running, if any.
+    trace: Option<Trace>,
+    /// Per finished trace, per invoke: the tokens generated.
+    generated: Vec<Vec<Vec<u32>>>,
+}
+
+/// A trace in progress.
+struct Trace {
+    index: usize,
+    step: u32,
+    padded: Padded,
+    cache: Cache,
+    /// The next step's token ids.
+    input: Tensor,
+    tokens: Vec<Vec<u32>>,
+}
+
+impl Run<'_> {
+    /// Starts the next trace when none runs and one remains.
+    fn start_trace(&mut self, engine: &Engine) -> Result<(), Error> {
+        let index = self.generated.len();
+        if self.trace.is_some() || index == self.graph.traces.len() {
+            return Ok(());
+        }
+        let prompts = trace_prompts(self.graph, index);
+        let max_new = self.graph.traces[index].max_new_tokens as usize;
+        engine.check_prompts(&prompts, max_new)?;
+        let padded = Padded::new(&prompts, engine.model.device());
+        self.trace = Some(Trace {
+            index,
+            step: 0,
+            input: padded.ids.shallow_clone(),
+            cache: engine.model.new_cache(),
+            tokens: vec![Vec::new(); prompts.len()],
+            padded,
+        });
+        Ok(())
+    }
+
+    /// Takes a step's output (`None`: the graph stopped the forward): the
+    /// next token when the trace generates, else the trace's end.
+    fn advance(&mut self, logits: Option<Tensor>) -> Result<(), Error> {
+        let trace = self.trace.as_mut().expect("a running trace");
+        let generating = self.graph.traces[trace.index].max_new_tokens > 0;
+        let mut ended = true;
+        if let (Some(logits), true) = (logits, generating) {
             let next = logits.f_select(1, -1)?.f_argmax(-1, false)?;
-            let ids = Vec::<i64>::try_from(&next)?;
-            for (row, id) in tokens.iter_mut().zip(ids) {
+            for (row, id) in trace.tokens.iter_mut().zip(Vec::<i64>::try_from(&next)?) {
                 row.push(id as u32);
             }
-            input = next.unsqueeze(1);
+            trace.input = next.unsqueeze(1);
+            trace.step += 1;
+            ended = trace.step == self.plan.steps[trace.index];
         }
-        generated.push(tokens);
+        if ended {
+            let done = self.trace.take().expect("a running trace");
+            self.generated.push(done.tokens);
+        }
+        Ok(())
     }
-    Ok(Outcome {
-        saves: state.take_saves(),
-        generated,
-    })
 }
 
 /// Runs one step's forward through layers `span` of `model` under `exec`
@@ -187,31 +304,107 @@ pub fn forward_step(
     input: Input,
     cache: &mut Cache,
 ) -> Result<Option<Tensor>, HookError> {
-    let next_batch;
-    let mut batch = if step == 0 {
-        &padded.batch
-    } else {
-        next_batch = padded.next_step(step as usize);
-        &next_batch
+    let one = Step {
+        exec,
+        padded,
+        step,
+        input,
+        cache,
     };
-    let shared;
-    let mut input = input;
+    forward_steps(model, span, vec![one])
+        .pop()
+        .expect("one result per step")
+}
+
+/// One request's step in [`forward_steps`]: its executor (begun, carry
+/// inserted), prompt layout, step index, input and KV cache.
+#[derive(Debug)]
+pub struct Step<'a, 'e> {
+    /// The request's interpreter for this step.
+    pub exec: &'a mut Executor<'e>,
+    /// The trace's padded prompts.
+    pub padded: &'a Padded,
+    /// The step index (0 = the prompt).
+    pub step: u32,
+    /// Token ids or hidden state.
+    pub input: Input,
+    /// The trace's KV cache on these layers.
+    pub cache: &'a mut Cache,
+}
+
+/// As [`forward_step`] for several requests' steps at once, as one packed
+/// forward ([`Model::forward_packed`]): each request keeps its own rows,
+/// positions, cache and graph, and stops or fails alone.
+pub fn forward_steps(
+    model: &Model,
+    span: std::ops::Range<usize>,
+    mut steps: Vec<Step<'_, '_>>,
+) -> Vec<Result<Option<Tensor>, HookError>> {
+    let mut batches = Vec::with_capacity(steps.len());
+    let mut inputs = Vec::with_capacity(steps.len());
+    for s in &mut steps {
+        let input = std::mem::replace(&mut s.input, Input::Tokens(Tensor::new()));
+        let (batch, input) = layout(model, s.exec, s.padded, s.step, input);
+        batches.push(batch);
+        inputs.push(input);
+    }
+    let segments = steps
+        .iter_mut()
+        .zip(inputs)
+        .zip(&batches)
+        .map(|((s, input), batch)| Segment {
+            input,
+            batch,
+            cache: Some(&mut *s.cache),
+            hooks: &mut *s.exec,
+        })
+        .collect();
+    let outs = model.forward_packed(span, segments);
+    steps
+        .into_iter()
+        .zip(outs)
+        .map(|(s, out)| {
+            let out = match out {
+                Ok(t) => Some(t),
+                Err(HookError::Stop) => None,
+                Err(e) => return Err(e),
+            };
+            s.exec.finish()?;
+            Ok(out)
+        })
+        .collect()
+}
+
+/// A step's batch layout and input: the prompt's, or one new token per
+/// row; with shared rows, one row of positions for all.
+fn layout(
+    model: &Model,
+    exec: &Executor<'_>,
+    padded: &Padded,
+    step: u32,
+    input: Input,
+) -> (Batch, Input) {
     if let Some(rows) = exec.input_rows() {
         // Invokes share rows: their prompts have one length and no padding,
         // so one row of positions serves every physical row.
-        shared = Batch::contiguous(1, padded.ids.size()[1], 0, model.device());
-        batch = &shared;
-        if let Input::Tokens(ids) = input {
-            let rows: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
-            let idx = Tensor::from_slice(&rows).to_device(model.device());
-            input = Input::Tokens(ids.index_select(0, &idx));
-        }
+        let batch = Batch::contiguous(1, padded.ids.size()[1], 0, model.device());
+        let input = match input {
+            Input::Tokens(ids) => {
+                let rows: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+                let idx = Tensor::from_slice(&rows).to_device(model.device());
+                Input::Tokens(ids.index_select(0, &idx))
+            }
+            hidden => hidden,
+        };
+        return (batch, input);
     }
-    let out = match model.forward_span(input, span, batch, Some(cache), exec) {
-        Ok(t) => Some(t),
-        Err(HookError::Stop) => None,
-        Err(e) => return Err(e),
+    let batch = if step == 0 {
+        Batch {
+            positions: padded.batch.positions.shallow_clone(),
+            key_mask: padded.batch.key_mask.as_ref().map(Tensor::shallow_clone),
+        }
+    } else {
+        padded.next_step(step as usize)
     };
-    exec.finish()?;
-    Ok(out)
+    (batch, input)
 }

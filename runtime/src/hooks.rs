@@ -47,16 +47,26 @@ impl Hooks for NoHooks {
     }
 }
 
-/// Calls `visit` if the point is hooked.
-#[inline]
+/// Calls `visit` if the point is hooked. A hook may replace the value, but
+/// only with one of the same shape and dtype: the forward goes on with it
+/// (and, in a packed forward, beside other requests' rows).
 pub(crate) fn at(
     hooks: &mut dyn Hooks,
     module: Module,
     point: Point,
     value: &mut Tensor,
 ) -> Result<(), HookError> {
-    if hooks.wants(module, point) {
-        hooks.visit(module, point, value)?;
+    if !hooks.wants(module, point) {
+        return Ok(());
+    }
+    let (size, kind) = (value.size(), value.kind());
+    hooks.visit(module, point, value)?;
+    if value.size() != size || value.kind() != kind {
+        return Err(HookError::Replaced {
+            at: format!("{}.{}", module.path(), point.name()),
+            want: format!("{kind:?} {size:?}"),
+            got: format!("{:?} {:?}", value.kind(), value.size()),
+        });
     }
     Ok(())
 }

@@ -21,7 +21,7 @@ use nnmesh_graph::{Graph, Limits};
 use nnmesh_runtime::execute;
 use nnmesh_tests::{
     local_node::LocalNode,
-    mesh::{assert_same, auto_node, holders_per_block, rt},
+    mesh::{assert_batched, auto_node, holders_per_block, rt},
 };
 
 /// Mean time between kills.
@@ -89,7 +89,7 @@ fn client_loop(
         match out {
             Ok(out) => {
                 // Panics (fails the test) on a wrong result.
-                assert_same(name, &out, want);
+                assert_batched(name, &out, want);
                 tally.completed += 1;
                 tally.retried += u32::from(out.failovers > 0);
                 tally.failovers += out.failovers;

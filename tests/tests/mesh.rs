@@ -20,7 +20,7 @@ use nnmesh_protocol::{
 };
 use nnmesh_runtime::execute;
 
-use nnmesh_tests::mesh::{assert_same, node, raw, rt, three_nodes};
+use nnmesh_tests::mesh::{assert_batched, assert_same, node, raw, rt, three_nodes};
 
 #[test]
 fn three_nodes_give_the_single_node_results_for_the_canonical_experiments() {
@@ -71,8 +71,8 @@ fn three_nodes_give_the_single_node_results_for_the_canonical_experiments() {
         .expect("second client connects");
     let (a, b) =
         rt.block_on(async { tokio::join!(client.run(lens, None), other.run(steer, None)) });
-    assert_same("concurrent lens", &a.expect("lens runs"), &lens_local);
-    assert_same("concurrent steer", &b.expect("steer runs"), &steer_local);
+    assert_batched("concurrent lens", &a.expect("lens runs"), &lens_local);
+    assert_batched("concurrent steer", &b.expect("steer runs"), &steer_local);
     assert_eq!(identical, total, "f32 on CPU should be bit-identical");
     for n in nodes {
         assert!(

@@ -29,7 +29,7 @@ use nnmesh_protocol::{
     ids::{ModelId, RequestId},
     message::{
         Carried, Hop, HopOutput, ReportBody, Request, Response, Saved, StageReport, StepInput,
-        StepRequest,
+        StepRequest, StepTiming,
     },
     tensor::WireTensor,
 };
@@ -39,7 +39,8 @@ use tokio::{
 };
 
 use super::{
-    Client, Error, Outcome, Peer, Pending, Progress, Route, StageName, candidate, choose_route,
+    Client, Error, HopStats, Outcome, Peer, Pending, Progress, Route, StageName, candidate,
+    choose_route,
     verify::{self, Tolerance},
 };
 use crate::transport::{PeerEvent, RequestError};
@@ -159,6 +160,8 @@ async fn run_once(
         saves: Vec::new(),
         relayed: Vec::new(),
         failovers: 0,
+        hops: Vec::new(),
+        sent: now(),
     };
     let result = run.drive().await;
     client
@@ -183,6 +186,7 @@ async fn run_once(
         route: run.route.iter().map(Stage::hop).collect(),
         model,
         failovers: run.failovers,
+        hops: run.hops,
         history_bytes: run
             .route
             .iter()
@@ -327,9 +331,27 @@ struct Run<'a> {
     /// Values later stages sent back for earlier ones, for the next step.
     relayed: Vec<Carried>,
     failovers: u32,
+    /// Per hop of the route: where its steps' time went.
+    hops: Vec<HopStats>,
+    /// When the step being awaited was sent to its hop.
+    sent: StdInstant,
 }
 
 impl Run<'_> {
+    /// Adds a finished step's time to its hop's figures.
+    fn record(&mut self, hop: usize, t: &StepTiming) {
+        if self.hops.len() <= hop {
+            self.hops.resize(hop + 1, HopStats::default());
+        }
+        let h = &mut self.hops[hop];
+        h.steps += 1;
+        h.total += now().saturating_duration_since(self.sent);
+        h.queued += Duration::from_micros(t.queued_us);
+        h.compute += Duration::from_micros(t.compute_us);
+        h.batched += u32::from(t.batch > 1);
+        h.max_batch = h.max_batch.max(t.batch);
+    }
+
     fn notify(&self, p: &Progress) {
         (self.progress.lock().expect("not poisoned"))(p);
     }
@@ -714,13 +736,13 @@ impl Run<'_> {
             replay,
             replay_outputs,
         };
+        let addrs = stage.peer.addrs.clone();
+        if side == Side::Primary {
+            self.sent = now();
+        }
         match self
             .client
-            .call(
-                peer,
-                stage.peer.addrs.clone(),
-                &Request::Step(Box::new(msg)),
-            )
+            .call(peer, addrs, &Request::Step(Box::new(msg)))
             .await
         {
             Ok(Response::Accepted) => {}
@@ -859,9 +881,13 @@ impl Run<'_> {
                         tracing::debug!(report.trace, report.step, report.hop, "report for another step or hop; ignored");
                         continue;
                     }
+                    let timing = report.timing;
                     if let Some(result) = self.on_report(
                         side, hop, report.body, input, replayed, &expected, arrived, retried,
                     )? {
+                        if let (Side::Primary, Some(t)) = (side, timing) {
+                            self.record(hop, &t);
+                        }
                         return Ok(result);
                     }
                 }

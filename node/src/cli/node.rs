@@ -60,8 +60,16 @@ pub(crate) struct NodeArgs {
     #[arg(long)]
     pub allow_peers: Option<PathBuf>,
     /// Step requests admitted at once (running + queued); more are refused as overloaded.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 64)]
     pub queue: usize,
+    /// Most steps of different requests run as one forward (1: one step at
+    /// a time, no batching).
+    #[arg(long, default_value_t = 32)]
+    pub max_batch: usize,
+    /// A step that waits longer than this many seconds for its forward is
+    /// refused as overloaded, and its client fails over.
+    #[arg(long, default_value_t = 30)]
+    pub queue_deadline_secs: u64,
     /// Most sessions (requests) open at once; more are refused as overloaded.
     #[arg(long, default_value_t = 64)]
     pub max_sessions: usize,
@@ -93,8 +101,8 @@ pub(crate) struct NodeArgs {
     /// Largest message accepted or sent, in MiB.
     #[arg(long, default_value_t = 256)]
     pub max_message_mib: usize,
-    /// Threads torch computes with (0: torch's default, one per core).
-    /// Several nodes on one machine want 1 each.
+    /// Threads torch computes with (0: the machine's cores shared evenly
+    /// among the nnmesh nodes running on it, re-read every 5 s).
     #[arg(long, default_value_t = 0)]
     pub threads: i32,
     /// Testing: answer each step, with this probability, as if the node had
@@ -163,6 +171,8 @@ impl NodeArgs {
             max_sessions: self.max_sessions,
             max_kv_bytes: self.kv_cache_mib << 20,
             threads: self.threads,
+            max_batch: self.max_batch,
+            queue_deadline: Duration::from_secs(self.queue_deadline_secs),
             ..stage::Config::new(self.model.path()?, self.blocks.unwrap_or(Span::new(0, 0)))
         };
         let mut cfg = serve::Config::new(stage);

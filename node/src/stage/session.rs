@@ -14,14 +14,17 @@ use std::time::{Duration, Instant};
 use nnmesh_graph::{DecodeError, Fragment, Graph, Limits, Manifest, NodeId, Plan, partition};
 use nnmesh_protocol::{
     PeerId, Span,
-    message::{Carried, ErrorKind, Hop, HopOutput, Saved, StepInput, StepRequest, WireError},
+    message::{
+        Carried, ErrorKind, Hop, HopOutput, Saved, StepInput, StepRequest, StepTiming, WireError,
+    },
     tensor::{WireDType, WireTensor},
 };
 use nnmesh_runtime::{
     engine::{Engine, Padded},
-    execute::{forward_step, trace_prompts},
+    execute::{Step, forward_steps, trace_prompts},
+    hooks::HookError,
     interpret::{Executor, Store, ops},
-    models::llama::{Cache, Input},
+    models::llama::{Cache, Input, Model},
     wire::{from_wire, to_wire},
 };
 use tch::{Kind, Tensor};
@@ -48,6 +51,8 @@ pub(super) struct Session {
     /// KV cache reserved for the request on this stage.
     kv_bytes: u64,
     last_used: Instant,
+    /// Panics caught in this request's forwards (each failed the request).
+    pub(super) panics: u64,
 }
 
 fn malformed(msg: impl Into<String>) -> WireError {
@@ -149,6 +154,7 @@ impl Session {
             span,
             kv_bytes,
             last_used: Instant::now(),
+            panics: 0,
         })
     }
 
@@ -379,21 +385,22 @@ impl Session {
             Input::Hidden(joined)
         };
         let batch = padded.next_steps(first.step as usize, inputs.len());
-        let failed = |e: nnmesh_runtime::hooks::HookError| {
-            err(
-                ErrorKind::Internal,
-                format!(
-                    "replaying trace {} steps {}..{}: {e}",
-                    first.trace,
-                    first.step,
-                    first.step as usize + inputs.len()
-                ),
-            )
-        };
         let out = model
             .forward_span(input, span.range(), &batch, Some(cache), &mut exec)
-            .map_err(failed)?;
-        exec.finish().map_err(failed)?;
+            .and_then(|out| exec.finish().map(|()| out));
+        let out = out.map_err(|e| {
+            let e = self.failed(e, first);
+            err(
+                e.kind,
+                format!(
+                    "replaying trace {} steps {}..{}: {}",
+                    first.trace,
+                    first.step,
+                    first.step as usize + inputs.len(),
+                    e.message
+                ),
+            )
+        })?;
         if !outputs {
             return Ok(Vec::new());
         }
@@ -407,9 +414,8 @@ impl Session {
             .collect()
     }
 
-    /// Runs one step: checks its inputs, runs the fragment over the forward
-    /// (or, after an upstream stop, the fragment alone) and collects what
-    /// goes on to the next hop and back to the client.
+    /// Runs one step alone: [`Session::prepare`], the forward, then
+    /// [`Session::collect`].
     fn run_input(
         &mut self,
         engine: &Engine,
@@ -417,6 +423,25 @@ impl Session {
         req: &StepInput,
         is_last: bool,
     ) -> Result<StepOutput, WireError> {
+        let span = self.span;
+        let out = {
+            let prepared = self.prepare(engine, manifest, req)?;
+            prepared.run_alone(&engine.model, span)
+        };
+        let out = out.map_err(|e| self.failed(e, req))?;
+        self.collect(req, out, is_last)
+    }
+
+    /// Readies one step: checks its inputs and position, sets up the trace
+    /// at its step 0, and begins the step's interpreter with the carried
+    /// values in it. The forward is the caller's ([`Prepared::step`] for a
+    /// packed one, [`Prepared::run_alone`]); [`Session::collect`] ends it.
+    pub(super) fn prepare<'s>(
+        &'s mut self,
+        engine: &'s Engine,
+        manifest: &'s Manifest,
+        req: &StepInput,
+    ) -> Result<Prepared<'s>, WireError> {
         let model = &engine.model;
         let device = model.device();
         let trace = req.trace as usize;
@@ -435,6 +460,7 @@ impl Session {
             self.padded = Some(Padded::new(&prompts, device));
             self.cache = Some(model.new_cache());
         }
+        let span = self.span;
         let Session {
             graph,
             plan,
@@ -445,12 +471,10 @@ impl Session {
             ..
         } = self;
         let (padded, cache) = positioned(padded, cache, req.trace, req.step, req.past)?;
-        let span = self.span;
         let stop = plan.stops[trace].filter(|a| req.step + 1 == steps && a.trace == req.trace);
-        let lens = padded.lens.clone();
         let mut exec = Executor::new(graph, plan, manifest, model, store);
         exec.set_first_layer(span.start);
-        exec.begin(req.trace, req.step, &lens);
+        exec.begin(req.trace, req.step, &padded.lens);
         let input = step_input(engine, manifest, span, req, padded, exec.rows(), stop)?;
         for c in &req.carry {
             let node = NodeId(c.node);
@@ -463,31 +487,45 @@ impl Session {
             check_carried(plan, node, (req.trace, req.step), &c.value)?;
             exec.insert(node, from_wire(&c.value, device)?);
         }
-        let failed = |e: nnmesh_runtime::hooks::HookError| {
-            err(
-                ErrorKind::Internal,
-                format!(
-                    "running the graph at trace {} step {}: {e}",
-                    req.trace, req.step
-                ),
-            )
-        };
-        let out = match input {
-            Some(input) => forward_step(
-                model,
-                span.range(),
-                &mut exec,
-                padded,
-                req.step,
-                input,
-                cache,
-            )
-            .map_err(failed)?,
-            None => {
-                exec.finish().map_err(failed)?;
-                None
-            }
-        };
+        Ok(Prepared {
+            exec,
+            padded,
+            cache,
+            step: req.step,
+            input,
+        })
+    }
+
+    /// The error of a step whose forward or graph failed (counting caught
+    /// panics).
+    pub(super) fn failed(&mut self, e: HookError, req: &StepInput) -> WireError {
+        if matches!(e, HookError::Panic(_)) {
+            self.panics += 1;
+        }
+        err(
+            ErrorKind::Internal,
+            format!(
+                "running the graph at trace {} step {}: {e}",
+                req.trace, req.step
+            ),
+        )
+    }
+
+    /// Ends a step after its forward (`out`: the logits or hidden state,
+    /// `None` after a stop): what goes on to the next hop and back to the
+    /// client.
+    pub(super) fn collect(
+        &mut self,
+        req: &StepInput,
+        out: Option<Tensor>,
+        is_last: bool,
+    ) -> Result<StepOutput, WireError> {
+        let Session {
+            graph,
+            fragment,
+            store,
+            ..
+        } = self;
         let saves = store
             .take_saves()
             .into_iter()
@@ -513,7 +551,7 @@ impl Session {
         };
         let carry = fresh(&fragment.carry_out)?;
         let relay = fresh(&fragment.relay_out)?;
-        let generating = graph.traces[trace].max_new_tokens > 0;
+        let generating = graph.traces[req.trace as usize].max_new_tokens > 0;
         let next = match out {
             None if is_last => Next::Done(Vec::new()),
             None => Next::Stopped,
@@ -542,7 +580,53 @@ impl Session {
             relay,
             replayed: Vec::new(),
             chunked: 0,
+            timing: StepTiming::default(),
         })
+    }
+}
+
+/// A step readied by [`Session::prepare`]: its interpreter (begun, carried
+/// values in), layout, cache and input.
+pub(super) struct Prepared<'s> {
+    exec: Executor<'s>,
+    padded: &'s Padded,
+    cache: &'s mut Cache,
+    step: u32,
+    /// `None` when an earlier stage stopped the forward: the fragment runs
+    /// without one.
+    input: Option<Input>,
+}
+
+impl<'s> Prepared<'s> {
+    /// Its part of a packed forward, or, after an upstream stop, `None`
+    /// (its fragment has run).
+    ///
+    /// # Errors
+    /// When the fragment fails without a forward.
+    pub(super) fn step(&mut self) -> Result<Option<Step<'_, 's>>, HookError> {
+        match self.input.take() {
+            Some(input) => Ok(Some(Step {
+                exec: &mut self.exec,
+                padded: self.padded,
+                step: self.step,
+                input,
+                cache: &mut *self.cache,
+            })),
+            None => {
+                self.exec.finish()?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Runs the step's forward alone.
+    fn run_alone(mut self, model: &Model, span: Span) -> Result<Option<Tensor>, HookError> {
+        match self.step()? {
+            Some(step) => forward_steps(model, span.range(), vec![step])
+                .pop()
+                .expect("one result per step"),
+            None => Ok(None),
+        }
     }
 }
 

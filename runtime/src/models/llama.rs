@@ -17,6 +17,7 @@ use nnmesh_graph::{Module, Point};
 use tch::{Device, Kind, Tensor};
 
 pub use self::config::{Config, ConfigError};
+use self::pack::{Live, Rows};
 use crate::{
     checkpoint::{Checkpoint, LoadError},
     error::{InputError, ModuleError},
@@ -24,6 +25,7 @@ use crate::{
 };
 
 pub mod config;
+mod pack;
 
 /// What flows into a stage: token ids (first stage) or a hidden state.
 #[derive(Debug)]
@@ -209,43 +211,73 @@ struct Attention {
     head_dim: i64,
 }
 
-struct Ctx<'a> {
-    layer: u32,
-    cos: &'a Tensor,
-    sin: &'a Tensor,
-    mask: &'a Mask,
+/// A linear module over packed rows, with its input and output hooks.
+fn proj(lives: &mut [Live], module: Module, lin: &Linear, xs: &Rows) -> Rows {
+    hooked(lives, module, xs, |x, lives| {
+        x.map(lives, |x| lin.forward(x))
+    })
+}
+
+/// Runs a module over packed rows with its input and output hooks (the
+/// input hook replaces the module's own copy of the value).
+fn hooked(
+    lives: &mut [Live],
+    module: Module,
+    xs: &Rows,
+    f: impl FnOnce(&mut Rows, &mut [Live]) -> Rows,
+) -> Rows {
+    let mut x = xs.shallow();
+    x.hook(lives, module, Point::Input);
+    let mut y = f(&mut x, lives);
+    y.hook(lives, module, Point::Output);
+    y
 }
 
 impl Attention {
-    fn forward(
+    /// Attention over packed rows: the projections batched, the attention
+    /// itself per segment, over its own cache slot `slot` and mask.
+    fn forward(&self, layer: u32, slot: usize, lives: &mut [Live], xs: &Rows) -> Rows {
+        let q = proj(lives, Module::QProj(layer), &self.q_proj, xs);
+        let k = proj(lives, Module::KProj(layer), &self.k_proj, xs);
+        let v = proj(lives, Module::VProj(layer), &self.v_proj, xs);
+        let z = lives
+            .iter_mut()
+            .enumerate()
+            .map(|(i, live)| {
+                let (q, k, v) = (q.part(i)?, k.part(i)?, v.part(i)?);
+                live.guard(|l| self.attend(layer, slot, l, q, k, v))
+            })
+            .collect();
+        proj(lives, Module::OProj(layer), &self.o_proj, &Rows::new(z))
+    }
+
+    /// One segment's attention: `q`, `k`, `v` projected `[b, t, _]`, out
+    /// `z` `[b, t, heads * head_dim]`.
+    fn attend(
         &self,
-        xs: &Tensor,
-        ctx: &Ctx,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-        hooks: &mut dyn Hooks,
+        layer: u32,
+        slot: usize,
+        live: &mut Live,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
     ) -> Result<Tensor, HookError> {
-        let i = ctx.layer;
-        let (b, t, _) = xs.size3().expect("hidden state is [b, t, hidden]");
-        let proj = |lin: &Linear, m: Module, x: &Tensor, hooks: &mut dyn Hooks| {
-            let mut x = x.shallow_clone();
-            at(hooks, m, Point::Input, &mut x)?;
-            let mut y = lin.forward(&x);
-            at(hooks, m, Point::Output, &mut y)?;
-            Ok::<_, HookError>(y)
-        };
-        let q = proj(&self.q_proj, Module::QProj(i), xs, hooks)?;
-        let k = proj(&self.k_proj, Module::KProj(i), xs, hooks)?;
-        let v = proj(&self.v_proj, Module::VProj(i), xs, hooks)?;
+        let (b, t, _) = q.size3().map_err(|_| InputError::Shape(q.size()))?;
+        let (cos, sin, mask) = live
+            .rope
+            .as_ref()
+            .expect("a live segment has its positions");
         let q = q.view([b, t, self.heads, self.head_dim]).transpose(1, 2);
         let k = k.view([b, t, self.kv_heads, self.head_dim]).transpose(1, 2);
         let mut v = v.view([b, t, self.kv_heads, self.head_dim]).transpose(1, 2);
-        let mut q = apply_rope(&q, ctx.cos, ctx.sin);
-        let mut k = apply_rope(&k, ctx.cos, ctx.sin);
-        let attn = Module::Attn(i);
+        let mut q = apply_rope(&q, cos, sin);
+        let mut k = apply_rope(&k, cos, sin);
+        let attn = Module::Attn(layer);
+        let hooks = &mut *live.hooks;
         at(hooks, attn, Point::Q, &mut q)?;
         at(hooks, attn, Point::K, &mut k)?;
         at(hooks, attn, Point::V, &mut v)?;
-        let (k, v) = match cache {
+        let (k, v) = match live.cache.as_deref_mut().map(|c| &mut c.kv[slot]) {
             Some(slot) => {
                 let kv = match slot.take() {
                     Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2), Tensor::cat(&[&pv, &v], 2)),
@@ -269,7 +301,7 @@ impl Attention {
         let z = if hooks.wants(attn, Point::Pattern) {
             // Materialize the post-softmax pattern only when it is hooked.
             let mut scores = q.matmul(&k.transpose(-2, -1)) * scale;
-            match ctx.mask {
+            match mask {
                 Mask::Causal => {
                     let t_kv = k.size()[2];
                     let m = Tensor::ones([t, t_kv], (Kind::Bool, q.device())).tril(t_kv - t);
@@ -284,7 +316,7 @@ impl Attention {
             at(hooks, attn, Point::Pattern, &mut pattern)?;
             pattern.matmul(&v)
         } else {
-            let (mask, causal) = match ctx.mask {
+            let (mask, causal) = match mask {
                 Mask::Causal => (None, true),
                 Mask::None => (None, false),
                 Mask::Explicit(m) => (Some(m), false),
@@ -293,8 +325,7 @@ impl Attention {
         };
         let mut z = z.transpose(1, 2); // [b, t, heads, head_dim]
         at(hooks, attn, Point::Z, &mut z)?;
-        let z = z.reshape([b, t, self.heads * self.head_dim]);
-        proj(&self.o_proj, Module::OProj(i), &z, hooks)
+        Ok(z.reshape([b, t, self.heads * self.head_dim]))
     }
 }
 
@@ -305,6 +336,15 @@ struct Mlp {
     down_proj: Linear,
 }
 
+impl Mlp {
+    fn forward(&self, i: u32, lives: &mut [Live], xs: &Rows) -> Rows {
+        let mut gate = proj(lives, Module::Gate(i), &self.gate_proj, xs);
+        let mut up = proj(lives, Module::Up(i), &self.up_proj, xs);
+        let act = gate.zip(&mut up, lives, |g, u| g.silu() * u);
+        proj(lives, Module::Down(i), &self.down_proj, &act)
+    }
+}
+
 #[derive(Debug)]
 struct Block {
     input_layernorm: RmsNorm,
@@ -313,58 +353,51 @@ struct Block {
     mlp: Mlp,
 }
 
-/// Runs a module with its input and output hooks.
-fn hooked(
-    hooks: &mut dyn Hooks,
-    module: Module,
-    xs: &Tensor,
-    f: impl FnOnce(&Tensor, &mut dyn Hooks) -> Result<Tensor, HookError>,
-) -> Result<Tensor, HookError> {
-    let mut x = xs.shallow_clone();
-    at(hooks, module, Point::Input, &mut x)?;
-    let mut y = f(&x, hooks)?;
-    at(hooks, module, Point::Output, &mut y)?;
-    Ok(y)
-}
-
 impl Block {
-    fn forward(
-        &self,
-        xs: &Tensor,
-        ctx: &Ctx,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-        hooks: &mut dyn Hooks,
-    ) -> Result<Tensor, HookError> {
-        let i = ctx.layer;
-        hooked(hooks, Module::Layer(i), xs, |x, hooks| {
-            let h = hooked(hooks, Module::InputNorm(i), x, |x, _| {
-                Ok(self.input_layernorm.forward(x))
-            })?;
-            let a = hooked(hooks, Module::Attn(i), &h, |h, hooks| {
-                self.self_attn.forward(h, ctx, cache, hooks)
-            })?;
-            let x = x + a;
-            let h = hooked(hooks, Module::PostNorm(i), &x, |x, _| {
-                Ok(self.post_attention_layernorm.forward(x))
-            })?;
-            let m = hooked(hooks, Module::Mlp(i), &h, |h, hooks| {
-                self.mlp.forward(i, h, hooks)
-            })?;
-            Ok(x + m)
+    /// Decoder layer `layer` (cache slot `slot`) over packed rows.
+    fn forward(&self, layer: u32, slot: usize, lives: &mut [Live], xs: &Rows) -> Rows {
+        let i = layer;
+        hooked(lives, Module::Layer(i), xs, |x, lives| {
+            let norm = |m, n: &RmsNorm, x: &Rows, lives: &mut [Live]| {
+                hooked(lives, m, x, |x, lives| x.map(lives, |x| n.forward(x)))
+            };
+            let h = norm(Module::InputNorm(i), &self.input_layernorm, x, lives);
+            let mut a = hooked(lives, Module::Attn(i), &h, |h, lives| {
+                self.self_attn.forward(i, slot, lives, h)
+            });
+            let mut x = x.zip(&mut a, lives, |x, a| x + a);
+            let h = norm(
+                Module::PostNorm(i),
+                &self.post_attention_layernorm,
+                &x,
+                lives,
+            );
+            let mut m = hooked(lives, Module::Mlp(i), &h, |h, lives| {
+                self.mlp.forward(i, lives, h)
+            });
+            x.zip(&mut m, lives, |x, m| x + m)
         })
     }
 }
 
-impl Mlp {
-    fn forward(&self, i: u32, xs: &Tensor, hooks: &mut dyn Hooks) -> Result<Tensor, HookError> {
-        let gate = hooked(hooks, Module::Gate(i), xs, |x, _| {
-            Ok(self.gate_proj.forward(x))
-        })?;
-        let up = hooked(hooks, Module::Up(i), xs, |x, _| Ok(self.up_proj.forward(x)))?;
-        let act = gate.silu() * up;
-        hooked(hooks, Module::Down(i), &act, |x, _| {
-            Ok(self.down_proj.forward(x))
-        })
+/// One request's part of a packed forward ([`Model::forward_packed`]): its
+/// input, positions and mask, KV cache and hooks.
+pub struct Segment<'a> {
+    /// Token ids or hidden state.
+    pub input: Input,
+    /// Its positions and key mask.
+    pub batch: &'a Batch,
+    /// Its KV cache, if it keeps one.
+    pub cache: Option<&'a mut Cache>,
+    /// Its hooks: they see its rows only.
+    pub hooks: &'a mut dyn Hooks,
+}
+
+impl std::fmt::Debug for Segment<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Segment")
+            .field("input", &self.input)
+            .finish_non_exhaustive()
     }
 }
 
@@ -587,32 +620,58 @@ impl Model {
         input: Input,
         span: Range<usize>,
         batch: &Batch,
-        mut cache: Option<&mut Cache>,
+        cache: Option<&mut Cache>,
         hooks: &mut dyn Hooks,
     ) -> Result<Tensor, HookError> {
+        let seg = Segment {
+            input,
+            batch,
+            cache,
+            hooks,
+        };
+        self.forward_packed(span, vec![seg])
+            .pop()
+            .expect("one result per segment")
+    }
+
+    /// Runs several requests' forwards through layers `span` as one: the
+    /// dense layers once over all their rows, attention per request (see
+    /// the `pack` module). Each segment's hooks see only its own rows, and
+    /// its result is what [`Model::forward_span`] gives it alone, up to the
+    /// rounding of a matrix product over more rows. A segment that stops or
+    /// fails leaves the forward with its error; the others run on.
+    pub fn forward_packed(
+        &self,
+        span: Range<usize>,
+        segments: Vec<Segment<'_>>,
+    ) -> Vec<Result<Tensor, HookError>> {
         let held = self.layers();
         if span.is_empty() || span.start < held.start || span.end > held.end {
-            return Err(InputError::Span {
-                start: span.start,
-                end: span.end,
-            }
-            .into());
+            return segments
+                .iter()
+                .map(|_| {
+                    Err(InputError::Span {
+                        start: span.start,
+                        end: span.end,
+                    }
+                    .into())
+                })
+                .collect();
         }
-        let mut xs = match input {
-            Input::Tokens(ids) => {
-                let (Some(embed), 0) = (&self.embed, span.start) else {
-                    return Err(InputError::NoEmbedding.into());
-                };
-                hooked(hooks, Module::Embed, &ids, |ids, _| {
-                    Ok(Tensor::embedding(embed, ids, -1, false, false))
-                })?
-            }
-            Input::Hidden(h) => h.to_kind(self.kind),
-        };
-        let (_, t, _) = xs.size3().map_err(|_| InputError::Shape(xs.size()))?;
-        let past = cache.as_ref().map_or(0, |c| c.len());
-        let (cos, sin) = self.rope.cos_sin(&batch.positions, self.kind);
-        let mask = Mask::new(batch, t, past, self.device);
+        let mut lives = Vec::with_capacity(segments.len());
+        let mut parts = Vec::with_capacity(segments.len());
+        for seg in segments {
+            let mut live = Live {
+                hooks: seg.hooks,
+                cache: seg.cache,
+                rope: None,
+                failed: None,
+            };
+            let (input, batch) = (seg.input, seg.batch);
+            parts.push(live.guard(|l| self.enter(input, batch, span.start, l)));
+            lives.push(live);
+        }
+        let mut xs = Rows::new(parts);
         let local = span.start - held.start..span.end - held.start;
         for (j, block) in self
             .layers
@@ -622,25 +681,66 @@ impl Model {
             .skip(local.start)
         {
             let layer = (self.layers_range.start + j) as u32;
-            if let Some(src) = hooks.fork_rows(layer) {
-                // Shared rows fork here; positions and the causal mask are the
-                // same for every row (see `interpret::Sharing`).
-                let idx = Tensor::from_slice(&src).to_device(self.device);
-                xs = Tensor::cat(&[&xs, &xs.index_select(0, &idx)], 0);
+            for (i, live) in lives.iter_mut().enumerate() {
+                let Some(x) = xs.part_mut(i) else { continue };
+                live.guard(|l| {
+                    if let Some(src) = l.hooks.fork_rows(layer) {
+                        // Shared rows fork here; positions and the causal
+                        // mask are the same for every row (see
+                        // `interpret::Sharing`).
+                        let idx = Tensor::from_slice(&src).to_device(self.device);
+                        *x = Tensor::cat(&[&*x, &x.index_select(0, &idx)], 0);
+                    }
+                    Ok(())
+                });
             }
-            let ctx = Ctx {
-                layer,
-                cos: &cos,
-                sin: &sin,
-                mask: &mask,
-            };
-            let slot = cache.as_deref_mut().map(|c| &mut c.kv[j]);
-            xs = block.forward(&xs, &ctx, slot, hooks)?;
+            xs = block.forward(layer, j, &mut lives, &xs);
         }
         if let (Some(norm), Some(head), true) = (&self.norm, &self.lm_head, span.end == held.end) {
-            let h = hooked(hooks, Module::Norm, &xs, |x, _| Ok(norm.forward(x)))?;
-            xs = hooked(hooks, Module::LmHead, &h, |x, _| Ok(head.forward(x)))?;
+            let h = hooked(&mut lives, Module::Norm, &xs, |x, lives| {
+                x.map(lives, |x| norm.forward(x))
+            });
+            xs = hooked(&mut lives, Module::LmHead, &h, |x, lives| {
+                x.map(lives, |x| head.forward(x))
+            });
         }
+        lives
+            .into_iter()
+            .zip(xs.into_parts())
+            .map(|(live, x)| match (live.failed, x) {
+                (Some(e), _) => Err(e),
+                (None, Some(x)) => Ok(x),
+                (None, None) => unreachable!("a live segment keeps its rows"),
+            })
+            .collect()
+    }
+
+    /// A segment's input as its first hidden state (the embedding, with its
+    /// hooks, for token ids), and its positions and mask.
+    fn enter(
+        &self,
+        input: Input,
+        batch: &Batch,
+        first: usize,
+        live: &mut Live,
+    ) -> Result<Tensor, HookError> {
+        let xs = match input {
+            Input::Tokens(ids) => {
+                let (Some(embed), 0) = (&self.embed, first) else {
+                    return Err(InputError::NoEmbedding.into());
+                };
+                let mut ids = ids;
+                at(&mut *live.hooks, Module::Embed, Point::Input, &mut ids)?;
+                let mut xs = Tensor::embedding(embed, &ids, -1, false, false);
+                at(&mut *live.hooks, Module::Embed, Point::Output, &mut xs)?;
+                xs
+            }
+            Input::Hidden(h) => h.to_kind(self.kind),
+        };
+        let (_, t, _) = xs.size3().map_err(|_| InputError::Shape(xs.size()))?;
+        let past = live.cache.as_ref().map_or(0, |c| c.len());
+        let (cos, sin) = self.rope.cos_sin(&batch.positions, self.kind);
+        live.rope = Some((cos, sin, Mask::new(batch, t, past, self.device)));
         Ok(xs)
     }
 
@@ -656,12 +756,14 @@ impl Model {
             start: self.layers_range.start,
             end: self.layers_range.end,
         };
-        // Without hooks, a forward can only fail on its input.
+        // Without hooks, a forward can only fail on its input (or panic,
+        // which goes on as a panic).
         let invalid = |e: HookError| match e {
             HookError::Input(source) => ModuleError::Input {
                 module: module.path(),
                 source,
             },
+            HookError::Panic(msg) => panic!("{msg}"),
             other => {
                 unreachable!("a forward without hooks neither stops nor fails a node: {other}")
             }
@@ -678,16 +780,32 @@ impl Model {
         } else {
             xs.to_kind(self.kind)
         };
-        let seq_ctx = |xs: &Tensor| -> Result<(Tensor, Tensor, Mask), ModuleError> {
+        // A decoder module as one unhooked segment without a cache; layers
+        // and attention see a fresh causal sequence.
+        let alone = |f: &dyn Fn(&mut [Live], &Rows) -> Rows| -> Result<Tensor, ModuleError> {
             let (b, t, _) = xs.size3().map_err(|_| ModuleError::Input {
                 module: module.path(),
                 source: InputError::Shape(xs.size()),
             })?;
             let batch = Batch::contiguous(b, t, 0, self.device);
             let (cos, sin) = self.rope.cos_sin(&batch.positions, self.kind);
-            Ok((cos, sin, Mask::new(&batch, t, 0, self.device)))
+            let mut no = crate::hooks::NoHooks;
+            let mut lives = [Live {
+                hooks: &mut no,
+                cache: None,
+                rope: Some((cos, sin, Mask::new(&batch, t, 0, self.device))),
+                failed: None,
+            }];
+            let y = f(&mut lives, &Rows::new(vec![Some(xs.shallow_clone())]));
+            match lives[0].failed.take() {
+                Some(e) => Err(invalid(e)),
+                None => Ok(y
+                    .into_parts()
+                    .pop()
+                    .flatten()
+                    .expect("a live segment keeps its rows")),
+            }
         };
-        let no = &mut crate::hooks::NoHooks;
         let out = match module {
             Module::Embed => {
                 let e = self.embed.as_ref().ok_or_else(not_hosted)?;
@@ -695,24 +813,20 @@ impl Model {
             }
             Module::Norm => self.norm.as_ref().ok_or_else(not_hosted)?.forward(&xs),
             Module::LmHead => self.lm_head.as_ref().ok_or_else(not_hosted)?.forward(&xs),
-            Module::Layer(i) | Module::Attn(i) => {
-                let (cos, sin, mask) = seq_ctx(&xs)?;
-                let ctx = Ctx {
-                    layer: i,
-                    cos: &cos,
-                    sin: &sin,
-                    mask: &mask,
-                };
-                let r = if let Module::Layer(_) = module {
-                    block(i)?.forward(&xs, &ctx, None, no)
-                } else {
-                    block(i)?.self_attn.forward(&xs, &ctx, None, no)
-                };
-                r.map_err(invalid)?
+            Module::Layer(i) => {
+                let b = block(i)?;
+                alone(&|lives, x| b.forward(i, 0, lives, x))?
+            }
+            Module::Attn(i) => {
+                let b = block(i)?;
+                alone(&|lives, x| b.self_attn.forward(i, 0, lives, x))?
+            }
+            Module::Mlp(i) => {
+                let b = block(i)?;
+                alone(&|lives, x| b.mlp.forward(i, lives, x))?
             }
             Module::InputNorm(i) => block(i)?.input_layernorm.forward(&xs),
             Module::PostNorm(i) => block(i)?.post_attention_layernorm.forward(&xs),
-            Module::Mlp(i) => block(i)?.mlp.forward(i, &xs, no).map_err(invalid)?,
             Module::QProj(i) => block(i)?.self_attn.q_proj.forward(&xs),
             Module::KProj(i) => block(i)?.self_attn.k_proj.forward(&xs),
             Module::VProj(i) => block(i)?.self_attn.v_proj.forward(&xs),
