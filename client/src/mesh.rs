@@ -107,6 +107,9 @@ pub struct HopStats {
     pub steps: u32,
     /// From sending each step to its last report, summed.
     pub total: Duration,
+    /// Of that, from sending each step to the stage's answer that it
+    /// accepted it (the stage starts the step meanwhile).
+    pub accept: Duration,
     /// Of that, waiting in the stage's queue.
     pub queued: Duration,
     /// Of that, in the stage's forward (shared with the steps batched with it).
@@ -123,6 +126,17 @@ impl HopStats {
     /// threads on either side.
     pub fn overhead(&self) -> Duration {
         self.total.saturating_sub(self.queued + self.compute)
+    }
+
+    /// Adds another request's figures for the same hop.
+    pub fn add(&mut self, other: &HopStats) {
+        self.steps += other.steps;
+        self.total += other.total;
+        self.accept += other.accept;
+        self.queued += other.queued;
+        self.compute += other.compute;
+        self.batched += other.batched;
+        self.max_batch = self.max_batch.max(other.max_batch);
     }
 }
 

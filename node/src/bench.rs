@@ -1,10 +1,12 @@
 //! `nnmesh bench`: prefill latency and greedy decode speed beside Hugging
 //! Face transformers, Intervention Graph overhead beside NNsight
-//! (`graphs`), a 3-node loopback mesh against in-process (`mesh`), and with
-//! `--resilience` recovery, replay against restart and verification on a
+//! (`graphs`), a 3-node loopback mesh against in-process (`mesh`), with
+//! `--concurrency` many clients at once, batching on and off
+//! (`concurrency`), and with `--resilience` recovery, replay against restart and verification on a
 //! six-node mesh (`resilience`), each measured side by side in one run and
 //! printed as figures and ratios.
 
+mod concurrency;
 mod graphs;
 mod mesh;
 mod nodes;
@@ -209,6 +211,9 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     }
     if !args.skip_mesh {
         mesh::run(args, &engine, &prefill_ids)?;
+    }
+    if args.concurrency {
+        concurrency::run(args)?;
     }
     if args.resilience {
         resilience::run(args, &engine)?;

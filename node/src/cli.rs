@@ -248,6 +248,13 @@ pub(crate) struct BenchArgs {
     /// cost of --verify. Takes several minutes.
     #[arg(long)]
     pub resilience: bool,
+    /// Also measure concurrency: 1, 4 and 16 clients at once through a
+    /// 3-node mesh with batching on and off, and where a hop's time goes.
+    #[arg(long)]
+    pub concurrency: bool,
+    /// Concurrency: tokens each client generates.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency_tokens: u32,
     /// Resilience: tokens generated under injected failures.
     #[arg(long, default_value_t = 1024)]
     pub resilience_tokens: u32,

@@ -61,11 +61,15 @@ pub fn nnmesh_exe() -> PathBuf {
     bin
 }
 
-/// The full bundled model in f32 on the CPU.
+/// The full bundled model in f32 on the CPU, computing on one torch thread
+/// (set for the calling thread).
 ///
 /// # Panics
 /// When the model cannot be loaded (run scripts/setup.sh).
 pub fn load_engine() -> Engine {
+    // One torch thread on the calling thread, like the test nodes: kernels
+    // split across threads round differently.
+    tch::set_num_threads(1);
     Engine::load(&model_path(), None, Kind::Float, Device::Cpu)
         .expect("bundled model loads (run scripts/setup.sh)")
 }

@@ -23,8 +23,9 @@ pub struct LocalNode {
 }
 
 impl LocalNode {
-    /// Starts `nnmesh node --blocks BLOCKS` on `127.0.0.1:0` and waits (up
-    /// to two minutes) for its `listening` and `node` lines.
+    /// Starts `nnmesh node --blocks BLOCKS` on `127.0.0.1:0` (with one torch
+    /// thread unless `extra` says `--threads`) and waits (up to two minutes)
+    /// for its `listening` and `node` lines.
     ///
     /// # Errors
     /// When the process cannot start or exits before listening.
@@ -61,6 +62,12 @@ impl LocalNode {
         cmd.args(["node", "--listen", "/ip4/127.0.0.1/tcp/0"]);
         if let Some(b) = blocks {
             cmd.args(["--blocks", b]);
+        }
+        if !extra.contains(&"--threads") {
+            // One torch thread, as the tests' single-node references
+            // (`load_engine`): kernels split across threads round
+            // differently, and the mesh is checked bit for bit.
+            cmd.args(["--threads", "1"]);
         }
         cmd.arg("--model")
             .arg(model)

@@ -162,6 +162,7 @@ async fn run_once(
         failovers: 0,
         hops: Vec::new(),
         sent: now(),
+        accepted: now(),
     };
     let result = run.drive().await;
     client
@@ -333,8 +334,9 @@ struct Run<'a> {
     failovers: u32,
     /// Per hop of the route: where its steps' time went.
     hops: Vec<HopStats>,
-    /// When the step being awaited was sent to its hop.
+    /// When the step being awaited was sent to its hop, and accepted.
     sent: StdInstant,
+    accepted: StdInstant,
 }
 
 impl Run<'_> {
@@ -346,6 +348,7 @@ impl Run<'_> {
         let h = &mut self.hops[hop];
         h.steps += 1;
         h.total += now().saturating_duration_since(self.sent);
+        h.accept += self.accepted.saturating_duration_since(self.sent);
         h.queued += Duration::from_micros(t.queued_us);
         h.compute += Duration::from_micros(t.compute_us);
         h.batched += u32::from(t.batch > 1);
@@ -745,7 +748,11 @@ impl Run<'_> {
             .call(peer, addrs, &Request::Step(Box::new(msg)))
             .await
         {
-            Ok(Response::Accepted) => {}
+            Ok(Response::Accepted) => {
+                if side == Side::Primary {
+                    self.accepted = now();
+                }
+            }
             Ok(other) => {
                 return Err(HopError::Fatal(Error::Protocol {
                     peer,
