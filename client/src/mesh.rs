@@ -118,6 +118,9 @@ pub struct HopStats {
     pub batched: u32,
     /// The largest forward a step ran in, in steps.
     pub max_batch: u32,
+    /// The sizes of the forwards the steps ran in, summed (over `steps`:
+    /// the mean batch a step saw).
+    pub batch_sum: u64,
 }
 
 impl HopStats {
@@ -137,6 +140,12 @@ impl HopStats {
         self.compute += other.compute;
         self.batched += other.batched;
         self.max_batch = self.max_batch.max(other.max_batch);
+        self.batch_sum += other.batch_sum;
+    }
+
+    /// The mean size of the forwards this hop's steps ran in.
+    pub fn mean_batch(&self) -> f64 {
+        self.batch_sum as f64 / f64::from(self.steps.max(1))
     }
 }
 

@@ -103,7 +103,7 @@ async fn fake_stage(
                                 peer: t.peer_id(),
                                 trace: step.input.trace,
                                 step: step.input.step,
-                                body,
+                                bodies: vec![body],
                                 timing: None,
                             }));
                             let _ = t
@@ -258,7 +258,7 @@ async fn reports_from_peers_off_the_route_are_refused() -> Result<()> {
         peer: stage.transport.peer_id(),
         trace: 0,
         step: 0,
-        body: ReportBody::Done { tokens: vec![9] },
+        bodies: vec![ReportBody::Done { tokens: vec![9] }],
         timing: None,
     }));
     let addrs: Vec<Multiaddr> = step

@@ -213,7 +213,7 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         mesh::run(args, &engine, &prefill_ids)?;
     }
     if args.concurrency {
-        concurrency::run(args)?;
+        concurrency::run(args, &engine)?;
     }
     if args.resilience {
         resilience::run(args, &engine)?;

@@ -32,8 +32,8 @@ use nnmesh_protocol::{
     Span, codec,
     ids::ModelId,
     message::{
-        ErrorKind, ReportBody, Request, Response, Saved, StageReport, StepRequest, StepTiming,
-        WireError,
+        ErrorKind, HopOutput, ReportBody, Request, Response, Saved, StageReport, StepRequest,
+        StepTiming, WireError,
     },
     record::{STAGES_KEY, SignedRecord, StageRecord},
 };
@@ -654,15 +654,12 @@ impl Server {
         }
     }
 
-    async fn report(&self, step: &StepRequest, body: ReportBody) -> Result<(), String> {
-        self.report_timed(step, body, None).await
-    }
-
-    /// As [`Server::report`], with the step's timing on its last report.
-    async fn report_timed(
+    /// Sends the client one report of `bodies` (in order), with the
+    /// step's timing when it ends the step.
+    async fn report(
         &self,
         step: &StepRequest,
-        body: ReportBody,
+        bodies: Vec<ReportBody>,
         timing: Option<StepTiming>,
     ) -> Result<(), String> {
         let client = step.client;
@@ -677,7 +674,7 @@ impl Server {
             peer: self.endpoint.peer_id(),
             trace: step.input.trace,
             step: step.input.step,
-            body,
+            bodies,
             timing,
         }));
         let bytes = self
@@ -695,7 +692,7 @@ impl Server {
     /// Tells the client a step failed here; logs it when even that fails.
     async fn report_failure(&self, step: &StepRequest, e: WireError) {
         tracing::warn!(error = %e, "step failed");
-        if let Err(delivery) = self.report(step, ReportBody::Failed(e)).await {
+        if let Err(delivery) = self.report(step, vec![ReportBody::Failed(e)], None).await {
             tracing::warn!(error = %delivery, "could not report the failure to the client");
         }
     }
@@ -719,64 +716,100 @@ impl Server {
                 return self.report_failure(&step, e).await;
             }
         };
-        if let Err(e) = self.send_saves(&step, std::mem::take(&mut out.saves)).await {
-            tracing::warn!(error = %e, "could not send saves to the client");
-            return close(stage, &step);
+        // Everything the step reports, in order: saves, values for
+        // earlier stages, replayed outputs, then its end.
+        let mut bodies = match self.saves_bodies(std::mem::take(&mut out.saves)) {
+            Ok(b) => b,
+            Err(e) => {
+                self.report_failure(&step, e).await;
+                return close(stage, &step);
+            }
+        };
+        if !out.relay.is_empty() {
+            bodies.push(ReportBody::Relay(std::mem::take(&mut out.relay)));
         }
-        if !out.relay.is_empty()
-            && let Err(e) = self
-                .report(&step, ReportBody::Relay(out.relay.clone()))
-                .await
-        {
-            tracing::warn!(error = %e, "could not relay values to the client");
-            return close(stage, &step);
+        if !out.replayed.is_empty() {
+            bodies.push(ReportBody::Replayed(std::mem::take(&mut out.replayed)));
         }
-        if !out.replayed.is_empty()
-            && let Err(e) = self
-                .report(&step, ReportBody::Replayed(out.replayed.clone()))
-                .await
-        {
-            tracing::warn!(error = %e, "could not send replayed outputs to the client");
-            return close(stage, &step);
-        }
-        let body = match out.next {
+        bodies.push(match out.next {
             Next::Done(tokens) => ReportBody::Done { tokens },
             Next::Hidden(_) | Next::Stopped => ReportBody::Output(out.output()),
-        };
-        if let Err(e) = self.report_timed(&step, body, Some(out.timing)).await {
+        });
+        // In as few reports as fit half the message limit each: one, for
+        // a step's usual few values.
+        let budget = self.max_message / 2;
+        let mut report = Vec::new();
+        let mut size = 0;
+        let mut bodies = bodies.into_iter().peekable();
+        while let Some(body) = bodies.next() {
+            size += body_len(&body);
+            report.push(body);
+            let Some(next) = bodies.peek() else { break };
+            if size + body_len(next) > budget {
+                if let Err(e) = self.report(&step, std::mem::take(&mut report), None).await {
+                    tracing::warn!(error = %e, "could not report to the client");
+                    return close(stage, &step);
+                }
+                size = 0;
+            }
+        }
+        if let Err(e) = self.report(&step, report, Some(out.timing)).await {
             tracing::warn!(error = %e, "could not report the step's end to the client");
         }
     }
 
-    /// Sends saves in reports of at most half the message limit each.
-    async fn send_saves(&self, step: &StepRequest, saves: Vec<Saved>) -> Result<(), String> {
+    /// Saves as report bodies of at most half the message limit each.
+    fn saves_bodies(&self, saves: Vec<Saved>) -> Result<Vec<ReportBody>, WireError> {
         let budget = self.max_message / 2;
+        let mut bodies = Vec::new();
         let mut batch: Vec<Saved> = Vec::new();
         let mut size = 0;
-        let mut saves = saves.into_iter().peekable();
-        let len = |s: &Saved| s.value.data.len() + s.name.len() + 64;
-        while let Some(s) = saves.next() {
-            if len(&s) > budget {
-                let e = WireError::new(
+        for s in saves {
+            let len = saved_len(&s);
+            if len > budget {
+                return Err(WireError::new(
                     ErrorKind::TooLarge,
                     format!(
-                        "saved value {:?} is {} bytes, over this node's message limit of {} bytes",
-                        s.name,
-                        len(&s),
-                        self.max_message
+                        "saved value {:?} is {len} bytes, over this node's message limit of {} bytes",
+                        s.name, self.max_message
                     ),
-                );
-                self.report_failure(step, e).await;
-                return Err("a saved value is over the message limit".into());
+                ));
             }
-            size += len(&s);
-            batch.push(s);
-            if saves.peek().is_none_or(|n| size + len(n) > budget) {
-                self.report(step, ReportBody::Saves(std::mem::take(&mut batch)))
-                    .await?;
+            if size + len > budget {
+                bodies.push(ReportBody::Saves(std::mem::take(&mut batch)));
                 size = 0;
             }
+            size += len;
+            batch.push(s);
         }
-        Ok(())
+        if !batch.is_empty() {
+            bodies.push(ReportBody::Saves(batch));
+        }
+        Ok(bodies)
+    }
+}
+
+/// About how many bytes a saved value takes in a report.
+fn saved_len(s: &Saved) -> usize {
+    s.value.data.len() + s.name.len() + 64
+}
+
+/// About how many bytes a report body takes.
+fn body_len(body: &ReportBody) -> usize {
+    let hop = |o: &HopOutput| {
+        o.hidden.as_ref().map_or(0, |h| h.data.len())
+            + o.carry
+                .iter()
+                .map(|c| c.value.data.len() + 64)
+                .sum::<usize>()
+            + 64
+    };
+    match body {
+        ReportBody::Saves(saves) => saves.iter().map(saved_len).sum(),
+        ReportBody::Relay(values) => values.iter().map(|c| c.value.data.len() + 64).sum(),
+        ReportBody::Replayed(outputs) => outputs.iter().map(hop).sum(),
+        ReportBody::Output(o) => hop(o),
+        ReportBody::Done { tokens } => tokens.len() * 4 + 64,
+        ReportBody::Failed(e) => e.message.len() + 64,
     }
 }

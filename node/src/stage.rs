@@ -79,12 +79,17 @@ pub struct Config {
     /// A step that waited this long for its forward is refused as
     /// overloaded (its client fails over).
     pub queue_deadline: Duration,
+    /// After a forward shared by several requests, how long the next one
+    /// waits for their next steps to arrive (so that they stay in one
+    /// batch); no wait after a forward that ran alone.
+    pub batch_window: Duration,
 }
 
 impl Config {
     /// Layers `span` of the model at `model`, in f32 on the CPU, with the
     /// default limits: 64 sessions, 2 GiB of KV cache, a 10-minute session
-    /// TTL, batches of up to 32 steps that wait at most 30 s.
+    /// TTL, batches of up to 32 steps that wait at most 30 s, a 2 ms batch
+    /// window.
     pub fn new(model: PathBuf, span: Span) -> Config {
         Config {
             model,
@@ -98,6 +103,7 @@ impl Config {
             threads: 0,
             max_batch: 32,
             queue_deadline: Duration::from_secs(30),
+            batch_window: Duration::from_millis(2),
         }
     }
 }
@@ -630,6 +636,9 @@ pub struct StageActor {
     flushing: bool,
     max_batch: usize,
     deadline: Duration,
+    window: Duration,
+    /// Steps in the last forward.
+    last_batch: usize,
     /// Threads as configured (0: follow the nodes on this machine).
     threads: i32,
 }
@@ -704,6 +713,7 @@ impl StageActor {
             many => self.stage.step_many(many),
         };
         let n = batch.len();
+        self.last_batch = n;
         let took = t0.elapsed();
         let ms = took.as_secs_f64() * 1e3;
         let mut failed = None;
@@ -842,6 +852,8 @@ pub async fn spawn(
                         flushing: false,
                         max_batch: cfg.max_batch.max(1),
                         deadline: cfg.queue_deadline,
+                        window: cfg.batch_window,
+                        last_batch: 0,
                         threads: cfg.threads,
                     };
                     Ok((actor.start(), info))
@@ -893,10 +905,16 @@ impl Handler<RunStep> for StageActor {
             since: Instant::now(),
         });
         if !self.flushing {
-            // Delivered after the messages already in the mailbox: they
-            // join this forward.
             self.flushing = true;
-            ctx.notify(Flush);
+            if self.last_batch > 1 && self.max_batch > 1 && !self.window.is_zero() {
+                // Requests are running together: their other steps are
+                // on their way; let them join.
+                ctx.notify_later(Flush, self.window);
+            } else {
+                // Delivered after the messages already in the mailbox:
+                // they join this forward.
+                ctx.notify(Flush);
+            }
         }
         Box::pin(async move {
             rx.await.unwrap_or_else(|_| {

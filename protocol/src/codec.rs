@@ -243,17 +243,17 @@ mod tests {
             peer_id(),
             any::<u32>(),
             any::<u32>(),
-            report_body(),
+            proptest::collection::vec(report_body(), 0..3),
             proptest::option::of((any::<u64>(), any::<u64>(), any::<u32>())),
         )
             .prop_map(
-                |(request, hop, peer, trace, step, body, timing)| StageReport {
+                |(request, hop, peer, trace, step, bodies, timing)| StageReport {
                     request: RequestId(request),
                     hop,
                     peer,
                     trace,
                     step,
-                    body,
+                    bodies,
                     timing: timing.map(|(queued_us, compute_us, batch)| StepTiming {
                         queued_us,
                         compute_us,
@@ -395,7 +395,7 @@ mod tests {
             peer: fixed_peer(0xee),
             trace: 0,
             step: 3,
-            body,
+            bodies: vec![body],
             timing,
         }))
     }
@@ -513,11 +513,11 @@ mod tests {
     const SNAP_TOKENIZE: &str =
         "030001111111111111111111111111111111111111111111111111111111111111111101026869";
     const SNAP_STEP: &str = "030002ac0226002408011220acdcc8494d458f44a7aaac1d6a84ec624daee88436db2ae26e67ba645a10622801022f61abababababababababababababababababababababababababababababababab01260024080112208a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf3748801b40f6f5c01022f68001e0001019901020c03020102100700000000000000ffffffffffffffff000105000101040000803f0000";
-    const SNAP_REPORT_SAVES: &str = "030003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df28000300010178010403020102100700000000000000ffffffffffffffff00";
-    const SNAP_REPORT_OUTPUT: &str = "030003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df280003040103020102100700000000000000ffffffffffffffff0000";
-    const SNAP_REPORT_RELAY: &str = "030003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df28000301010203020102100700000000000000ffffffffffffffff00";
-    const SNAP_REPORT_DONE: &str = "030003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df280003020201c8010105ac0202";
-    const SNAP_REPORT_FAILED: &str = "030003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df2800030305046275737900";
+    const SNAP_REPORT_SAVES: &str = "030003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df2800030100010178010403020102100700000000000000ffffffffffffffff00";
+    const SNAP_REPORT_OUTPUT: &str = "030003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df28000301040103020102100700000000000000ffffffffffffffff0000";
+    const SNAP_REPORT_RELAY: &str = "030003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df2800030101010203020102100700000000000000ffffffffffffffff00";
+    const SNAP_REPORT_DONE: &str = "030003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df28000301020201c8010105ac0202";
+    const SNAP_REPORT_FAILED: &str = "030003090126002408011220814722de71c5b14e748dff322ae7f7c415cee558766495292cd6c4c0a6a9df280003010305046275737900";
     const SNAP_CLOSE: &str = "03000401";
     const SNAP_TOKENIZER: &str =
         "0300052222222222222222222222222222222222222222222222222222222222222222";

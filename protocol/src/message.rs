@@ -137,8 +137,9 @@ pub struct StageReport {
     pub trace: u32,
     /// Step index.
     pub step: u32,
-    /// The report.
-    pub body: ReportBody,
+    /// What it reports, in order (a step's saves, relayed values and end
+    /// travel in one report when they fit).
+    pub bodies: Vec<ReportBody>,
     /// With the step's last report (its output, or done): how the stage
     /// spent the step's time there.
     pub timing: Option<StepTiming>,

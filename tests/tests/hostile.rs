@@ -88,8 +88,8 @@ async fn send(t: &transport::Endpoint, to: &Node, s: &StepRequest) -> Response {
         .expect("the node answers")
 }
 
-/// The next report to `t`, acknowledged.
-async fn next_report(inbound: &mut mpsc::Receiver<Inbound>) -> ReportBody {
+/// The bodies of the next report to `t`, acknowledged.
+async fn next_report(inbound: &mut mpsc::Receiver<Inbound>) -> Vec<ReportBody> {
     let inb = tokio::time::timeout(Duration::from_secs(60), inbound.recv())
         .await
         .expect("a report arrives")
@@ -98,16 +98,18 @@ async fn next_report(inbound: &mut mpsc::Receiver<Inbound>) -> ReportBody {
         panic!("a report")
     };
     let _ = inb.reply.send(codec::encode(&Response::Ack));
-    report.body
+    report.bodies
 }
 
 /// Reads reports until the hop's step ends; returns the failure, if any.
 async fn outcome(inbound: &mut mpsc::Receiver<Inbound>) -> Option<WireError> {
     loop {
-        match next_report(inbound).await {
-            ReportBody::Done { .. } | ReportBody::Output(_) => return None,
-            ReportBody::Failed(e) => return Some(e),
-            _ => {}
+        for body in next_report(inbound).await {
+            match body {
+                ReportBody::Done { .. } | ReportBody::Output(_) => return None,
+                ReportBody::Failed(e) => return Some(e),
+                _ => {}
+            }
         }
     }
 }

@@ -353,6 +353,7 @@ impl Run<'_> {
         h.compute += Duration::from_micros(t.compute_us);
         h.batched += u32::from(t.batch > 1);
         h.max_batch = h.max_batch.max(t.batch);
+        h.batch_sum += u64::from(t.batch);
     }
 
     fn notify(&self, p: &Progress) {
@@ -888,11 +889,21 @@ impl Run<'_> {
                         tracing::debug!(report.trace, report.step, report.hop, "report for another step or hop; ignored");
                         continue;
                     }
-                    let timing = report.timing;
-                    if let Some(result) = self.on_report(
-                        side, hop, report.body, input, replayed, &expected, arrived, retried,
-                    )? {
-                        if let (Side::Primary, Some(t)) = (side, timing) {
+                    let mut bodies = report.bodies.into_iter();
+                    while let Some(body) = bodies.next() {
+                        let Some(result) = self.on_report(
+                            side, hop, body, input, replayed, &expected, arrived, retried,
+                        )?
+                        else {
+                            continue;
+                        };
+                        if bodies.next().is_some() {
+                            return Err(HopError::Fatal(Error::Protocol {
+                                peer,
+                                detail: "it reported more after the step's end".into(),
+                            }));
+                        }
+                        if let (Side::Primary, Some(t)) = (side, report.timing) {
                             self.record(hop, &t);
                         }
                         return Ok(result);

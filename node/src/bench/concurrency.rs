@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use libp2p::Multiaddr;
 use nnmesh_client::mesh::{self, HopStats, Progress};
-use nnmesh_graph::{Builder, Graph, IndexItem::*, Point, recipes};
+use nnmesh_graph::{Builder, Graph, IndexItem::*, Limits, Point, recipes};
+use nnmesh_runtime::{engine::Engine, execute};
 
 use super::LocalNodes;
 use crate::cli::BenchArgs;
@@ -132,17 +133,39 @@ fn ms(d: Duration, n: u32) -> f64 {
     d.as_secs_f64() * 1e3 / f64::from(n.max(1))
 }
 
+/// Tokens per second of `n` copies of the generation run in-process as one
+/// packed forward per step ([`execute::run_many`]): the compute's own
+/// scaling, with no mesh.
+fn in_process(engine: &Engine, n: usize, tokens: u32) -> Result<f64> {
+    let mut graph = steered(tokens);
+    execute::tokenize_prompts(engine, &mut graph)?;
+    let manifest = engine.manifest();
+    let plan = execute::plan(&graph, &manifest, &Limits::default())?;
+    let pairs = vec![(&graph, &plan); n];
+    let t0 = Instant::now();
+    for out in execute::run_many(engine, &pairs, &manifest, true) {
+        out?;
+    }
+    Ok(f64::from(tokens) * n as f64 / t0.elapsed().as_secs_f64())
+}
+
 /// Measures and prints the tables.
 ///
 /// # Errors
 /// When the nodes do not start or a run fails.
-pub(super) fn run(args: &BenchArgs) -> Result<()> {
+pub(super) fn run(args: &BenchArgs, engine: &Engine) -> Result<()> {
     let model = args.model.path()?;
     let tokens = args.concurrency_tokens;
     let ns = [1usize, 4, 16];
+    eprintln!("concurrency: in-process, the same generations packed ...");
+    let local: Vec<f64> = ns
+        .iter()
+        .map(|&n| in_process(engine, n, tokens))
+        .collect::<Result<_>>()?;
     eprintln!("concurrency: two 3-node meshes, batching on and off ...");
     let mut nodes = LocalNodes::default();
-    let on = three(&mut nodes, &model, &[])?;
+    let flags: Vec<&str> = args.concurrency_node_flags.split_whitespace().collect();
+    let on = three(&mut nodes, &model, &flags)?;
     let off = three(&mut nodes, &model, &["--max-batch", "1"])?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -162,17 +185,30 @@ pub(super) fn run(args: &BenchArgs) -> Result<()> {
         "\nConcurrent clients through a 3-node loopback mesh, {tokens} tokens each (steering write, per-step save)\n"
     );
     println!(
-        "{:>3} {:>11} {:>9} {:>9} {:>8} {:>11} {:>9} {:>9} {:>8}",
-        "N", "on: tok/s", "p50 ms", "p99 ms", "batch", "off: tok/s", "p50 ms", "p99 ms", "on/off"
+        "{:>3} {:>11} {:>9} {:>9} {:>8} {:>11} {:>9} {:>9} {:>8} {:>12}",
+        "N",
+        "on: tok/s",
+        "p50 ms",
+        "p99 ms",
+        "batch",
+        "off: tok/s",
+        "p50 ms",
+        "p99 ms",
+        "on/off",
+        "in-process"
     );
     let base = rows[0].1.tokens_per_s();
-    for (n, a, b) in &rows {
+    for ((n, a, b), local) in rows.iter().zip(&local) {
         println!(
-            "{n:>3} {:>11.1} {:>9.1} {:>9.1} {:>8} {:>11.1} {:>9.1} {:>9.1} {:>7.2}x",
+            "{n:>3} {:>11.1} {:>9.1} {:>9.1} {:>8} {:>11.1} {:>9.1} {:>9.1} {:>7.2}x {local:>12.1}",
             a.tokens_per_s(),
             a.percentile(0.5),
             a.percentile(0.99),
-            a.hops.iter().map(|h| h.max_batch).max().unwrap_or(0),
+            format!(
+                "{:.1}/{}",
+                a.hops.iter().map(HopStats::mean_batch).sum::<f64>() / a.hops.len().max(1) as f64,
+                a.hops.iter().map(|h| h.max_batch).max().unwrap_or(0)
+            ),
             b.tokens_per_s(),
             b.percentile(0.5),
             b.percentile(0.99),
@@ -181,10 +217,14 @@ pub(super) fn run(args: &BenchArgs) -> Result<()> {
     }
     let last = &rows[rows.len() - 1];
     println!(
-        "\naggregate at N = {}: {:.2}x N = 1 with batching, {:.2}x without (batch: the largest forward, in steps)",
+        "\naggregate at N = {}: {:.2}x N = 1 with batching, {:.2}x without; in-process, packed: {:.2}x \
+         (batch: the mean and largest forward a step ran in, in steps; in-process: tokens/s of the N generations packed \
+         into one forward per step in this process, on {} threads)",
         last.0,
         last.1.tokens_per_s() / base,
-        last.2.tokens_per_s() / rows[0].2.tokens_per_s()
+        last.2.tokens_per_s() / rows[0].2.tokens_per_s(),
+        local[local.len() - 1] / local[0],
+        tch::get_num_threads()
     );
     println!("\nWhere a hop's time goes (mean per step, ms; N = 1 and N = 16, batching on)\n");
     println!(
@@ -258,10 +298,10 @@ fn serialization() -> (f64, f64) {
         peer,
         trace: 0,
         step: 9,
-        body: ReportBody::Output(HopOutput {
+        bodies: vec![ReportBody::Output(HopOutput {
             hidden: Some(hidden),
             carry: Vec::new(),
-        }),
+        })],
         timing: Some(StepTiming::default()),
     }));
     let time = |msg: &Request| {

@@ -66,6 +66,10 @@ pub(crate) struct NodeArgs {
     /// a time, no batching).
     #[arg(long, default_value_t = 32)]
     pub max_batch: usize,
+    /// After a forward shared by several requests, how many milliseconds
+    /// the next waits for their next steps (0: never waits).
+    #[arg(long, default_value_t = 2)]
+    pub batch_window_ms: u64,
     /// A step that waits longer than this many seconds for its forward is
     /// refused as overloaded, and its client fails over.
     #[arg(long, default_value_t = 30)]
@@ -173,6 +177,7 @@ impl NodeArgs {
             threads: self.threads,
             max_batch: self.max_batch,
             queue_deadline: Duration::from_secs(self.queue_deadline_secs),
+            batch_window: Duration::from_millis(self.batch_window_ms),
             ..stage::Config::new(self.model.path()?, self.blocks.unwrap_or(Span::new(0, 0)))
         };
         let mut cfg = serve::Config::new(stage);
