@@ -255,10 +255,11 @@ pub(crate) struct BenchArgs {
     /// Concurrency: tokens each client generates.
     #[arg(long, default_value_t = 64)]
     pub concurrency_tokens: u32,
-    /// Concurrency: extra flags for the batching nodes (`--max-batch 8
-    /// --batch-window-ms 0`, say), as one string.
+    /// Extra flags for the nodes the mesh and concurrency figures start
+    /// (`--threads 2`, `--max-batch 8 --batch-window-ms 0`, say), as one
+    /// string.
     #[arg(long, default_value = "", allow_hyphen_values = true)]
-    pub concurrency_node_flags: String,
+    pub node_flags: String,
     /// Resilience: tokens generated under injected failures.
     #[arg(long, default_value_t = 1024)]
     pub resilience_tokens: u32,

@@ -123,10 +123,58 @@ fn round(rt: &tokio::runtime::Runtime, addr: &Multiaddr, n: usize, tokens: u32) 
 
 /// Three local nodes (0..10, 10..20, 20..30) with `extra` flags.
 fn three(nodes: &mut LocalNodes, model: &std::path::Path, extra: &[&str]) -> Result<Multiaddr> {
-    let first = nodes.start(model, "0..10", None, extra)?;
-    nodes.start(model, "10..20", Some(&first), extra)?;
-    nodes.start(model, "20..30", Some(&first), extra)?;
+    three_env(nodes, model, extra, &[])
+}
+
+/// As [`three`], with environment variables.
+fn three_env(
+    nodes: &mut LocalNodes,
+    model: &std::path::Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Result<Multiaddr> {
+    let first = nodes.start_env(model, "0..10", None, extra, env)?;
+    nodes.start_env(model, "10..20", Some(&first), extra, env)?;
+    nodes.start_env(model, "20..30", Some(&first), extra, env)?;
     Ok(first)
+}
+
+/// The thread policy: three nodes on this machine with the default (its
+/// cores shared among them), with every core each (torch's default, the
+/// old one), and every core each with OpenMP's idle threads sleeping
+/// instead of spinning; one client, then eight.
+fn threads(args: &BenchArgs, rt: &tokio::runtime::Runtime) -> Result<()> {
+    let model = args.model.path()?;
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let all = cores.to_string();
+    let tokens = (args.concurrency_tokens / 2).max(1);
+    let configs: [(&str, Vec<&str>, &[(&str, &str)]); 3] = [
+        ("default (cores / nodes)", vec![], &[]),
+        ("all cores each", vec!["--threads", &all], &[]),
+        (
+            "all cores, OMP_WAIT_POLICY=passive",
+            vec!["--threads", &all],
+            &[("OMP_WAIT_POLICY", "PASSIVE")],
+        ),
+    ];
+    println!(
+        "\nThread policy: 3 nodes on this machine ({cores} cores), {tokens} tokens per client\n"
+    );
+    println!("{:<36} {:>12} {:>12}", "", "1 client", "8 clients");
+    for (name, flags, env) in configs {
+        eprintln!("concurrency: thread policy {name} ...");
+        let mut nodes = LocalNodes::default();
+        let addr = three_env(&mut nodes, &model, &flags, env)?;
+        round(rt, &addr, 1, 4)?;
+        let one = round(rt, &addr, 1, tokens)?;
+        let eight = round(rt, &addr, 8, tokens)?;
+        println!(
+            "{name:<36} {:>8.1} t/s {:>8.1} t/s",
+            one.tokens_per_s(),
+            eight.tokens_per_s()
+        );
+    }
+    Ok(())
 }
 
 fn ms(d: Duration, n: u32) -> f64 {
@@ -162,15 +210,21 @@ pub(super) fn run(args: &BenchArgs, engine: &Engine) -> Result<()> {
         .iter()
         .map(|&n| in_process(engine, n, tokens))
         .collect::<Result<_>>()?;
-    eprintln!("concurrency: two 3-node meshes, batching on and off ...");
-    let mut nodes = LocalNodes::default();
-    let flags: Vec<&str> = args.concurrency_node_flags.split_whitespace().collect();
-    let on = three(&mut nodes, &model, &flags)?;
-    let off = three(&mut nodes, &model, &["--max-batch", "1"])?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
+    // First, with no other nodes on this machine.
+    threads(args, &rt)?;
+    eprintln!("concurrency: two 3-node meshes, batching on and off ...");
+    let mut nodes = LocalNodes::default();
+    let flags: Vec<&str> = args.node_flags.split_whitespace().collect();
+    let on = three(&mut nodes, &model, &flags)?;
+    let off = three(
+        &mut nodes,
+        &model,
+        &[&flags[..], &["--max-batch", "1"]].concat(),
+    )?;
     // Warm both (first forwards allocate).
     round(&rt, &on, 1, 4)?;
     round(&rt, &off, 1, 4)?;

@@ -38,9 +38,19 @@ pub(super) fn run(args: &BenchArgs, engine: &Engine, prompt: &[u32]) -> Result<(
     eprintln!("mesh: starting 3 local nodes ...");
     let model = args.model.path()?;
     let mut nodes = LocalNodes::default();
-    let first = nodes.start(&model, "0..10", None, &[])?;
-    nodes.start(&model, "10..20", Some(&first), &[])?;
-    nodes.start(&model, "20..30", Some(&first), &[])?;
+    // One client at a time keeps one stage busy at a time: each node
+    // computes with every core, as the in-process run does (the default
+    // shares the cores among the nodes; see the thread policy figures).
+    let cores = std::thread::available_parallelism()
+        .map_or(1, std::num::NonZero::get)
+        .to_string();
+    let mut flags: Vec<&str> = args.node_flags.split_whitespace().collect();
+    if !flags.contains(&"--threads") {
+        flags.extend(["--threads", &cores]);
+    }
+    let first = nodes.start(&model, "0..10", None, &flags)?;
+    nodes.start(&model, "10..20", Some(&first), &flags)?;
+    nodes.start(&model, "20..30", Some(&first), &flags)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

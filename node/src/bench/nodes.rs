@@ -33,7 +33,20 @@ impl LocalNodes {
         bootstrap: Option<&Multiaddr>,
         extra: &[&str],
     ) -> Result<Multiaddr> {
+        self.start_env(model, blocks, bootstrap, extra, &[])
+    }
+
+    /// As [`LocalNodes::start`], with environment variables set for it.
+    pub(crate) fn start_env(
+        &mut self,
+        model: &Path,
+        blocks: &str,
+        bootstrap: Option<&Multiaddr>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Multiaddr> {
         let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.envs(env.iter().copied());
         cmd.args(["node", "--blocks", blocks, "--model"])
             .arg(model)
             .args(extra)
