@@ -148,7 +148,9 @@ fn threads(args: &BenchArgs, rt: &tokio::runtime::Runtime) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let all = cores.to_string();
     let tokens = (args.concurrency_tokens / 2).max(1);
-    let configs: [(&str, Vec<&str>, &[(&str, &str)]); 3] = [
+    /// A policy's name, node flags and environment.
+    type Policy<'a> = (&'a str, Vec<&'a str>, &'a [(&'a str, &'a str)]);
+    let configs: [Policy; 3] = [
         ("default (cores / nodes)", vec![], &[]),
         ("all cores each", vec!["--threads", &all], &[]),
         (
