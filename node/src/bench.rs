@@ -107,6 +107,44 @@ pub(crate) fn python_json(
     Ok(serde_json::from_str(line)?)
 }
 
+/// Where `bench_hf.py` saves a GGUF `model` as a plain f32 safetensors
+/// checkpoint (`target/reference/STEM-safetensors`), so both sides can time
+/// loading the same weights without transformers' slow GGUF path; `None`
+/// when the model is not a GGUF file.
+fn safetensors_dir(model: &Path) -> Option<PathBuf> {
+    if model.extension()? != "gguf" {
+        return None;
+    }
+    let stem = model.file_stem()?.to_string_lossy();
+    Some(Path::new("target/reference").join(format!("{stem}-safetensors")))
+}
+
+/// Loads the model again from its safetensors folder `dir`: the seconds
+/// that takes, and the largest difference of the prefill logits from
+/// `engine`'s (the same weights, so they should agree).
+///
+/// # Errors
+/// When the folder cannot be loaded or run.
+fn load_safetensors(
+    args: &BenchArgs,
+    engine: &Engine,
+    dir: &Path,
+    ids: &[u32],
+) -> Result<(f64, f64)> {
+    let (device, kind) = args.model.device_kind()?;
+    eprintln!("nnmesh: loading {} ...", dir.display());
+    let t0 = Instant::now();
+    let from_dir = Engine::load(dir, None, kind, device)
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let ids = [ids.to_vec()];
+    let diff = (engine.logits(&ids, &mut NoHooks)? - from_dir.logits(&ids, &mut NoHooks)?)
+        .abs()
+        .max()
+        .double_value(&[]);
+    Ok((load_s, diff))
+}
+
 /// Runs the benchmark and prints its table.
 ///
 /// # Errors
@@ -143,12 +181,13 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
     let decode_tps = n as f64 / decode_s;
 
     let python = args.python.clone().or_else(default_python);
+    let safetensors = safetensors_dir(&args.model.path()?);
     let hf = match &python {
         Some(py) => {
             eprintln!("transformers: same measurements (loading the GGUF takes a while) ...");
             let spec = serde_json::json!({
                 "prefill_ids": prefill_ids, "decode_ids": decode_ids,
-                "decode_tokens": n, "runs": args.runs,
+                "decode_tokens": n, "runs": args.runs, "safetensors_dir": safetensors,
             });
             match python_json(
                 py,
@@ -162,6 +201,11 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
                 }
             }
         }
+        None => None,
+    };
+    // bench_hf.py writes the folder on its first run; nnmesh loads it after.
+    let from_safetensors = match safetensors.filter(|d| d.join("config.json").exists()) {
+        Some(dir) => Some(load_safetensors(args, &engine, &dir, &prefill_ids)?),
         None => None,
     };
 
@@ -190,7 +234,16 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         );
     };
     let get = |k: &str| hf.as_ref().and_then(|v| v[k].as_f64());
-    row("load", load_s, get("load_s"), " s", false);
+    row("load (GGUF)", load_s, get("load_s"), " s", false);
+    if let Some((st_load_s, _)) = from_safetensors {
+        row(
+            "load (safetensors, f32)",
+            st_load_s,
+            get("load_safetensors_s"),
+            " s",
+            false,
+        );
+    }
     row(
         &format!("prefill {} tokens", prefill_ids.len()),
         prefill_s,
@@ -206,6 +259,11 @@ pub(crate) fn run(args: &BenchArgs) -> Result<()> {
         true,
     );
     println!("\nratio > 1 means nnmesh is faster.");
+    if let Some((_, diff)) = from_safetensors {
+        println!(
+            "nnmesh loaded from safetensors agrees with the GGUF: prefill logits max |difference| {diff:.1e}"
+        );
+    }
     if !args.skip_graphs {
         graphs::run(args, &engine, &prefill_ids, python.as_deref())?;
     }
