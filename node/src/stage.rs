@@ -627,7 +627,7 @@ fn measure_throughput(engine: &Engine) -> f32 {
 
 /// A [`Stage`] as an actix actor on its own thread, with its scheduler:
 /// steps wait in a queue while a forward runs, and the next forward takes
-/// them together (continuous batching, see [`StageActor::next_batch`]).
+/// them together (continuous batching: see `StageActor::next_batch`).
 pub struct StageActor {
     stage: Stage,
     fatal: mpsc::Sender<String>,
@@ -895,7 +895,7 @@ pub struct Close {
 impl Handler<RunStep> for StageActor {
     type Result = ResponseFuture<Result<StepOutput, WireError>>;
 
-    /// Queues the step; the next [`Flush`] runs it, with whatever else
+    /// Queues the step; the next `Flush` runs it, with whatever else
     /// arrived meanwhile.
     fn handle(&mut self, msg: RunStep, ctx: &mut Context<Self>) -> Self::Result {
         let (reply, rx) = oneshot::channel();
