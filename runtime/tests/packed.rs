@@ -22,16 +22,21 @@ fn engine() -> &'static Engine {
     ENGINE.with(|e| *e)
 }
 
-/// Saved values (residual streams of deep layers, logits) of a request run
-/// alone and packed beside others. A matrix product over more rows may
-/// round differently (other kernel blocking): measured on an Intel Xeon
-/// (AVX-512), the worst save of the six examples packed together is
-/// 9.7e-5 relative (0.19 of this bound), most of them in the deep layers'
-/// residual streams, whose values reach the thousands.
-const PACKED: Tolerance = Tolerance {
-    atol: LOGITS.atol,
-    rtol: 5e-4,
-};
+/// The bound on a saved value of a request run packed beside others
+/// against the same run alone: `atol + 5e-4·|ref| + 2e-5·max|ref|`. A matrix
+/// product over more rows may round differently (other kernel blocking), by
+/// an amount that scales with the values the row carries rather than with
+/// each element: measured on an Intel Xeon (AVX-512), the six examples
+/// packed together differ by at most 3.1e-6 of a save's largest value (an
+/// element near zero in a residual stream of hundreds moves by ~1e-3; the
+/// worst element is at 0.1 of this bound).
+fn tolerance(reference: &Tensor) -> Tolerance {
+    let largest = reference.abs().max().double_value(&[]);
+    Tolerance {
+        atol: LOGITS.atol + 2e-5 * largest,
+        rtol: 5e-4,
+    }
+}
 
 fn tokenized(name: &str) -> Graph {
     let mut g = common::example(name);
@@ -70,6 +75,7 @@ fn packed_graphs_give_their_results_alone() {
     let graphs: Vec<Graph> = names.iter().map(|n| tokenized(n)).collect();
     let packed = together(&graphs);
     let mut worst = 0.0f64;
+    let mut worst_scaled = 0.0f64;
     let mut identical = (0, 0);
     for ((name, g), out) in names.iter().zip(&graphs).zip(packed) {
         let out = out.unwrap_or_else(|e| panic!("{name} fails packed: {e}"));
@@ -81,9 +87,17 @@ fn packed_graphs_give_their_results_alone() {
         assert_eq!(out.saves.len(), reference.saves.len(), "{name}: saves");
         for (a, b) in out.saves.iter().zip(&reference.saves) {
             assert_eq!((&a.name, a.step), (&b.name, b.step), "{name}: save order");
-            let w = closeness(&format!("{name}: {}", a.name), &a.value, &b.value, PACKED);
+            let w = closeness(
+                &format!("{name}: {}", a.name),
+                &a.value,
+                &b.value,
+                tolerance(&b.value),
+            );
             assert!(!w.violated(), "{name}: save {}: {w}", a.name);
             worst = worst.max(w.ratio());
+            let scale = b.value.abs().max().double_value(&[]);
+            let diff = (&a.value - &b.value).abs().max().double_value(&[]);
+            worst_scaled = worst_scaled.max(diff / scale.max(1e-30));
             identical.1 += 1;
             if a.value.equal(&b.value) {
                 identical.0 += 1;
@@ -91,7 +105,8 @@ fn packed_graphs_give_their_results_alone() {
         }
     }
     eprintln!(
-        "packed vs alone: {} of {} saves bit-identical; worst at {worst:.3} of the bound",
+        "packed vs alone: {} of {} saves bit-identical; worst at {worst:.3} of the bound; \
+         largest difference {worst_scaled:.2e} of its save's largest value",
         identical.0, identical.1
     );
 }
@@ -125,7 +140,7 @@ fn a_failing_graph_fails_alone() {
         let r = alone(&graphs[i]);
         assert_eq!(o.saves.len(), r.saves.len());
         for (a, b) in o.saves.iter().zip(&r.saves) {
-            let w = closeness(&a.name, &a.value, &b.value, PACKED);
+            let w = closeness(&a.name, &a.value, &b.value, tolerance(&b.value));
             assert!(!w.violated(), "{w}");
         }
     }
@@ -241,7 +256,8 @@ fn hooks_see_only_their_own_rows_and_writes_stay_in_them() {
                 "the write changed its own logits"
             );
         } else {
-            let w = closeness(&format!("request {i}"), out, &alone_logits(p), PACKED);
+            let want = alone_logits(p);
+            let w = closeness(&format!("request {i}"), out, &want, tolerance(&want));
             assert!(
                 !w.violated(),
                 "request {i} untouched by request 1's write: {w}"
@@ -275,7 +291,8 @@ fn a_stop_a_failure_a_panic_or_a_reshape_ends_that_request_only() {
         .pop()
         .expect("four")
         .expect("the fourth runs to its end");
-    let w = closeness("request 3", &last, &alone_logits(&ps[3]), PACKED);
+    let want = alone_logits(&ps[3]);
+    let w = closeness("request 3", &last, &want, tolerance(&want));
     assert!(!w.violated(), "{w}");
 
     // A failure beside a request that stops later: the stop still comes
@@ -288,11 +305,12 @@ fn a_stop_a_failure_a_panic_or_a_reshape_ends_that_request_only() {
     assert!(matches!(outs[3], Err(HookError::Stop)));
     assert_eq!(probes[3].seen.len(), 21, "layers 0..=20");
     for i in [1, 2] {
+        let want = alone_logits(&ps[i]);
         let w = closeness(
             "others",
             outs[i].as_ref().expect("runs"),
-            &alone_logits(&ps[i]),
-            PACKED,
+            &want,
+            tolerance(&want),
         );
         assert!(!w.violated(), "{w}");
     }
