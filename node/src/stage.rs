@@ -15,6 +15,12 @@
 //! forward fails after a contained panic (the stage itself is broken, not
 //! the request) does the actor report a fatal error, and the node withdraws
 //! its record and exits.
+//!
+//! # Batching
+//! The actor queues the steps it is sent and runs what waited as one packed
+//! forward ([`Stage::step_many`]): each request keeps its own rows, cache
+//! and graph, and fails, stops or panics alone (see the runtime's
+//! `Model::forward_packed`).
 
 mod session;
 
