@@ -446,10 +446,11 @@ impl Stage {
             done.push((i, out));
         }
         for (i, key, session) in taken {
-            let ok = done.iter().any(|(j, out)| *j == i && out.is_ok());
-            self.sessions.insert(key, session);
-            if !ok {
-                self.drop_session(key);
+            if done.iter().any(|(j, out)| *j == i && out.is_ok()) {
+                self.sessions.insert(key, session);
+            } else {
+                // Its KV cache may be half written.
+                self.panics += session.panics;
             }
         }
         done

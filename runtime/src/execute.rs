@@ -338,38 +338,35 @@ pub struct Step<'a, 'e> {
 pub fn forward_steps(
     model: &Model,
     span: std::ops::Range<usize>,
-    mut steps: Vec<Step<'_, '_>>,
+    steps: Vec<Step<'_, '_>>,
 ) -> Vec<Result<Option<Tensor>, HookError>> {
-    let mut batches = Vec::with_capacity(steps.len());
-    let mut inputs = Vec::with_capacity(steps.len());
-    for s in &mut steps {
-        let input = std::mem::replace(&mut s.input, Input::Tokens(Tensor::new()));
-        let (batch, input) = layout(model, s.exec, s.padded, s.step, input);
-        batches.push(batch);
-        inputs.push(input);
-    }
-    let segments = steps
+    let (mut ends, inputs): (Vec<_>, Vec<_>) = steps
+        .into_iter()
+        .map(|s| {
+            let (batch, input) = layout(model, s.exec, s.padded, s.step, s.input);
+            ((s.exec, s.cache, batch), input)
+        })
+        .unzip();
+    let segments = ends
         .iter_mut()
         .zip(inputs)
-        .zip(&batches)
-        .map(|((s, input), batch)| Segment {
+        .map(|((exec, cache, batch), input)| Segment {
             input,
             batch,
-            cache: Some(&mut *s.cache),
-            hooks: &mut *s.exec,
+            cache: Some(&mut **cache),
+            hooks: &mut **exec,
         })
         .collect();
     let outs = model.forward_packed(span, segments);
-    steps
-        .into_iter()
+    ends.into_iter()
         .zip(outs)
-        .map(|(s, out)| {
+        .map(|((exec, _, _), out)| {
             let out = match out {
                 Ok(t) => Some(t),
                 Err(HookError::Stop) => None,
                 Err(e) => return Err(e),
             };
-            s.exec.finish()?;
+            exec.finish()?;
             Ok(out)
         })
         .collect()

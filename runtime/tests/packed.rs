@@ -5,7 +5,7 @@
 mod common;
 
 use common::{LOGITS, Tolerance, closeness};
-use nnmesh_graph::{Graph, Limits, Module, Point};
+use nnmesh_graph::{Graph, Limits, Module, Point, recipes};
 use nnmesh_runtime::{
     engine::{Engine, Padded},
     execute::{self, Outcome},
@@ -64,14 +64,7 @@ fn together(graphs: &[Graph]) -> Vec<Result<Outcome, execute::Error>> {
 /// batch rows and step counts), gives each its result alone.
 #[test]
 fn packed_graphs_give_their_results_alone() {
-    let names = [
-        "lens",
-        "patch",
-        "steer",
-        "ablate",
-        "ablate-head",
-        "attention",
-    ];
+    let names = recipes::EXAMPLES;
     let graphs: Vec<Graph> = names.iter().map(|n| tokenized(n)).collect();
     let packed = together(&graphs);
     let mut worst = 0.0f64;

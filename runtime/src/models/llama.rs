@@ -682,15 +682,19 @@ impl Model {
         {
             let layer = (self.layers_range.start + j) as u32;
             for (i, live) in lives.iter_mut().enumerate() {
-                let Some(x) = xs.part_mut(i) else { continue };
-                live.guard(|l| {
-                    if let Some(src) = l.hooks.fork_rows(layer) {
-                        // Shared rows fork here; positions and the causal
-                        // mask are the same for every row (see
-                        // `interpret::Sharing`).
-                        let idx = Tensor::from_slice(&src).to_device(self.device);
-                        *x = Tensor::cat(&[&*x, &x.index_select(0, &idx)], 0);
-                    }
+                if xs.part(i).is_none() {
+                    continue;
+                }
+                // Shared rows fork here; positions and the causal mask are
+                // the same for every row (see `interpret::Sharing`). Only a
+                // fork touches the rows (and so the packed matrix).
+                let Some(src) = live.guard(|l| Ok(l.hooks.fork_rows(layer))).flatten() else {
+                    continue;
+                };
+                let x = xs.part_mut(i).expect("a live segment's rows");
+                live.guard(|_| {
+                    let idx = Tensor::from_slice(&src).to_device(self.device);
+                    *x = Tensor::cat(&[&*x, &x.index_select(0, &idx)], 0);
                     Ok(())
                 });
             }
